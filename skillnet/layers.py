@@ -1,0 +1,280 @@
+"""Transformer blocks whose FFN (and optionally attention projections) hold several skills or experts.
+
+Every block takes `(x, route)`; `route` says which skills each sample activates. Pure PyTorch: no
+process groups, no DeepSpeed. Parallelism is applied from outside (see `pretrain`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .skills import Route
+
+
+class FFN(nn.Module):
+    """One feed-forward network: a skill, an expert, or the dense layer of a layer without skills."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self.act = ACT2FN[act]
+
+    def forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _by_group(x: torch.Tensor, route: Route, fn) -> torch.Tensor:
+    """Apply `fn(x_group, skill_indices)` to each group of samples that share a skill set."""
+    if len(route.groups) == 1:
+        return fn(x, route.groups[0][1])
+    out = None
+    for samples, skills in route.groups:
+        y = fn(x.index_select(0, samples), skills)
+        if out is None:
+            out = y.new_zeros((x.shape[0],) + y.shape[1:])
+        out = out.index_copy(0, samples, y)
+    return out
+
+
+class SkillFFN(nn.Module):
+    """Parallel skill FFNs; the activated ones run as one wide FFN and their outputs are averaged.
+
+    mean_k(W2_k act(W1_k x + b1_k) + b2_k) = (1/k) [W2_1 .. W2_k] act([W1_1; ..; W1_k] x + [b1]) + mean(b2),
+    so k skills cost one matmul pair of width k * intermediate_size, and a skill that is not active is not
+    touched at all (no compute, no gradient).
+    """
+
+    def __init__(self, skill_names: list[str], hidden_size: int, intermediate_size: int, act: str):
+        super().__init__()
+        self.skills = nn.ModuleDict({n: FFN(hidden_size, intermediate_size, act) for n in skill_names})
+        self.act = ACT2FN[act]
+
+    def forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        return _by_group(x, route, self._wide)
+
+    def _wide(self, x: torch.Tensor, skill_indices: tuple[int, ...]) -> torch.Tensor:
+        experts = list(self.skills.values())
+        chosen = [experts[i] for i in skill_indices]
+        if len(chosen) == 1:
+            return chosen[0](x)
+        w1 = torch.cat([e.fc1.weight for e in chosen])  # (k*F, H)
+        b1 = torch.cat([e.fc1.bias for e in chosen])
+        w2 = torch.cat([e.fc2.weight for e in chosen], dim=1)  # (H, k*F)
+        b2 = torch.stack([e.fc2.bias for e in chosen]).mean(0)
+        flat = x.reshape(-1, x.shape[-1])
+        h = self.act(torch.addmm(b1, flat, w1.t()))
+        out = torch.addmm(b2, h, w2.t(), alpha=1.0 / len(chosen))
+        return out.view(x.shape)
+
+    def add_skill(self, name: str, init_from: str) -> None:
+        self.skills[name] = copy.deepcopy(self.skills[init_from])
+
+
+class SkillLinear(nn.Module):
+    """A linear projection per skill; the activated ones are averaged.
+
+    The mean of linear maps is the linear map of the mean weights, so k skills cost one projection.
+    """
+
+    def __init__(self, skill_names: list[str], in_features: int, out_features: int):
+        super().__init__()
+        self.skills = nn.ModuleDict({n: nn.Linear(in_features, out_features) for n in skill_names})
+
+    def forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        return _by_group(x, route, self._mean)
+
+    def _mean(self, x: torch.Tensor, skill_indices: tuple[int, ...]) -> torch.Tensor:
+        layers = list(self.skills.values())
+        chosen = [layers[i] for i in skill_indices]
+        if len(chosen) == 1:
+            return chosen[0](x)
+        weight = torch.stack([m.weight for m in chosen]).mean(0)
+        bias = torch.stack([m.bias for m in chosen]).mean(0)
+        return F.linear(x, weight, bias)
+
+    def add_skill(self, name: str, init_from: str) -> None:
+        self.skills[name] = copy.deepcopy(self.skills[init_from])
+
+
+class SharedLinear(nn.Linear):
+    """A plain projection that takes (and ignores) the route, so attention code is the same either way."""
+
+    def forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
+        return super().forward(x)
+
+
+def _load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch-Transformer auxiliary loss: E * sum_e (fraction of tokens sent to e) * (mean gate prob of e)."""
+    fraction = F.one_hot(chosen, num_experts).float().reshape(-1, num_experts).mean(0)
+    return num_experts * (fraction * probs.reshape(-1, num_experts).mean(0)).sum()
+
+
+def _dispatch(flat: torch.Tensor, experts: nn.ModuleList, expert_index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum over slots of weight * expert(token) for every token; every expert runs, even on no tokens,
+    so a data-parallel wrapper sees the same modules on every rank."""
+    out = torch.zeros_like(flat)
+    for e, expert in enumerate(experts):
+        rows, slots = torch.nonzero(expert_index == e, as_tuple=True)
+        y = expert(flat.index_select(0, rows))
+        out = out.index_add(0, rows, y * weight[rows, slots].unsqueeze(-1))
+    return out
+
+
+class TopKMoEFFN(nn.Module):
+    """Learned top-k token gating over `num_experts` FFNs (the papers' MoE baseline: 7 experts, top-2)."""
+
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, act: str, aux_coef: float):
+        super().__init__()
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = nn.ModuleList(FFN(hidden_size, intermediate_size, act) for _ in range(num_experts))
+        self.top_k = top_k
+        self.aux_coef = aux_coef
+
+    def forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        probs = self.gate(flat).softmax(-1)
+        weight, index = probs.topk(self.top_k, dim=-1)
+        weight = weight / weight.sum(-1, keepdim=True)
+        route.aux_losses.append(self.aux_coef * _load_balancing_loss(probs, index[:, 0], len(self.experts)))
+        return _dispatch(flat, self.experts, index, weight).view(x.shape)
+
+
+class PrototypeFFN(nn.Module):
+    """k-top-1 expert prototyping (M6-T): experts in k groups, top-1 inside each group, outputs summed."""
+
+    def __init__(self, num_experts: int, groups: int, hidden_size: int, intermediate_size: int, act: str, aux_coef: float):
+        super().__init__()
+        self.groups = groups
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = nn.ModuleList(FFN(hidden_size, intermediate_size, act) for _ in range(num_experts))
+        self.aux_coef = aux_coef
+
+    def forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        per_group = len(self.experts) // self.groups
+        probs = self.gate(flat).view(-1, self.groups, per_group).softmax(-1)
+        weight, index = probs.max(-1)  # (tokens, groups)
+        index = index + torch.arange(self.groups, device=x.device) * per_group
+        aux = sum(_load_balancing_loss(probs[:, g], index[:, g] - g * per_group, per_group) for g in range(self.groups))
+        route.aux_losses.append(self.aux_coef * aux / self.groups)
+        return _dispatch(flat, self.experts, index, weight).view(x.shape)
+
+
+class TaskRouterFFN(nn.Module):
+    """Task-level routing: the task embedding goes through a small per-layer router that picks one expert
+    for all tokens of the sample (straight-through Gumbel-softmax in training, argmax at inference)."""
+
+    def __init__(self, num_experts: int, task_dim: int, router_hidden: int, hidden_size: int, intermediate_size: int, act: str, tau: float):
+        super().__init__()
+        self.router = nn.Sequential(nn.Linear(task_dim, router_hidden), nn.ReLU(), nn.Linear(router_hidden, num_experts))
+        self.experts = nn.ModuleList(FFN(hidden_size, intermediate_size, act) for _ in range(num_experts))
+        self.tau = tau
+
+    def forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        if route.task_embedding is None:
+            raise ValueError("the task_router baseline needs a task for every sample (pass task=...)")
+        logits = self.router(route.task_embedding)  # (batch, experts)
+        if self.training:
+            one_hot = F.gumbel_softmax(logits, tau=self.tau, hard=True)
+        else:
+            one_hot = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+        choice = one_hot.argmax(-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            samples = torch.nonzero(choice == e).flatten()
+            y = expert(x.index_select(0, samples)) * one_hot[samples, e].view(-1, 1, 1)
+            out = out.index_copy(0, samples, y)
+        return out
+
+
+def make_ffn(config, carries_skills: bool) -> nn.Module:
+    """The FFN block a layer gets from the config: dense, skills, or one of the routed baselines."""
+    h, f, act = config.hidden_size, config.intermediate_size, config.hidden_act
+    if not carries_skills or config.router == "dense":
+        return FFN(h, f, act)
+    if config.router == "skill":
+        return SkillFFN([s["name"] for s in config.skills], h, f, act)
+    if config.router == "moe":
+        return TopKMoEFFN(config.num_experts, config.moe_top_k, h, f, act, config.router_aux_loss_coef)
+    if config.router == "prototype":
+        return PrototypeFFN(config.num_experts, config.prototype_groups, h, f, act, config.router_aux_loss_coef)
+    return TaskRouterFFN(config.num_experts, config.task_embedding_size, config.router_hidden_size, h, f, act, config.gumbel_temperature)
+
+
+class Attention(nn.Module):
+    """Multi-head attention (self or cross) whose projections may be skill-specific."""
+
+    def __init__(self, config, skilled: bool):
+        super().__init__()
+        h = config.hidden_size
+        names = [s["name"] for s in config.skills]
+        proj = (lambda: SkillLinear(names, h, h)) if skilled else (lambda: SharedLinear(h, h))
+        self.q, self.k, self.v, self.o = proj(), proj(), proj(), proj()
+        self.num_heads = config.num_attention_heads
+        self.dropout = config.attention_probs_dropout_prob
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, h = x.shape
+        return x.view(b, n, self.num_heads, h // self.num_heads).transpose(1, 2)
+
+    def project_kv(self, states: torch.Tensor, route: Route) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._heads(self.k(states, route)), self._heads(self.v(states, route))
+
+    def forward(self, x, mask, route, kv_states=None, cache=None, is_causal=False):
+        """`mask`: bool (batch, 1, q or 1, keys), True where attending. `kv_states`: the encoder states for
+        cross-attention. `cache`: a dict holding this layer's keys/values from earlier decoding steps."""
+        q = self._heads(self.q(x, route))
+        if cache is not None and "k" in cache and kv_states is not None:
+            k, v = cache["k"], cache["v"]  # cross-attention keys are fixed for the whole generation
+        else:
+            k, v = self.project_kv(x if kv_states is None else kv_states, route)
+            if cache is not None and kv_states is None and "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            if cache is not None:
+                cache["k"], cache["v"] = k, v
+        if is_causal:
+            causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - q.shape[2])
+            mask = causal if mask is None else mask & causal
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        b, _, n, d = out.shape
+        return self.o(out.transpose(1, 2).reshape(b, n, self.num_heads * d), route)
+
+
+class SkillNetLayer(nn.Module):
+    """Post-LayerNorm transformer layer (BERT's layout): attention, optional cross-attention, FFN block."""
+
+    def __init__(self, config, carries_skills: bool, decoder: bool = False):
+        super().__init__()
+        skilled_attention = carries_skills and config.skill_attention and config.router == "skill"
+        eps = config.layer_norm_eps
+        self.attn = Attention(config, skilled_attention)
+        self.attn_norm = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.decoder = decoder
+        if decoder:
+            self.cross_attn = Attention(config, skilled_attention)
+            self.cross_norm = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.ffn = make_ffn(config, carries_skills)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x, mask, route, encoder_states=None, encoder_mask=None, cache=None):
+        self_cache = cross_cache = None
+        if cache is not None:
+            self_cache, cross_cache = cache.setdefault("self", {}), cache.setdefault("cross", {})
+        x = self.attn_norm(x + self.dropout(self.attn(x, mask, route, cache=self_cache, is_causal=self.decoder)))
+        if self.decoder:
+            attended = self.cross_attn(x, encoder_mask, route, kv_states=encoder_states, cache=cross_cache)
+            x = self.cross_norm(x + self.dropout(attended))
+        return self.ffn_norm(x + self.dropout(self.ffn(x, route)))
+
+
+def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, keys) 0/1 mask -> bool (batch, 1, 1, keys) for scaled_dot_product_attention."""
+    return attention_mask.bool()[:, None, None, :]
+

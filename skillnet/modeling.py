@@ -1,0 +1,378 @@
+"""SkillNet models as Hugging Face `PreTrainedModel`s: the multimodal encoder, its pretraining heads, and
+the encoder-decoder for generation. Imports neither deepspeed nor torch.distributed."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+from .configuration import SkillNetConfig
+from .frontends import FRONTENDS, INPUT_NAMES
+from .layers import SkillFFN, SkillLinear, SkillNetLayer, padding_mask
+from .skills import Route
+
+
+@dataclass
+class SkillNetModelOutput(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
+    modality: str | None = None
+
+
+@dataclass
+class SkillNetPreTrainingOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    prediction_logits: torch.Tensor | None = None
+    seq_relationship_logits: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+@dataclass
+class SkillNetSeq2SeqOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    encoder_last_hidden_state: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+class SkillNetPreTrainedModel(PreTrainedModel):
+    config_class = SkillNetConfig
+    config: SkillNetConfig
+    base_model_prefix = "skillnet"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["SkillNetLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        for name in ("cls",):
+            if isinstance(getattr(module, name, None), nn.Parameter):
+                init.normal_(getattr(module, name), mean=0.0, std=std)
+        if isinstance(module, SkillNetForPreTraining) and module.logit_scale is not None:
+            init.constant_(module.logit_scale, math.log(1 / 0.07))
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing checkpoints whose skills or shapes differ from the config."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        _check_loaded_skills(info)
+        return (model, info) if wants_info else model
+
+    # -- skills ---------------------------------------------------------------------------------------
+
+    @property
+    def registry(self):
+        return self.config.registry
+
+    def add_skill(self, name: str, description: str = "", init_from: str | None = None) -> None:
+        """Add a skill to every skill layer, initialised as a copy of `init_from` (the generic skill)."""
+        source = init_from or self.config.generic_skill
+        if self.config.router != "skill":
+            raise ValueError(f"add_skill needs router 'skill', this model uses {self.config.router!r}")
+        if name in self.registry.index:
+            raise ValueError(f"skill {name!r} already exists")
+        if source not in self.registry.index:
+            raise ValueError(f"cannot initialise {name!r} from unknown skill {source!r}; skills: {self.registry.names}")
+        self.config.skills = [*self.config.skills, {"name": name, "description": description}]
+        self.config.registry  # validates the new name
+        for module in self.modules():
+            if isinstance(module, (SkillFFN, SkillLinear)):
+                module.add_skill(name, source)
+
+    def add_task(self, name: str, skills: list[str]) -> None:
+        """Declare a task (or redeclare its skills) in the config's task table."""
+        self.registry.resolve(skills, what=f"task {name!r}")
+        if self.config.router == "task_router" and name not in self.config.tasks:
+            raise ValueError("the task_router baseline has a fixed task embedding table; cannot add tasks")
+        self.config.tasks = {**self.config.tasks, name: list(skills)}
+
+
+def _check_loaded_skills(info: dict) -> None:
+    mismatched = info.get("mismatched_keys") or []
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys"):
+        keys = sorted(k for k in info.get(kind) or [] if ".skills." in k or ".experts." in k)
+        if keys:
+            names = sorted({k.split(".skills.")[-1].split(".")[0] for k in keys if ".skills." in k})
+            problems.append(f"{kind.replace('_', ' ')} for skills {names or keys[:3]}")
+    if mismatched:
+        problems.append(f"shapes differ for {[m[0] if isinstance(m, tuple) else m for m in list(mismatched)[:3]]}")
+    if problems:
+        raise ValueError("checkpoint does not match the config: " + "; ".join(problems))
+
+
+class SkillNetEncoder(nn.Module):
+    """A stack of `SkillNetLayer`s; the layers named by `config.skill_layers` carry skills."""
+
+    def __init__(self, config: SkillNetConfig, num_layers: int, decoder: bool = False):
+        super().__init__()
+        skilled = set(config.skill_layer_indices(num_layers))
+        self.layers = nn.ModuleList(SkillNetLayer(config, i in skilled, decoder) for i in range(num_layers))
+
+    def forward(self, x, mask, route, encoder_states=None, encoder_mask=None, cache=None, output_hidden_states=False):
+        hidden = [x] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, route, encoder_states, encoder_mask, None if cache is None else cache.setdefault(i, {}))
+            if hidden is not None:
+                hidden.append(x)
+        return x, tuple(hidden) if hidden is not None else None
+
+
+class SkillNetModel(SkillNetPreTrainedModel):
+    """Modality front-ends, a modality-type embedding and the shared skill-routed trunk.
+
+    Call with one modality's inputs (`input_ids` for text or code, `pixel_values`, `input_features` or
+    `pixel_values_videos`) and the skills to run: `task="sentiment_analysis"`, `skills=["token"]`, a list of
+    tasks or skill lists (one per sample), or a bool `skill_mask` (batch, num_skills).
+    """
+
+    def __init__(self, config: SkillNetConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        fronts = {"text" if m == "code" else m for m in config.modalities}
+        self.frontends = nn.ModuleDict({m: FRONTENDS[m](config) for m in sorted(fronts)})
+        self.modality_embeddings = nn.Embedding(len(config.modalities), config.hidden_size)
+        self.embed_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.embed_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.encoder = SkillNetEncoder(config, config.num_hidden_layers)
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooling_layer else None
+        self.task_embedding = None
+        if config.router == "task_router":
+            self.task_embedding = nn.Embedding(len(config.tasks), config.task_embedding_size)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.frontends["text"].word_embeddings if "text" in self.frontends else None
+
+    def set_input_embeddings(self, value):
+        self.frontends["text"].word_embeddings = value
+
+    def route(self, batch_size: int, task=None, skills=None, skill_mask=None, device=None) -> Route:
+        """Resolve `task` / `skills` / `skill_mask` into the `Route` every layer reads."""
+        given = [n for n, v in (("task", task), ("skills", skills), ("skill_mask", skill_mask)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"pass one of task, skills, skill_mask; got {given}")
+        registry = self.registry if self.config.skills else None
+        task_embedding = None
+        if self.task_embedding is not None:
+            if task is None:
+                raise ValueError("the task_router baseline needs task= (a name or one name per sample)")
+            tasks = [task] * batch_size if isinstance(task, str) else list(task)
+            ids = torch.tensor([registry.task_id(t) for t in tasks], device=device)
+            task_embedding = self.task_embedding(ids)
+        if self.config.router != "skill":
+            if task is not None and registry is not None:
+                [registry.task_skills(t) for t in ([task] if isinstance(task, str) else task)]
+            return Route([(None, ())], task_embedding)
+        if not given:
+            raise ValueError("a skill model needs task=, skills= or skill_mask= to know which skills to run")
+        if isinstance(task, str):
+            return Route([(None, registry.task_skills(task))])
+        if skills is not None and all(isinstance(s, str) for s in skills):
+            return Route([(None, registry.resolve(skills))])
+        if skill_mask is None:
+            per_sample = [registry.task_skills(t) for t in task] if task is not None else [registry.resolve(s) for s in skills]
+            if len(per_sample) != batch_size:
+                raise ValueError(f"{given[0]} has {len(per_sample)} entries for a batch of {batch_size}")
+            skill_mask = torch.stack([registry.mask(s) for s in per_sample])
+        elif skill_mask.shape[-1] != len(registry) or skill_mask.shape[0] != batch_size:
+            raise ValueError(f"skill_mask must be (batch={batch_size}, num_skills={len(registry)}), got {tuple(skill_mask.shape)}")
+        return Route.from_mask(skill_mask.to(torch.bool).cpu())
+
+    def embed(self, modality=None, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None,
+              input_features=None, feature_attention_mask=None, pixel_values_videos=None, position_offset=0):
+        """Front-end of the one modality given -> (normalised embeddings, attention mask, modality)."""
+        inputs = {"text": input_ids, "image": pixel_values, "audio": input_features, "video": pixel_values_videos}
+        present = [m for m, v in inputs.items() if v is not None]
+        if len(present) != 1:
+            raise ValueError(f"pass the inputs of exactly one modality (input_ids, pixel_values, input_features or pixel_values_videos); got {present or 'none'}")
+        front = present[0]
+        modality = modality or front
+        if front != ("text" if modality == "code" else modality):
+            raise ValueError(f"modality {modality!r} does not match the inputs given ({INPUT_NAMES.get(front, 'input_ids')})")
+        if modality not in self.config.modalities:
+            raise ValueError(f"this model has no front-end for modality {modality!r}; config.modalities = {self.config.modalities}")
+        if front == "text":
+            x, mask = self.frontends["text"](input_ids, attention_mask, token_type_ids, position_offset)
+        elif front == "audio":
+            x, mask = self.frontends["audio"](input_features, feature_attention_mask)
+        else:
+            x, mask = self.frontends[front](inputs[front])
+        x = x + self.modality_embeddings.weight[self.config.modalities.index(modality)]
+        return self.embed_dropout(self.embed_norm(x)), mask, modality
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None,
+                input_features=None, feature_attention_mask=None, pixel_values_videos=None, modality=None,
+                task=None, skills=None, skill_mask=None, route: Route | None = None,
+                output_hidden_states: bool = False, return_dict: bool | None = None, **kwargs) -> SkillNetModelOutput:
+        x, mask, modality = self.embed(modality, input_ids, attention_mask, token_type_ids, pixel_values,
+                                       input_features, feature_attention_mask, pixel_values_videos)
+        if route is None:
+            route = self.route(x.shape[0], task, skills, skill_mask, x.device)
+        hidden, all_hidden = self.encoder(x, padding_mask(mask), route, output_hidden_states=output_hidden_states)
+        pooled = torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None
+        aux = torch.stack(route.aux_losses).sum() if route.aux_losses else None
+        return SkillNetModelOutput(hidden, pooled, mask, all_hidden, aux, modality)
+
+
+class SkillNetForPreTraining(SkillNetPreTrainedModel):
+    """The encoder with the sparse pretraining heads: masked-token prediction (tied to the token
+    embedding), sentence-pair prediction from the pooled [CLS], and per-modality contrastive projections."""
+
+    def __init__(self, config: SkillNetConfig):
+        super().__init__(config)
+        self.skillnet = SkillNetModel(config)
+        h = config.hidden_size
+        self.mlm_transform = nn.Linear(h, h) if "text" in self.skillnet.frontends else None
+        self.mlm_norm = nn.LayerNorm(h, eps=config.layer_norm_eps) if self.mlm_transform is not None else None
+        self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size)) if self.mlm_transform is not None else None
+        self.pair_head = nn.Linear(h, 2)
+        self.projections = None
+        self.logit_scale = None
+        if config.projection_dim:
+            self.projections = nn.ModuleDict({m: nn.Linear(h, config.projection_dim, bias=False) for m in config.modalities})
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.skillnet.get_input_embeddings()
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.mlm_transform is None:
+            raise ValueError("masked-token prediction needs a text or code modality")
+        h = self.mlm_norm(ACT2FN[self.config.hidden_act](self.mlm_transform(hidden)))
+        return F.linear(h, self.get_input_embeddings().weight, self.mlm_bias)
+
+    def project(self, pooled: torch.Tensor, modality: str) -> torch.Tensor:
+        """L2-normalised contrastive embedding of a pooled vector of `modality`."""
+        if self.projections is None:
+            raise ValueError("contrastive embeddings need projection_dim > 0 in the config")
+        return F.normalize(self.projections[modality](pooled), dim=-1)
+
+    def forward(self, labels=None, next_sentence_label=None, **inputs) -> SkillNetPreTrainingOutput:
+        """`labels`: token ids at masked positions, -100 elsewhere; the vocabulary logits are computed only
+        then (`mlm_logits(hidden)` gives them on demand). `next_sentence_label`: 0/1 per sample. With
+        `projection_dim`, `embeddings` holds the normalised contrastive embedding of the pooled vector."""
+        out = self.skillnet(**inputs)
+        hidden, pooled = out.last_hidden_state, out.pooler_output
+        prediction_logits = self.mlm_logits(hidden) if labels is not None else None
+        pair_logits = self.pair_head(pooled)
+        embeddings = self.project(pooled, out.modality) if self.projections is not None else None
+        losses = []
+        if labels is not None:
+            losses.append(F.cross_entropy(prediction_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100))
+        if next_sentence_label is not None:
+            losses.append(F.cross_entropy(pair_logits.float(), next_sentence_label))
+        if out.aux_loss is not None and losses:
+            losses.append(out.aux_loss)
+        loss = torch.stack(losses).sum() if losses else None
+        return SkillNetPreTrainingOutput(loss, prediction_logits, pair_logits, embeddings, hidden, out.aux_loss)
+
+
+class SkillNetForConditionalGeneration(SkillNetPreTrainedModel):
+    """Encoder-decoder (SkillNet-NLG): encoder and decoder both carry skills, and the task's skills are
+    active at every decoding step. The output projection is tied to the token embedding."""
+
+    def __init__(self, config: SkillNetConfig):
+        super().__init__(config)
+        if config.num_decoder_layers < 1:
+            raise ValueError("SkillNetForConditionalGeneration needs num_decoder_layers >= 1")
+        self.skillnet = SkillNetModel(config, add_pooling_layer=False)
+        h = config.hidden_size
+        self.decoder_positions = nn.Embedding(config.max_position_embeddings, h)
+        self.decoder_embed_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.decoder = SkillNetEncoder(config, config.num_decoder_layers, decoder=True)
+        self.lm_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.skillnet.get_input_embeddings()
+
+    def get_encoder(self):
+        return self.skillnet
+
+    def decode(self, decoder_input_ids, encoder_states, encoder_mask, route, cache=None, position_offset=0):
+        n = decoder_input_ids.shape[1]
+        if position_offset + n > self.decoder_positions.num_embeddings:
+            raise ValueError(f"decoding past max_position_embeddings={self.decoder_positions.num_embeddings}")
+        positions = torch.arange(position_offset, position_offset + n, device=decoder_input_ids.device)
+        x = self.get_input_embeddings()(decoder_input_ids) + self.decoder_positions(positions)
+        x = self.skillnet.embed_dropout(self.decoder_embed_norm(x))
+        x, _ = self.decoder(x, None, route, encoder_states, padding_mask(encoder_mask), cache)
+        return F.linear(x, self.get_input_embeddings().weight, self.lm_bias)
+
+    def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        start = self.config.decoder_start_token_id
+        if start is None:
+            raise ValueError("config.decoder_start_token_id is not set")
+        shifted = labels.new_full(labels.shape, self.config.pad_token_id)
+        shifted[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, self.config.pad_token_id)
+        shifted[:, 0] = start
+        return shifted
+
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, labels=None, task=None,
+                skills=None, skill_mask=None, **kwargs) -> SkillNetSeq2SeqOutput:
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("pass decoder_input_ids or labels")
+            decoder_input_ids = self.shift_right(labels)
+        route = self.skillnet.route(input_ids.shape[0], task, skills, skill_mask, input_ids.device)
+        enc = self.skillnet(input_ids=input_ids, attention_mask=attention_mask, route=route)
+        logits = self.decode(decoder_input_ids, enc.last_hidden_state, enc.attention_mask, route)
+        aux = torch.stack(route.aux_losses).sum() if route.aux_losses else None
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            loss = loss + aux if aux is not None else loss
+        return SkillNetSeq2SeqOutput(loss, logits, enc.last_hidden_state, aux)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, task=None, skills=None, skill_mask=None,
+                 max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy or sampled decoding with a key/value cache; the task's skills run at every step.
+        Returns (batch, <= max_new_tokens + 1) ids starting with the decoder start token."""
+        was_training = self.training
+        self.eval()
+        route = self.skillnet.route(input_ids.shape[0], task, skills, skill_mask, input_ids.device)
+        enc = self.skillnet(input_ids=input_ids, attention_mask=attention_mask, route=route)
+        start = self.config.decoder_start_token_id
+        if start is None:
+            raise ValueError("config.decoder_start_token_id is not set")
+        eos, pad = self.config.eos_token_id, self.config.pad_token_id
+        out = input_ids.new_full((input_ids.shape[0], 1), start)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        cache: dict = {}
+        for step in range(max_new_tokens):
+            logits = self.decode(out[:, -1:], enc.last_hidden_state, enc.attention_mask, route, cache, position_offset=step)[:, -1].float()
+            if do_sample:
+                logits = logits / max(temperature, 1e-5)
+                if top_k:
+                    kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+            else:
+                token = logits.argmax(-1)
+            token = token.masked_fill(done, pad)
+            out = torch.cat([out, token[:, None]], dim=1)
+            if eos is not None:
+                done |= token == eos
+                if bool(done.all()):
+                    break
+        self.train(was_training)
+        return out
