@@ -22,6 +22,7 @@ class SkillNetConfig(PretrainedConfig):
     Args:
         skills: list of `{"name", "description"}`; or leave empty and name a shipped `skill_set`.
         tasks: task name -> list of skill names the task activates.
+        task_modalities: task name -> its input modality, for tasks whose input is not text.
         skill_set: "nlu", "nlg" or "multimodal": fills `skills` and `tasks` from the papers' tables.
         generic_skill: the skill every task activates when `always_generic` is true (None for none).
         skill_layers: which layers carry skills: "all", "every:k" (every k-th layer, counting from the
@@ -66,6 +67,7 @@ class SkillNetConfig(PretrainedConfig):
         skill_set: str | None = None,
         skills: list[dict] | None = None,
         tasks: dict[str, list[str]] | None = None,
+        task_modalities: dict[str, str] | None = None,
         generic_skill: str | None = "generic",
         always_generic: bool = True,
         skill_layers: str | list[int] = "all",
@@ -92,8 +94,10 @@ class SkillNetConfig(PretrainedConfig):
         **kwargs,
     ):
         if skill_set is not None and not skills:
-            skills, set_tasks = shipped_skill_set(skill_set)
-            tasks = {**set_tasks, **(tasks or {})}
+            shipped = shipped_skill_set(skill_set)
+            skills = shipped["skills"]
+            tasks = {**shipped["tasks"], **(tasks or {})}
+            task_modalities = {**shipped["task_modalities"], **(task_modalities or {})}
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -109,6 +113,7 @@ class SkillNetConfig(PretrainedConfig):
         self.skill_set = skill_set
         self.skills = list(skills or [])
         self.tasks = {t: list(s) for t, s in (tasks or {}).items()}
+        self.task_modalities = dict(task_modalities or {})
         self.generic_skill = generic_skill
         self.always_generic = always_generic
         self.skill_layers = skill_layers
@@ -151,6 +156,9 @@ class SkillNetConfig(PretrainedConfig):
         unknown = [m for m in self.modalities if m not in MODALITIES]
         if unknown:
             raise ValueError(f"unknown modalities {unknown}; front-ends exist for {list(MODALITIES)}")
+        for task, modality in self.task_modalities.items():
+            if task not in self.tasks or modality not in MODALITIES:
+                raise ValueError(f"task_modalities: {task!r} -> {modality!r} needs a declared task and one of {list(MODALITIES)}")
         if self.router == "skill":
             if not self.skills:
                 raise ValueError("router 'skill' needs skills: set `skills` or a shipped `skill_set`")

@@ -83,19 +83,26 @@ MULTIMODAL_TASKS = {
     "next_sentence": ["text"],
 }
 
+MULTIMODAL_TASK_MODALITIES = {"image": "image", "audio": "audio", "video": "video", "code": "code", "masked_code": "code"}
+
+# name -> (skills, tasks, the input modality of each task that is not text)
 SKILL_SETS = {
-    "nlu": (NLU_SKILLS, NLU_TASKS),
-    "nlg": (NLG_SKILLS, NLG_TASKS),
-    "multimodal": (MULTIMODAL_SKILLS, MULTIMODAL_TASKS),
+    "nlu": (NLU_SKILLS, NLU_TASKS, {}),
+    "nlg": (NLG_SKILLS, NLG_TASKS, {}),
+    "multimodal": (MULTIMODAL_SKILLS, MULTIMODAL_TASKS, MULTIMODAL_TASK_MODALITIES),
 }
 
 
-def skill_set(name: str) -> tuple[list[dict], dict[str, list[str]]]:
-    """The skills (as config dicts) and task table of a shipped set: 'nlu', 'nlg' or 'multimodal'."""
+def skill_set(name: str) -> dict:
+    """Config entries (`skills`, `tasks`, `task_modalities`) of a shipped set: 'nlu', 'nlg' or 'multimodal'."""
     if name not in SKILL_SETS:
         raise ValueError(f"unknown skill set {name!r}; shipped sets: {sorted(SKILL_SETS)}")
-    skills, tasks = SKILL_SETS[name]
-    return [{"name": n, "description": d} for n, d in skills], {t: list(s) for t, s in tasks.items()}
+    skills, tasks, modalities = SKILL_SETS[name]
+    return {
+        "skills": [{"name": n, "description": d} for n, d in skills],
+        "tasks": {t: list(s) for t, s in tasks.items()},
+        "task_modalities": dict(modalities),
+    }
 
 
 class SkillRegistry:
