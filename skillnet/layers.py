@@ -66,11 +66,11 @@ class SkillFFN(nn.Module):
         w1 = torch.cat([e.fc1.weight for e in chosen])  # (k*F, H)
         b1 = torch.cat([e.fc1.bias for e in chosen])
         w2 = torch.cat([e.fc2.weight for e in chosen], dim=1)  # (H, k*F)
-        b2 = torch.stack([e.fc2.bias for e in chosen]).mean(0)
+        b2 = torch.stack([e.fc2.bias for e in chosen]).sum(0)
         flat = x.reshape(-1, x.shape[-1])
         h = self.act(torch.addmm(b1, flat, w1.t()))
-        out = torch.addmm(b2, h, w2.t(), alpha=1.0 / len(chosen))
-        return out.view(x.shape)
+        # (sum of biases + sum of skill outputs) / k; dividing the narrow output keeps the wide grads unscaled
+        return torch.addmm(b2, h, w2.t()).div_(len(chosen)).view(x.shape)
 
     def add_skill(self, name: str, init_from: str) -> None:
         self.skills[name] = copy.deepcopy(self.skills[init_from])
