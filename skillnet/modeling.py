@@ -176,8 +176,8 @@ class SkillNetModel(SkillNetPreTrainedModel):
             ids = torch.tensor([registry.task_id(t) for t in tasks], device=device)
             task_embedding = self.task_embedding(ids)
         if self.config.router != "skill":
-            if task is not None and registry is not None:
-                [registry.task_skills(t) for t in ([task] if isinstance(task, str) else task)]
+            for name in ([task] if isinstance(task, str) else task or []) if registry else []:
+                registry.task_skills(name)  # an unknown task is an error for every router
             return Route([(None, ())], task_embedding)
         if not given:
             raise ValueError("a skill model needs task=, skills= or skill_mask= to know which skills to run")
@@ -192,7 +192,7 @@ class SkillNetModel(SkillNetPreTrainedModel):
             skill_mask = torch.stack([registry.mask(s) for s in per_sample])
         elif skill_mask.shape[-1] != len(registry) or skill_mask.shape[0] != batch_size:
             raise ValueError(f"skill_mask must be (batch={batch_size}, num_skills={len(registry)}), got {tuple(skill_mask.shape)}")
-        return Route.from_mask(skill_mask.to(torch.bool).cpu())
+        return Route.from_mask(skill_mask.to(torch.bool).cpu(), device)
 
     def embed(self, modality=None, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None,
               input_features=None, feature_attention_mask=None, pixel_values_videos=None, position_offset=0):

@@ -192,8 +192,9 @@ class Route:
         return tuple(sorted({i for _, idx in self.groups for i in idx}))
 
     @classmethod
-    def from_mask(cls, mask: torch.Tensor) -> "Route":
-        """A route from a (batch, num_skills) bool mask; one group when every sample agrees."""
+    def from_mask(cls, mask: torch.Tensor, device: torch.device | str | None = None) -> "Route":
+        """A route from a (batch, num_skills) bool mask; one group when every sample agrees. Sample
+        indices are put on `device` (where the activations live) once, not in every layer."""
         if mask.dim() != 2 or mask.dtype != torch.bool:
             raise ValueError(f"skill_mask must be a bool tensor (batch, num_skills), got {tuple(mask.shape)} {mask.dtype}")
         if not bool(mask.any(dim=1).all()):
@@ -202,5 +203,5 @@ class Route:
         sets = [tuple(torch.nonzero(r).flatten().tolist()) for r in rows]
         if len(sets) == 1:
             return cls([(None, sets[0])])
-        groups = [(torch.nonzero(inverse == g).flatten(), s) for g, s in enumerate(sets)]
+        groups = [(torch.nonzero(inverse == g).flatten().to(device), s) for g, s in enumerate(sets)]
         return cls(groups)
