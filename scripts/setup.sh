@@ -20,7 +20,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     "${PIP[@]}" "torch>=2.4"
   else
-    "${PIP[@]}" "torch==${TORCH_VERSION:-2.13.0}" --index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+    # A CPU wheel the package index already offers (e.g. a local mirror), else PyTorch's CPU index.
+    version=${TORCH_VERSION:-2.13.0}
+    "${PIP[@]}" "torch==$version+cpu" 2>/dev/null ||
+      "${PIP[@]}" "torch==$version" --index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}" \
+        --extra-index-url https://pypi.org/simple
   fi
 fi
 

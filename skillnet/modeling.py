@@ -17,7 +17,7 @@ from transformers.utils import ModelOutput
 from .configuration import SkillNetConfig
 from .frontends import FRONTENDS, INPUT_NAMES
 from .layers import SkillFFN, SkillLinear, SkillNetLayer, padding_mask
-from .skills import Route
+from .skills import Route, SkillRegistry
 
 
 @dataclass
@@ -59,10 +59,8 @@ class SkillNetPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        std = self.config.initializer_range
-        for name in ("cls",):
-            if isinstance(getattr(module, name, None), nn.Parameter):
-                init.normal_(getattr(module, name), mean=0.0, std=std)
+        if isinstance(getattr(module, "cls", None), nn.Parameter):  # the [CLS] of image, audio and video
+            init.normal_(module.cls, mean=0.0, std=self.config.initializer_range)
         if isinstance(module, SkillNetForPreTraining) and module.logit_scale is not None:
             init.constant_(module.logit_scale, math.log(1 / 0.07))
 
@@ -89,8 +87,9 @@ class SkillNetPreTrainedModel(PreTrainedModel):
             raise ValueError(f"skill {name!r} already exists")
         if source not in self.registry.index:
             raise ValueError(f"cannot initialise {name!r} from unknown skill {source!r}; skills: {self.registry.names}")
-        self.config.skills = [*self.config.skills, {"name": name, "description": description}]
-        self.config.registry  # validates the new name
+        skills = [*self.config.skills, {"name": name, "description": description}]
+        SkillRegistry(skills, self.config.tasks, self.config.generic_skill, self.config.always_generic)  # validates
+        self.config.skills = skills
         for module in self.modules():
             if isinstance(module, (SkillFFN, SkillLinear)):
                 module.add_skill(name, source)

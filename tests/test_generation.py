@@ -3,7 +3,6 @@
 import torch
 
 from skillnet import SkillNetConfig, SkillNetForConditionalGeneration
-from skillnet.skills import Route
 
 
 def _config(**overrides):
@@ -57,3 +56,14 @@ def test_sampling_is_reproducible_with_a_generator():
     a = model.generate(src, task="dialogue", do_sample=True, top_k=5, generator=torch.Generator().manual_seed(1))
     b = model.generate(src, task="dialogue", do_sample=True, top_k=5, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and a.shape[1] > 1
+
+
+def test_round_trip_through_auto_seq2seq(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    model = SkillNetForConditionalGeneration(_config()).eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, SkillNetForConditionalGeneration)
+    src = torch.randint(3, 20, (2, 6))
+    assert torch.equal(loaded.generate(src, task="dialogue"), model.generate(src, task="dialogue"))
