@@ -136,6 +136,7 @@ class SkillNetConfig(PretrainedConfig):
         self.tubelet_size = tubelet_size
         self.projection_dim = projection_dim
         self.num_decoder_layers = num_decoder_layers
+        kwargs.pop("is_encoder_decoder", None)  # follows from num_decoder_layers
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
