@@ -158,6 +158,10 @@ class SkillRegistry:
             raise ValueError(f"unknown task {task!r}; tasks in the config: {sorted(self.tasks)}")
         return self.tasks[task]
 
+    def skill_names(self, task: str) -> list[str]:
+        """The names of the skills `task` activates (the generic skill included when always on)."""
+        return [self.skills[i].name for i in self.task_skills(task)]
+
     def task_id(self, task: str) -> int:
         """A stable id (tasks sorted by name), for the task-level router's embedding."""
         self.task_skills(task)

@@ -1,0 +1,331 @@
+"""Streaming, mixing and exact resume of WebDataset shards across ranks and data-loader workers.
+
+Each (rank, worker) pair is a *slot*. Every epoch the shards of a source are shuffled with the shared seed
+and dealt to the slots (shard i of the permutation to slot i mod slots), so no sample reaches two slots in
+an epoch. A slot reads its shards in *rounds* of `shards_per_round` shards through a shuffle buffer that
+drains at the end of each round; its position is (round, samples emitted in the round). Resuming replays
+the current round's raw samples (no decoding) up to that position, so a restarted run yields exactly the
+keys of an uninterrupted one. With `resample`, each round draws its shards with replacement instead
+(an infinite stream).
+
+Batches are built inside the workers. Batch i of a rank comes from worker i mod W (the DataLoader's
+round-robin order), and its task is drawn for index i from the shared seed with probability
+proportional to (task size)^alpha, so every rank trains the same task at the same step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .media import BadSample, MediaConfig, decode_sample
+from .shards import MODALITIES, SkipCounter, Source, check_modality, open_source, read_raw_samples
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SourceConfig:
+    """One dataset feeding a task."""
+
+    shards: str
+    """Shard pattern: local paths with braces (`data/img-{000000..000127}.tar`), `::`-separated lists, `pipe:`."""
+    index: str | None = None
+    """The shard index; by default `<prefix>.index.json` beside the shards."""
+    weight: float = 1.0
+    """Relative draw weight among the task's sources (per sample)."""
+
+
+@dataclass
+class TaskConfig:
+    """A stream of batches for one task: its modality and sources. Its skills come from the model's task table."""
+
+    name: str
+    modality: str
+    sources: list[SourceConfig] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    tasks: list[TaskConfig] = field(default_factory=list)
+    """The tasks to mix."""
+    batch_size: int = 8
+    """Samples per batch on each rank."""
+    alpha: float = 1.0
+    """Task i is drawn with probability proportional to (its samples)^alpha: 0 uniform, 1 natural."""
+    batch_mode: str = "task"
+    """"task": each batch is one task (the papers' default); "mixed": each sample draws its own task."""
+    shuffle_buffer: int = 256
+    """Samples held by each slot's shuffle buffer."""
+    shards_per_round: int = 4
+    """Shards a slot reads per round; the buffer drains each round, and a resume replays at most one."""
+    resample: bool = False
+    """Draw each round's shards with replacement (infinite stream, no epochs)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0: in the main process)."""
+    seed: int = 0
+    max_text_tokens: int = 128
+    """Text, code and captions are truncated to this many tokens."""
+
+    def __post_init__(self):
+        self.tasks = [t if isinstance(t, TaskConfig) else TaskConfig(**t) for t in self.tasks]
+        for t in self.tasks:
+            t.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in t.sources]
+
+    def validate(self) -> None:
+        if not self.tasks:
+            raise ValueError("data: no tasks")
+        for t in self.tasks:
+            check_modality(t.modality)
+            if not t.sources:
+                raise ValueError(f"data: task {t.name!r} has no sources")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"data.alpha must be in [0, 1], got {self.alpha}")
+        if self.batch_mode not in ("task", "mixed"):
+            raise ValueError(f"data.batch_mode must be 'task' or 'mixed', got {self.batch_mode!r}")
+        if self.batch_mode == "mixed" and len({t.modality for t in self.tasks}) > 1:
+            raise ValueError("data.batch_mode 'mixed' needs tasks of one modality (a batch feeds one front-end)")
+        if self.batch_size < 1 or self.shuffle_buffer < 1 or self.shards_per_round < 1 or self.num_workers < 0:
+            raise ValueError("data: batch_size, shuffle_buffer and shards_per_round must be >= 1, num_workers >= 0")
+
+
+def sampling_probabilities(sizes: list[int], alpha: float) -> list[float]:
+    """SkillNet-NLU eq. 3: q_i = p_i^alpha / sum_j p_j^alpha with p_i = |T_i| / sum_j |T_j|."""
+    total = sum(sizes)
+    powered = [(s / total) ** alpha for s in sizes]
+    return [p / sum(powered) for p in powered]
+
+
+def _rng(*parts) -> random.Random:
+    """A generator determined by `parts` alone (string seeding hashes with SHA-512, stable across runs)."""
+    return random.Random("/".join(map(str, parts)))
+
+
+class SourceStream:
+    """The raw samples of one source for one slot, round after round, shuffled and resumable."""
+
+    def __init__(self, source: Source, name: str, slot: int, num_slots: int, cfg: DataConfig, skipped: SkipCounter):
+        self.source, self.name, self.slot, self.num_slots, self.cfg, self.skipped = source, name, slot, num_slots, cfg, skipped
+        if not cfg.resample and len(source.urls) < num_slots:
+            raise ValueError(f"source {name!r} has {len(source.urls)} shards for {num_slots} slots (ranks x workers): "
+                             "write more, smaller shards, use fewer workers, or set data.resample")
+        mine = len(range(slot, len(source.urls), num_slots))
+        self.rounds_per_epoch = max(1, math.ceil(mine / cfg.shards_per_round))
+        self.round, self.emitted = 0, 0
+        self._samples: Iterator[dict] | None = None
+
+    def state(self) -> dict:
+        return {"round": self.round, "emitted": self.emitted}
+
+    def load_state(self, state: dict) -> None:
+        self.round, self.emitted, self._samples = state["round"], state["emitted"], None
+
+    def round_shards(self, r: int) -> list[str]:
+        urls, per = self.source.urls, self.cfg.shards_per_round
+        if self.cfg.resample:
+            return _rng(self.cfg.seed, self.name, "resample", self.slot, r).choices(urls, k=per)
+        epoch, j = divmod(r, self.rounds_per_epoch)
+        order = list(urls)
+        _rng(self.cfg.seed, self.name, "epoch", epoch).shuffle(order)
+        return order[self.slot :: self.num_slots][j * per : (j + 1) * per]
+
+    def _round(self, r: int) -> Iterator[dict]:
+        rng = _rng(self.cfg.seed, self.name, "shuffle", self.slot, r)
+        size, buffer = self.cfg.shuffle_buffer, []
+        for url in self.round_shards(r):
+            for sample in read_raw_samples(url, self.skipped):
+                if len(buffer) < size:
+                    buffer.append(sample)
+                    continue
+                i = rng.randrange(size)
+                yield buffer[i]
+                buffer[i] = sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __next__(self) -> dict:
+        empty_rounds = 0
+        while True:
+            if self._samples is None:
+                self._samples = self._round(self.round)
+                with self.skipped.muted():  # the replayed part was counted before the restart
+                    for _ in range(self.emitted):
+                        next(self._samples, None)
+            sample = next(self._samples, None)
+            if sample is not None:
+                self.emitted += 1
+                return sample
+            empty_rounds = empty_rounds + 1 if self.emitted == 0 else 0
+            if empty_rounds > self.rounds_per_epoch + 10:
+                raise RuntimeError(f"source {self.name!r} yields no readable samples")
+            self.round, self.emitted, self._samples = self.round + 1, 0, None
+
+
+class Collator:
+    """Decoded samples of one modality -> padded model inputs, captions tokenised alongside."""
+
+    def __init__(self, tokenizer, max_tokens: int):
+        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+
+    def _tokens(self, texts: list[str], prefix: str = "") -> dict:
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        return {f"{prefix}input_ids": enc["input_ids"], f"{prefix}attention_mask": enc["attention_mask"]}
+
+    def __call__(self, samples: list[dict], modality: str) -> dict:
+        batch = {"keys": [s["key"] for s in samples]}
+        if modality == "text":
+            batch["texts"] = [s["text"] for s in samples]
+            batch.update(self._tokens(batch["texts"]))
+            return batch
+        batch.update(self._tokens([s["caption"] for s in samples], "caption_"))
+        if modality == "code":
+            batch.update(self._tokens([s["code"] for s in samples]))
+        elif modality == "audio":
+            frames = [s["input_features"].shape[1] for s in samples]
+            features = torch.zeros(len(samples), samples[0]["input_features"].shape[0], max(frames))
+            mask = torch.zeros(len(samples), max(frames), dtype=torch.long)
+            for i, (s, n) in enumerate(zip(samples, frames)):
+                features[i, :, :n] = s["input_features"]
+                mask[i, :n] = 1
+            batch["input_features"], batch["feature_attention_mask"] = features, mask
+        else:
+            name = "pixel_values" if modality == "image" else "pixel_values_videos"
+            batch[name] = torch.stack([s[name] for s in samples])
+        return batch
+
+
+class _SlotBatches(IterableDataset):
+    """What one DataLoader worker runs: the batches of its logical slot, with the slot's state attached."""
+
+    def __init__(self, loader: "MultiTaskLoader", offset: int, resume: dict[int, dict]):
+        self.loader, self.offset, self.resume = loader, offset, resume
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers = max(1, self.loader.cfg.num_workers)
+        logical = (info.id + self.offset) % workers if info is not None else 0
+        yield from self.loader._slot_batches(logical, self.resume.get(logical))
+
+
+class MultiTaskLoader:
+    """Batches of tasks mixed by the alpha rule, split over ranks and workers, with exact resume.
+
+    Every batch is a dict of model inputs plus `task` (a name, or one per sample in mixed mode),
+    `modality`, `skills` and `keys`. `state_dict()` is the position after the batches consumed so far.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer, media: MediaConfig, task_skills: dict[str, list[str]],
+                 rank: int = 0, world_size: int = 1):
+        cfg.validate()
+        unknown = [t.name for t in cfg.tasks if t.name not in task_skills]
+        if unknown:
+            raise ValueError(f"data tasks {unknown} are not in the model's task table {sorted(task_skills)}")
+        self.cfg, self.tokenizer, self.media, self.task_skills = cfg, tokenizer, media, task_skills
+        self.rank, self.world_size = rank, world_size
+        self.sources = {t.name: [open_source(s.shards, s.index, s.weight) for s in t.sources] for t in cfg.tasks}
+        for t in cfg.tasks:
+            for src, spec in zip(self.sources[t.name], t.sources):
+                if src.index.modality != t.modality:
+                    raise ValueError(f"task {t.name!r} is {t.modality} but {spec.shards} holds {src.index.modality}")
+        self.sizes = [sum(s.samples for s in self.sources[t.name]) for t in cfg.tasks]
+        self.probabilities = sampling_probabilities(self.sizes, cfg.alpha)
+        self.consumed = 0
+        self.slot_states: dict[int, dict] = {}
+        self.collate = Collator(tokenizer, cfg.max_text_tokens)
+
+    # -- what every rank agrees on ---------------------------------------------------------------------
+
+    def task_for_batch(self, index: int) -> str:
+        """The task of a rank's batch `index`: the same on every rank (shared seed, no communication)."""
+        return _rng(self.cfg.seed, "task", index).choices([t.name for t in self.cfg.tasks], self.probabilities)[0]
+
+    # -- inside a worker -------------------------------------------------------------------------------
+
+    def _slot_batches(self, logical: int, state: dict | None) -> Iterator[dict]:
+        cfg, workers = self.cfg, max(1, self.cfg.num_workers)
+        slot, num_slots = self.rank * workers + logical, self.world_size * workers
+        skipped = SkipCounter()
+        streams = {t.name: [SourceStream(src, f"{t.name}.{i}", slot, num_slots, cfg, skipped)
+                            for i, src in enumerate(self.sources[t.name])] for t in cfg.tasks}
+        modality = {t.name: t.modality for t in cfg.tasks}
+        draws = Counter()
+        made = 0
+        if state is not None:
+            made, draws = state["batches"], Counter(state["draws"])
+            skipped.update(state["skipped"])
+            for name, task_streams in streams.items():
+                for i, stream in enumerate(task_streams):
+                    stream.load_state(state["sources"][f"{name}.{i}"])
+        while True:
+            index = made * workers + logical
+            if cfg.batch_mode == "task":
+                tasks = [self.task_for_batch(index)] * cfg.batch_size
+            else:
+                rng = _rng(cfg.seed, "mixed", self.rank, index)
+                tasks = rng.choices([t.name for t in cfg.tasks], self.probabilities, k=cfg.batch_size)
+            samples = [self._next_sample(streams[t], t, modality[t], slot, draws, skipped) for t in tasks]
+            batch = self.collate(samples, modality[tasks[0]])
+            made += 1
+            batch.update(task=tasks[0] if cfg.batch_mode == "task" else tasks, modality=modality[tasks[0]],
+                         skills=self.task_skills[tasks[0]] if cfg.batch_mode == "task" else [self.task_skills[t] for t in tasks])
+            batch["_state"] = {"slot": logical, "batches": made, "draws": dict(draws), "skipped": dict(skipped),
+                               "sources": {s.name: s.state() for ss in streams.values() for s in ss}}
+            yield batch
+
+    def _next_sample(self, streams: list[SourceStream], task: str, modality: str, slot: int, draws: Counter,
+                     skipped: SkipCounter) -> dict:
+        weights = [s.source.weight for s in streams]
+        while True:
+            stream = _rng(self.cfg.seed, "source", task, slot, draws[task]).choices(streams, weights)[0]
+            draws[task] += 1
+            raw = next(stream)
+            try:
+                return decode_sample(raw, modality, self.media)
+            except BadSample as e:
+                skipped.skip(e.reason, raw["__url__"], raw["__key__"], e.detail)
+
+    # -- in the training process -----------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict]:
+        workers = self.cfg.num_workers
+        dataset = _SlotBatches(self, self.consumed % max(1, workers), dict(self.slot_states))
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        batches = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None,
+                             persistent_workers=False)
+        for batch in batches:
+            state = batch.pop("_state")
+            self.slot_states[state["slot"]] = state
+            self.consumed += 1
+            yield batch
+
+    @property
+    def skipped(self) -> Counter:
+        """Samples skipped so far on this rank, by reason (corrupt_shard, undecodable_image, empty_caption...)."""
+        total = Counter()
+        for state in self.slot_states.values():
+            total.update(state["skipped"])
+        return total
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "slots": self.slot_states, "num_workers": self.cfg.num_workers,
+                "world_size": self.world_size, "rank": self.rank, "seed": self.cfg.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = (self.cfg.num_workers, self.world_size, self.rank, self.cfg.seed)
+        saved = (state["num_workers"], state["world_size"], state["rank"], state["seed"])
+        if saved != mine:
+            raise ValueError(f"data loader state was saved with (num_workers, world_size, rank, seed) = {saved}, "
+                             f"this run has {mine}: exact resume needs the same")
+        self.consumed = state["consumed"]
+        self.slot_states = {int(k): v for k, v in state["slots"].items()}
+
+
+__all__ = ["DataConfig", "MODALITIES", "MultiTaskLoader", "SourceConfig", "TaskConfig", "sampling_probabilities"]

@@ -1,0 +1,215 @@
+"""Shard writing, the shard index, and raw sample reading with corruption accounting.
+
+A dataset is a set of WebDataset tar shards plus `<prefix>.index.json`: the modality, the member fields
+every sample carries, and the number of samples in each shard. The loader needs the index for epoch
+accounting and exact resume; `python -m data_pipeline.write_shards --index-only` writes one for shards
+made elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tarfile
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import webdataset as wds
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("text", "code", "image", "audio", "video")
+# The member a sample of each modality must carry (besides its caption, `txt`, for the paired ones).
+MEDIA_FIELDS = {"image": ("jpg", "jpeg", "png", "webp"), "audio": ("wav", "flac", "mp3", "ogg"),
+                "video": ("mp4", "webm", "mkv", "avi"), "code": ("py", "code", "js", "c", "cpp", "java", "go", "rs")}
+
+
+def check_modality(modality: str) -> None:
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; known: {list(MODALITIES)}")
+
+
+@dataclass
+class ShardIndex:
+    """What the loader knows of a dataset without opening it."""
+
+    modality: str
+    fields: list[str]
+    shards: dict[str, int]  # shard file name -> samples
+    path: Path | None = None
+
+    @property
+    def samples(self) -> int:
+        return sum(self.shards.values())
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"modality": self.modality, "fields": self.fields,
+                                          "shards": [{"name": n, "samples": c} for n, c in self.shards.items()]}, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ShardIndex":
+        path = Path(path)
+        data = json.loads(path.read_text())
+        check_modality(data["modality"])
+        return cls(data["modality"], data["fields"], {s["name"]: s["samples"] for s in data["shards"]}, path)
+
+
+def index_path_for(first_url: str) -> Path:
+    """Default index location: beside the shards, named after their prefix (`img-000003.tar` -> `img.index.json`)."""
+    name = os.path.basename(first_url)
+    prefix = re.sub(r"[-_.]?\d+\.tar$", "", name)
+    return Path(os.path.dirname(first_url)) / f"{prefix}.index.json"
+
+
+def shard_name(url: str) -> str:
+    """The index's name for a shard: its file name (for `pipe:` commands, the last word's)."""
+    return os.path.basename(url.split()[-1] if url.startswith("pipe:") else url)
+
+
+@dataclass
+class Source:
+    """One dataset of a task: its shard URLs (as given, e.g. local paths or `pipe:` commands) and index."""
+
+    urls: list[str]
+    index: ShardIndex
+    weight: float = 1.0
+    samples_per_url: list[int] = field(default_factory=list)
+
+    @property
+    def samples(self) -> int:
+        return sum(self.samples_per_url)
+
+
+def open_source(shards: str, index: str | None = None, weight: float = 1.0) -> Source:
+    """Expand a shard pattern (braces, `::` lists) and match every shard to its index entry.
+
+    Errors (before any training): no shards, no index, a shard the index does not list.
+    """
+    urls = expand_urls(shards)
+    local = [u for u in urls if not u.startswith(("pipe:", "http:", "https:", "s3:", "gs:"))]
+    missing = [u for u in local if not os.path.exists(u)]
+    if not urls or (local and len(missing) == len(urls)):
+        raise FileNotFoundError(f"no shards match {shards!r}")
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shards of {shards!r} do not exist, e.g. {missing[0]}")
+    if index is None:
+        if not local:
+            raise ValueError(f"shards {shards!r} are not local files: give their index with `index:`")
+        index = index_path_for(urls[0])
+    if not os.path.exists(index):
+        raise FileNotFoundError(f"no shard index {index} for {shards!r}: run "
+                                f"`python -m data_pipeline.write_shards --index-only '{shards}' --modality ...`")
+    shard_index = ShardIndex.load(index)
+    counts = []
+    for url in urls:
+        name = shard_name(url)
+        if name not in shard_index.shards:
+            raise ValueError(f"shard {url} is not in the index {index}")
+        counts.append(shard_index.shards[name])
+    return Source(urls, shard_index, weight, counts)
+
+
+# -- writing ---------------------------------------------------------------------------------------------
+
+
+def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str, modality: str,
+                 max_samples: int = 10_000, max_bytes: float = 1e9, progress: bool = True) -> ShardIndex:
+    """Write `samples` (dicts with `__key__` and member fields as bytes or str) into
+    `out_dir/prefix-NNNNNN.tar` shards of at most `max_samples` samples and `max_bytes` bytes, then the
+    index `out_dir/prefix.index.json`."""
+    from tqdm import tqdm
+
+    check_modality(modality)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts: Counter = Counter()
+    fields: set[str] = set()
+    pattern = str(out_dir / f"{prefix}-%06d.tar")
+    # mtime=0: the same samples give byte-identical shards
+    with wds.ShardWriter(pattern, maxcount=max_samples, maxsize=max_bytes, verbose=0, mtime=0) as sink:
+        for sample in tqdm(samples, desc=f"writing {prefix}", unit=" samples", disable=not progress):
+            sink.write(sample)
+            counts[os.path.basename(sink.fname)] += 1
+            fields |= {k for k in sample if not k.startswith("__")}
+    index = ShardIndex(modality, sorted(fields), dict(sorted(counts.items())))
+    index.save(out_dir / f"{prefix}.index.json")
+    return index
+
+
+def index_existing(shards: str, modality: str, out: str | Path | None = None) -> ShardIndex:
+    """Count the samples of shards written elsewhere and write their index."""
+    check_modality(modality)
+    urls = expand_urls(shards)
+    counts, fields = {}, set()
+    for url in urls:
+        n = 0
+        for sample in read_raw_samples(url, SkipCounter()):
+            n += 1
+            fields |= {k for k in sample if not k.startswith("__")}
+        counts[shard_name(url)] = n
+    index = ShardIndex(modality, sorted(fields), counts)
+    index.save(out or index_path_for(urls[0]))
+    return index
+
+
+# -- reading ---------------------------------------------------------------------------------------------
+
+
+class SkipCounter(Counter):
+    """Samples skipped, by reason; every skip is logged with its shard and key."""
+
+    _muted = False
+
+    def skip(self, reason: str, url: str, key: str | None, detail: str = "") -> None:
+        if self._muted:
+            return
+        self[reason] += 1
+        log.warning("skipped %s: %s in %s%s", key or "(shard rest)", reason, url, f" ({detail})" if detail else "")
+
+    @contextmanager
+    def muted(self):
+        """Count nothing inside (a replay of samples counted before)."""
+        self._muted = True
+        try:
+            yield
+        finally:
+            self._muted = False
+
+
+def read_raw_samples(url: str, skipped: SkipCounter) -> Iterator[dict]:
+    """The samples of one shard as dicts of raw bytes (members grouped by key), in tar order.
+
+    A truncated or corrupt tar ends the shard: what came before it is kept, the rest is counted once.
+    """
+    current: dict | None = None
+    stream = wds.gopen(url, "rb")
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                key, ext = base_plus_ext(info.name)
+                if key is None:
+                    continue
+                data = tar.extractfile(info).read()
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                current[ext.lower()] = data
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        skipped.skip("corrupt_shard", url, current["__key__"] if current else None, f"{type(e).__name__}: {e}")
+        current = None  # a sample cut by the corruption is not trusted
+    finally:
+        stream.close()
+    if current is not None:
+        yield current
+
