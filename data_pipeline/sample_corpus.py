@@ -128,7 +128,9 @@ def videos(n: int, rng: np.random.Generator, size: int = 64, frames: int = 8) ->
                 image = background.copy()
                 _draw_shape(ImageDraw.Draw(image), shape, ((x0 + a * (x1 - x0)) * size, (y0 + a * (y1 - y0)) * size),
                             size * 0.12, COLOURS[colour])
-                container.mux(stream.encode(av.VideoFrame.from_image(image)))
+                frame = av.VideoFrame.from_image(image).reformat(format="yuv420p")
+                frame.pts = f
+                container.mux(stream.encode(frame))
             container.mux(stream.encode())
         yield {"__key__": f"video{i:06d}", "mp4": buf.getvalue(), "txt": f"a {colour} {shape} moves {motion}"}
 
