@@ -198,8 +198,17 @@ class Collator:
             batch["input_features"], batch["feature_attention_mask"] = features, mask
         else:
             name = "pixel_values" if modality == "image" else "pixel_values_videos"
-            batch[name] = torch.stack([s[name] for s in samples])
+            batch[name] = _stack([s[name] for s in samples])
         return batch
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack; inside a DataLoader worker, straight into shared memory, so sending the batch to the
+    training process copies nothing more (as torch's default collate does)."""
+    if get_worker_info() is None:
+        return torch.stack(tensors)
+    out = tensors[0].new_empty((len(tensors), *tensors[0].shape)).share_memory_()
+    return torch.stack(tensors, out=out)
 
 
 class _SlotBatches(IterableDataset):
@@ -284,7 +293,9 @@ class MultiTaskLoader:
                      skipped: SkipCounter) -> dict:
         weights = [s.source.weight for s in streams]
         while True:
-            stream = _rng(self.cfg.seed, "source", task, slot, draws[task]).choices(streams, weights)[0]
+            stream = streams[0]
+            if len(streams) > 1:
+                stream = _rng(self.cfg.seed, "source", task, slot, draws[task]).choices(streams, weights)[0]
             draws[task] += 1
             raw = next(stream)
             try:

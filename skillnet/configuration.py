@@ -37,6 +37,7 @@ class SkillNetConfig(PretrainedConfig):
             gumbel_temperature / router_aux_loss_coef: baseline router settings.
         modalities: the input modalities this model has front-ends for.
         image_size, patch_size, num_channels: image front-end (square images, square patches).
+        image_mean, image_std: per-channel statistics that normalise uint8 pixels (0-255) in the front-end.
         num_mel_bins, max_audio_frames: audio front-end (log-mel frames in, 4x convolutional subsampling).
         num_frames, tubelet_size: video front-end (`num_frames` frames of `image_size`, tubelets of
             `tubelet_size` frames x `patch_size`^2 pixels).
@@ -84,6 +85,8 @@ class SkillNetConfig(PretrainedConfig):
         image_size: int = 224,
         patch_size: int = 16,
         num_channels: int = 3,
+        image_mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+        image_std: tuple[float, ...] = (0.229, 0.224, 0.225),
         num_mel_bins: int = 80,
         max_audio_frames: int = 3000,
         num_frames: int = 8,
@@ -130,6 +133,8 @@ class SkillNetConfig(PretrainedConfig):
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_channels = num_channels
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
         self.num_mel_bins = num_mel_bins
         self.max_audio_frames = max_audio_frames
         self.num_frames = num_frames

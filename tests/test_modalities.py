@@ -81,6 +81,7 @@ def test_contrastive_embeddings_for_every_modality(model):
     [
         (dict(pixel_values=torch.randn(2, 3, 28, 28)), ValueError, r"pixel_values must be \(batch, 3, 32, 32\)"),
         (dict(pixel_values=torch.randint(0, 255, (2, 3, 32, 32))), TypeError, "pixel_values must be a floating-point"),
+        (dict(pixel_values_videos=torch.randint(0, 255, (2, 4, 3, 32, 32), dtype=torch.int32)), TypeError, "must be a floating-point"),
         (dict(input_ids=torch.randn(2, 5)), TypeError, "input_ids must be an integer"),
         (dict(input_ids=torch.randint(0, 9, (5,))), ValueError, r"input_ids must have shape \(batch, tokens\)"),
         (dict(input_ids=torch.full((1, 3), 512)), ValueError, "outside the vocabulary"),
@@ -99,3 +100,15 @@ def test_modality_without_front_end():
     text_only = SkillNetModel(nlu_config())
     with pytest.raises(ValueError, match="no front-end for modality 'image'"):
         text_only(pixel_values=torch.randn(1, 3, 224, 224), task="text_classification")
+
+
+def test_uint8_pixels_are_normalised_in_the_front_end(model, tiny_config):
+    raw = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    mean = torch.tensor(tiny_config.image_mean).view(3, 1, 1)
+    std = torch.tensor(tiny_config.image_std).view(3, 1, 1)
+    normalised = (raw.float() / 255 - mean) / std
+    a = model.skillnet(pixel_values=raw, task="image").last_hidden_state
+    torch.testing.assert_close(a, model.skillnet(pixel_values=normalised, task="image").last_hidden_state)
+    video = torch.randint(0, 256, (1, 4, 3, 32, 32), dtype=torch.uint8)
+    b = model.skillnet(pixel_values_videos=video, task="video").last_hidden_state
+    torch.testing.assert_close(b, model.skillnet(pixel_values_videos=(video.float() / 255 - mean) / std, task="video").last_hidden_state)
