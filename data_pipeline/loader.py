@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -71,6 +72,8 @@ class DataConfig:
     """Draw each round's shards with replacement (infinite stream, no epochs)."""
     num_workers: int = 2
     """DataLoader worker processes per rank (0: in the main process)."""
+    prefetch_batches: int = 4
+    """Batches each worker may have ready ahead: room for tasks whose batches cost very different times."""
     seed: int = 0
     max_text_tokens: int = 128
     """Text, code and captions are truncated to this many tokens."""
@@ -221,7 +224,25 @@ class _SlotBatches(IterableDataset):
         info = get_worker_info()
         workers = max(1, self.loader.cfg.num_workers)
         logical = (info.id + self.offset) % workers if info is not None else 0
-        yield from self.loader._slot_batches(logical, self.resume.get(logical))
+        for batch in self.loader._slot_batches(logical, self.resume.get(logical)):
+            yield _pack(batch) if info is not None else batch
+
+
+# Tensors below this size cross from a worker pickled inline (as numpy): passing a shared-memory file
+# descriptor costs the training process a socket round trip per tensor, more than copying a few kB.
+INLINE_BYTES = 1 << 26
+
+
+def _pack(batch: dict) -> dict:
+    return {k: v.numpy() if torch.is_tensor(v) and v.nbytes < INLINE_BYTES else v for k, v in batch.items()}
+
+
+def _unpack(batch: dict) -> dict:
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+
+
+def _as_is(batch):
+    return batch
 
 
 class MultiTaskLoader:
@@ -254,6 +275,8 @@ class MultiTaskLoader:
 
     def task_for_batch(self, index: int) -> str:
         """The task of a rank's batch `index`: the same on every rank (shared seed, no communication)."""
+        if len(self.cfg.tasks) == 1:
+            return self.cfg.tasks[0].name
         return _rng(self.cfg.seed, "task", index).choices([t.name for t in self.cfg.tasks], self.probabilities)[0]
 
     # -- inside a worker -------------------------------------------------------------------------------
@@ -309,9 +332,11 @@ class MultiTaskLoader:
         workers = self.cfg.num_workers
         dataset = _SlotBatches(self, self.consumed % max(1, workers), dict(self.slot_states))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        batches = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None,
+        batches = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                             prefetch_factor=self.cfg.prefetch_batches if workers else None,
                              persistent_workers=False)
         for batch in batches:
+            batch = _unpack(batch)
             state = batch.pop("_state")
             self.slot_states[state["slot"]] = state
             self.consumed += 1

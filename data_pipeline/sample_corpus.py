@@ -183,11 +183,13 @@ def text(n: int) -> Iterator[dict]:
 
 
 def write_corpus(out: str | Path, seed: int = 0, images_n: int = 240, audio_n: int = 120, video_n: int = 60,
-                 code_n: int = 200, text_n: int = 400, max_samples: int = 40, progress: bool = True) -> dict:
+                 code_n: int = 200, text_n: int = 400, max_samples: int = 40, progress: bool = True,
+                 image_size: int = 64, video_size: int = 64) -> dict:
     """Write every modality under `out`; returns {modality: ShardIndex}."""
     rng = np.random.default_rng(seed)
     out = Path(out)
-    streams = {"image": images(images_n, rng), "audio": audio(audio_n, rng), "video": videos(video_n, rng),
+    streams = {"image": images(images_n, rng, image_size), "audio": audio(audio_n, rng),
+               "video": videos(video_n, rng, video_size),
                "code": code(code_n), "text": text(text_n)}
     return {m: write_shards(s, out / m, m, m, max_samples=max_samples, progress=progress)
             for m, s in streams.items()}
@@ -203,8 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--code", type=int, default=200)
     parser.add_argument("--text", type=int, default=400)
     parser.add_argument("--max-samples", type=int, default=40, help="samples per shard")
+    parser.add_argument("--image-size", type=int, default=64, help="pixels per side of the images")
+    parser.add_argument("--video-size", type=int, default=64, help="pixels per side of the video frames")
     args = parser.parse_args(argv)
-    indexes = write_corpus(args.out, args.seed, args.images, args.audio, args.video, args.code, args.text, args.max_samples)
+    indexes = write_corpus(args.out, args.seed, args.images, args.audio, args.video, args.code, args.text,
+                           args.max_samples, image_size=args.image_size, video_size=args.video_size)
     for modality, index in indexes.items():
         print(f"{modality:<6} {index.samples:>5} samples in {len(index.shards)} shards: {Path(args.out) / modality}")
     return 0
