@@ -38,7 +38,8 @@ class SourceConfig:
     """One dataset feeding a task."""
 
     shards: str
-    """Shard pattern: local paths with braces (`data/img-{000000..000127}.tar`), `::`-separated lists, `pipe:`."""
+    """Shard pattern: local paths with braces (`data/img-{000000..000127}.tar`), `::`-separated lists, `pipe:`
+    commands, or an index file (`data/img.index.json`) standing for all the shards it lists."""
     index: str | None = None
     """The shard index; by default `<prefix>.index.json` beside the shards."""
     weight: float = 1.0

@@ -88,10 +88,17 @@ class Source:
 
 
 def open_source(shards: str, index: str | None = None, weight: float = 1.0) -> Source:
-    """Expand a shard pattern (braces, `::` lists) and match every shard to its index entry.
+    """Expand a shard pattern (braces, `::` lists) and match every shard to its index entry; an index
+    file (`*.index.json`) stands for all the shards it lists, beside it.
 
     Errors (before any training): no shards, no index, a shard the index does not list.
     """
+    if shards.endswith(".index.json"):
+        if not os.path.exists(shards):
+            raise FileNotFoundError(f"no shard index {shards}")
+        index = index or shards
+        folder = os.path.dirname(shards)
+        shards = "::".join(os.path.join(folder, name) for name in ShardIndex.load(shards).shards)
     urls = expand_urls(shards)
     local = [u for u in urls if not u.startswith(("pipe:", "http:", "https:", "s3:", "gs:"))]
     missing = [u for u in local if not os.path.exists(u)]

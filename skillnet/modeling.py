@@ -36,6 +36,7 @@ class SkillNetPreTrainingOutput(ModelOutput):
     prediction_logits: torch.Tensor | None = None
     seq_relationship_logits: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None
+    logit_scale: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
 
@@ -245,7 +246,7 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
         self.logit_scale = None
         if config.projection_dim:
             self.projections = nn.ModuleDict({m: nn.Linear(h, config.projection_dim, bias=False) for m in config.modalities})
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+            self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))  # 1-d: DeepSpeed broadcasts bytes
         self.post_init()
 
     def get_input_embeddings(self):
@@ -271,7 +272,10 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
         hidden, pooled = out.last_hidden_state, out.pooler_output
         prediction_logits = self.mlm_logits(hidden) if labels is not None else None
         pair_logits = self.pair_head(pooled)
-        embeddings = self.project(pooled, out.modality) if self.projections is not None else None
+        embeddings = scale = None
+        if self.projections is not None:
+            embeddings = self.project(pooled, out.modality)
+            scale = self.logit_scale.exp().clamp(max=100.0)  # CLIP's temperature, returned for the loss
         losses = []
         if labels is not None:
             losses.append(F.cross_entropy(prediction_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100))
@@ -280,7 +284,7 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
         if out.aux_loss is not None and losses:
             losses.append(out.aux_loss)
         loss = torch.stack(losses).sum() if losses else None
-        return SkillNetPreTrainingOutput(loss, prediction_logits, pair_logits, embeddings, hidden, out.aux_loss)
+        return SkillNetPreTrainingOutput(loss, prediction_logits, pair_logits, embeddings, scale, hidden, out.aux_loss)
 
 
 class SkillNetForConditionalGeneration(SkillNetPreTrainedModel):

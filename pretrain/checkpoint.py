@@ -1,0 +1,105 @@
+"""Checkpoints: DeepSpeed's engine state (ZeRO partitions, optimizer, scheduler) plus each rank's train
+state (step, tokens seen, data-loader position, RNG states) in one folder per step. A folder counts only
+once every rank has written it and rank 0 has added `complete.json`; `resume: auto` picks the newest
+complete one, so a half-written checkpoint is never used."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+COMPLETE = "complete.json"
+
+
+def _tag(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint folders under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if (p / COMPLETE).exists())
+
+
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    """The folder to resume from, or None; a named folder that is not complete is an error."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        done = complete_checkpoints(root)
+        return done[-1] if done else None
+    path = Path(resume)
+    if not (path / COMPLETE).exists():
+        found = complete_checkpoints(path)  # a run's checkpoints folder: its newest
+        if found:
+            return found[-1]
+        raise FileNotFoundError(f"resume: {resume} holds no complete checkpoint")
+    return path
+
+
+def check_compatible(folder: Path, model_config: dict, world_size: int) -> None:
+    """Refuse a checkpoint whose skills, shapes or rank count differ from this run's."""
+    meta = json.loads((folder / COMPLETE).read_text())
+    saved = meta["model"]
+    keys = ("skills", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+            "skill_layers", "skill_attention", "router", "modalities", "num_experts")
+    diff = [k for k in keys if saved.get(k) != model_config.get(k)]
+    if diff:
+        k = diff[0]
+        raise ValueError(f"checkpoint {folder} does not fit the config: {k} is {saved.get(k)!r} there, "
+                         f"{model_config.get(k)!r} here")
+    if meta["world_size"] != world_size:
+        raise ValueError(f"checkpoint {folder} was written by {meta['world_size']} ranks; exact resume needs "
+                         f"{meta['world_size']}, this run has {world_size}")
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(engine, root: Path, step: int, train_state: dict, model_config: dict, keep_last: int) -> Path:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    folder = root / _tag(step)
+    if (folder / COMPLETE).exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({**train_state, "rng": rng_state()}, folder / f"train_state_rank{rank}.pt")
+    engine.save_checkpoint(str(root), tag=folder.name, client_state={"step": step}, save_latest=False)
+    dist.barrier()
+    if rank == 0:
+        (folder / "model_config.json").write_text(json.dumps(model_config, indent=1))
+        tmp = folder / (COMPLETE + ".tmp")
+        tmp.write_text(json.dumps({"step": step, "world_size": world, "model": model_config}))
+        os.replace(tmp, folder / COMPLETE)  # atomic: the folder is complete or it is not
+        for old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for partial in root.iterdir():
+            if partial.is_dir() and not (partial / COMPLETE).exists() and partial.name < folder.name:
+                shutil.rmtree(partial, ignore_errors=True)  # left by a killed run
+    dist.barrier()
+    return folder
+
+
+def load(engine, folder: Path) -> dict:
+    """Restore the engine and return this rank's train state (its RNG states already restored)."""
+    engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    state = torch.load(folder / f"train_state_rank{dist.get_rank()}.pt", weights_only=False)
+    set_rng_state(state.pop("rng"))
+    return state

@@ -1,0 +1,110 @@
+"""Sparse pretraining objectives. Each runs the model with the skills of its task: masked-token
+prediction on text or code, sentence-pair prediction on text, and contrastive matching of an image,
+audio, video or code input with its caption (InfoNCE, negatives gathered from every rank)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torch.distributed._functional_collectives as funcol
+
+
+def mask_tokens(input_ids: torch.Tensor, special: torch.Tensor, mask_id: int, vocab_size: int, probability: float,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: `probability` of the non-special tokens are predicted; of those 80% become [MASK],
+    10% a random token, 10% stay. Returns (inputs, labels with -100 where nothing is predicted)."""
+    chosen = (torch.rand(input_ids.shape, generator=generator) < probability) & ~special
+    if not chosen.any():  # at least one prediction per batch
+        candidates = torch.nonzero(~special)
+        chosen[tuple(candidates[torch.randint(len(candidates), (1,), generator=generator)].T)] = True
+    labels = input_ids.masked_fill(~chosen, -100)
+    roll = torch.rand(input_ids.shape, generator=generator)
+    inputs = input_ids.masked_fill(chosen & (roll < 0.8), mask_id)
+    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator)
+    swap = chosen & (roll >= 0.8) & (roll < 0.9)
+    return torch.where(swap, random_ids, inputs), labels
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
+
+
+def sentence_pairs(texts: list[str], generator: torch.Generator) -> tuple[list[str], list[str], torch.Tensor]:
+    """Split each text in two at a sentence boundary near its middle; half of the second parts are
+    replaced by another text's. Labels follow BERT: 0 = the true continuation, 1 = random."""
+    firsts, seconds = [], []
+    for text in texts:
+        cuts = [m.end() for m in _SENTENCE_END.finditer(text)] or [len(text) // 2]
+        cut = min(cuts, key=lambda c: abs(c - len(text) / 2))
+        firsts.append(text[:cut].strip() or text)
+        seconds.append(text[cut:].strip() or text)
+    labels = (torch.rand(len(texts), generator=generator) < 0.5).long()
+    shift = int(torch.randint(1, max(2, len(texts)), (1,), generator=generator))
+    if len(texts) < 2:
+        labels.zero_()
+    swapped = [seconds[(i + shift) % len(texts)] if labels[i] else seconds[i] for i in range(len(texts))]
+    return firsts, swapped, labels
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE between L2-normalised embeddings; with a process group, every rank's pairs are
+    negatives for every other's (gathered with gradients)."""
+    offset = 0
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        offset = dist.get_rank() * a.shape[0]
+        group = dist.group.WORLD
+        all_a = funcol.all_gather_tensor_autograd(a.contiguous(), gather_dim=0, group=group)
+        all_b = funcol.all_gather_tensor_autograd(b.contiguous(), gather_dim=0, group=group)
+    else:
+        all_a, all_b = a, b
+    targets = torch.arange(a.shape[0], device=a.device) + offset
+    logits_a = logit_scale * a @ all_b.T
+    logits_b = logit_scale * b @ all_a.T
+    return (F.cross_entropy(logits_a.float(), targets) + F.cross_entropy(logits_b.float(), targets)) / 2
+
+
+class Objectives:
+    """Turns a loader batch into the loss of its task's objective."""
+
+    def __init__(self, config, tokenizer, vocab_size: int):
+        self.config, self.tokenizer, self.vocab_size = config, tokenizer, vocab_size
+        self.special_ids = torch.tensor(sorted(tokenizer.all_special_ids))
+
+    def _generator(self, step: int, rank: int) -> torch.Generator:
+        # masking depends on (seed, step, rank) alone, so a resumed run masks exactly as before
+        return torch.Generator().manual_seed(hash((self.config.train.seed, step, rank)) & 0x7FFFFFFF)
+
+    def loss(self, model, batch: dict, step: int, rank: int, device) -> tuple[torch.Tensor, dict]:
+        task, kind = batch["task"], self.config.objective(batch["task"])
+        generator = self._generator(step, rank)
+        stats = {}
+        if kind == "mlm":
+            ids = batch["input_ids"]
+            special = torch.isin(ids, self.special_ids)
+            inputs, labels = mask_tokens(ids, special, self.tokenizer.mask_token_id, self.vocab_size,
+                                         self.config.train.mlm_probability, generator)
+            out = model(input_ids=inputs.to(device), attention_mask=batch["attention_mask"].to(device),
+                        modality=batch["modality"], task=task, labels=labels.to(device))
+            stats["tokens"] = int(batch["attention_mask"].sum())
+        elif kind == "nsp":
+            first, second, labels = sentence_pairs(batch["texts"], generator)
+            enc = self.tokenizer(first, second, padding=True, truncation=True,
+                                 max_length=self.config.data.max_text_tokens, return_tensors="pt")
+            out = model(**{k: v.to(device) for k, v in enc.items()}, task=task, next_sentence_label=labels.to(device))
+            stats["tokens"] = int(enc["attention_mask"].sum())
+        else:
+            media = {k: batch[k].to(device) for k in ("pixel_values", "input_features", "feature_attention_mask",
+                                                      "pixel_values_videos") if k in batch}
+            if batch["modality"] == "code":
+                media = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
+                         "modality": "code"}
+            side = model(**media, task=task)
+            caption = model(input_ids=batch["caption_input_ids"].to(device),
+                            attention_mask=batch["caption_attention_mask"].to(device), task=self.config.train.caption_task)
+            loss = info_nce(side.embeddings, caption.embeddings, side.logit_scale)
+            aux = [o.aux_loss for o in (side, caption) if o.aux_loss is not None]
+            stats["tokens"] = int(batch["caption_attention_mask"].sum())
+            return loss + sum(aux) if aux else loss, stats
+        return out.loss, stats

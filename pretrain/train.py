@@ -1,0 +1,276 @@
+"""Sparse multimodal pretraining on DeepSpeed (ZeRO-3 by default).
+
+    python -m pretrain --config pretrain/configs/tiny.yaml [key=value ...]          # one process
+    torchrun --nproc_per_node 2 -m pretrain --config pretrain/configs/tiny.yaml     # local ranks
+    srun python -m pretrain --config ...                                            # under Slurm
+
+Rank and world size come from torchrun, the deepspeed launcher, srun or mpirun. SIGUSR1 (Slurm's
+`--signal`) makes every rank checkpoint at the next step and, under Slurm, requeue the job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .config import PretrainConfig, dump, load_pretrain_config
+from .distributed import Topology, detect
+
+
+class Stop:
+    """Set by SIGUSR1/SIGTERM; every rank agrees on it at step boundaries (one tiny all-reduce)."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, device) -> bool:
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _model_config(config: PretrainConfig):
+    from skillnet import SkillNetConfig, load_config
+
+    if isinstance(config.model, dict):
+        return SkillNetConfig(**config.model)
+    return load_config(config.model)
+
+
+def prepare(config: PretrainConfig, topology: Topology):
+    """Everything that can fail on bad input, before any process group or heavy work."""
+    from data_pipeline.loader import MultiTaskLoader
+    from data_pipeline.media import MediaConfig
+    from skillnet.tokenizer import load_tokenizer
+
+    model_config = _model_config(config)
+    registry = model_config.registry
+    for t in config.data.tasks:
+        registry.task_skills(t.name)
+    if config.train.caption_task not in model_config.tasks:
+        raise ValueError(f"train.caption_task {config.train.caption_task!r} is not in the model's task table")
+    if config.data.batch_mode != "task":
+        raise ValueError("pretraining needs data.batch_mode 'task': one objective per step on every rank")
+    tokenizer = load_tokenizer(config.tokenizer)
+    if len(tokenizer) > model_config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the model's vocab_size is {model_config.vocab_size}")
+    loader = MultiTaskLoader(config.data, tokenizer, MediaConfig.from_model(model_config),
+                             {t: registry.skill_names(t) for t in model_config.tasks}, topology.rank, topology.world_size)
+    if not Path(config.distributed.ds_config).exists():
+        raise FileNotFoundError(f"distributed.ds_config: no file {config.distributed.ds_config}")
+    p = config.distributed.skill_parallel_size
+    if p != 1:
+        if topology.world_size % p:
+            raise ValueError(f"distributed.skill_parallel_size={p} does not divide the world size {topology.world_size}")
+        raise NotImplementedError("skill parallelism (skill_parallel_size > 1) is not available yet")
+    resume = checkpoint.resolve_resume(config.checkpoint.resume, Path(config.run_dir) / "checkpoints")
+    if resume is not None:
+        checkpoint.check_compatible(resume, _comparable(model_config), topology.world_size)
+    return model_config, tokenizer, loader, resume
+
+
+def _comparable(model_config) -> dict:
+    return json.loads(model_config.to_json_string(use_diff=False))
+
+
+def _ds_config(config: PretrainConfig, world_size: int) -> dict:
+    ds = json.loads(Path(config.distributed.ds_config).read_text())
+    bf16 = config.train.bf16 == "true" or (config.train.bf16 == "auto" and torch.cuda.is_available()
+                                           and torch.cuda.is_bf16_supported())
+    ds.update(train_micro_batch_size_per_gpu=config.train.micro_batch_size,
+              gradient_accumulation_steps=config.train.gradient_accumulation,
+              gradient_clipping=config.train.grad_clip,
+              bf16={"enabled": bf16})
+    ds.pop("train_batch_size", None)
+    return ds
+
+
+def _optimizer(model, config: PretrainConfig):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps)
+    warmup, total = config.optim.warmup_steps, config.train.steps
+
+    def schedule(step: int) -> float:  # linear warmup, then linear decay to 0 (the papers' schedule)
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+class Metrics:
+    """TensorBoard scalars, a tqdm bar and `steps.jsonl` (each step's loss and tasks) on rank 0."""
+
+    def __init__(self, run_dir: Path, main: bool, total: int, start: int):
+        self.main = main
+        self.writer = self.bar = self.steps = None
+        if main:
+            from torch.utils.tensorboard import SummaryWriter
+            from tqdm import tqdm
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            self.bar = tqdm(total=total, initial=start, desc="pretraining", unit=" steps", dynamic_ncols=True)
+            self.steps = (run_dir / "steps.jsonl").open("a")
+
+    def log(self, step: int, scalars: dict) -> None:
+        if not self.main:
+            return
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.3f}")
+
+    def advance(self, step: int, loss: float, tasks: list[str]) -> None:
+        if self.main:
+            self.bar.update(1)
+            self.steps.write(json.dumps({"step": step, "loss": loss, "tasks": tasks}) + "\n")
+            self.steps.flush()
+
+    def close(self) -> None:
+        if self.main:
+            self.writer.close()
+            self.bar.close()
+            self.steps.close()
+
+
+def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
+    import deepspeed
+    import torch.distributed as dist
+
+    from skillnet import SkillNetForPreTraining
+
+    from . import distributed
+    from .objectives import Objectives
+    from .parallelize import parallelize
+
+    model_config, tokenizer, loader, resume = prepared
+    distributed.init(topology)
+    run_dir = Path(config.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    if topology.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump(config, run_dir / "config.yaml")
+        model_config.save_pretrained(run_dir)
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+    device = torch.device("cuda", topology.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    torch.manual_seed(config.train.seed)  # every rank builds the same initial weights
+    model = parallelize(SkillNetForPreTraining(model_config), config.train.activation_checkpointing)
+    optimizer, scheduler = _optimizer(model, config)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=_ds_config(config, topology.world_size))
+    state = {"step": 0, "tokens_seen": 0, "samples_seen": 0, "loader": None}
+    if resume is not None:
+        state = checkpoint.load(engine, resume)
+        loader.load_state_dict(state["loader"])
+    objectives = Objectives(config, tokenizer, model_config.vocab_size)
+    stop = Stop()
+    metrics = Metrics(run_dir, topology.is_main, config.train.steps, state["step"])
+    accumulation = config.train.gradient_accumulation
+    task_losses, task_counts, skill_counts = Counter(), Counter(), Counter()
+    micro, wait, compute, last_log, step_loss, step_tasks = 0, 0.0, 0.0, time.perf_counter(), 0.0, []
+    tokens_at_log, samples_at_log, saved = state["tokens_seen"], state["samples_seen"], None
+
+    def save() -> Path:
+        state["loader"] = loader.state_dict()
+        return checkpoint.save(engine, ckpt_root, state["step"], state, _comparable(model_config), config.checkpoint.keep_last)
+
+    batches = iter(loader)
+    while state["step"] < config.train.steps:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        t1 = time.perf_counter()
+        engine.train()
+        loss, stats = objectives.loss(engine, batch, state["step"] * accumulation + micro, topology.rank, device)
+        engine.backward(loss)
+        engine.step()
+        t2 = time.perf_counter()
+        wait, compute = wait + t1 - t0, compute + t2 - t1
+        micro += 1
+        step_loss += loss.item()
+        step_tasks.append(batch["task"])
+        task_losses[batch["task"]] += loss.item()
+        task_counts[batch["task"]] += 1
+        for skill in batch["skills"]:
+            skill_counts[skill] += 1
+        state["tokens_seen"] += stats["tokens"] * topology.world_size
+        state["samples_seen"] += len(batch["keys"]) * topology.world_size
+        if micro < accumulation:
+            continue
+        micro = 0
+        state["step"] += 1
+        step = state["step"]
+        metrics.advance(step, step_loss / accumulation, step_tasks)
+        step_loss, step_tasks = 0.0, []
+        if step % config.train.log_every == 0 or step == config.train.steps:
+            elapsed = time.perf_counter() - last_log
+            scalars = {f"loss/{t}": task_losses[t] / task_counts[t] for t in task_counts}
+            scalars["loss"] = sum(task_losses.values()) / max(1, sum(task_counts.values()))
+            scalars.update({"lr": scheduler.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                            "throughput/tokens_per_s": (state["tokens_seen"] - tokens_at_log) / elapsed,
+                            "throughput/samples_per_s": (state["samples_seen"] - samples_at_log) / elapsed,
+                            "time/data_wait_s": wait, "time/compute_s": compute})
+            scalars.update({f"skills/activations/{s}": n for s, n in skill_counts.items()})
+            scalars.update({f"data/skipped/{r}": n for r, n in loader.skipped.items()})
+            scalars["memory/rss_gb"] = _rss_gb()
+            if torch.cuda.is_available():
+                scalars["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            metrics.log(step, scalars)
+            task_losses.clear(), task_counts.clear()
+            wait, compute, last_log = 0.0, 0.0, time.perf_counter()
+            tokens_at_log, samples_at_log = state["tokens_seen"], state["samples_seen"]
+        signalled = stop.agreed(device)
+        if step % config.checkpoint.every == 0 or step == config.train.steps or signalled:
+            saved = save()
+        if signalled:
+            if topology.is_main and "SLURM_JOB_ID" in os.environ:
+                subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+            break
+    metrics.close()
+    dist.barrier()
+    return {"step": state["step"], "checkpoint": saved, "run_dir": run_dir, "stopped": stop.requested}
+
+
+def _rss_gb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="a pretraining YAML (pretrain/configs/*.yaml) or its name")
+    parser.add_argument("overrides", nargs="*", help="key=value settings, dotted (optim.lr=1e-4)")
+    args = parser.parse_args(argv)
+    topology = detect()
+    try:
+        config = load_pretrain_config(args.config, args.overrides)
+        prepared = prepare(config, topology)
+    except (ValueError, FileNotFoundError, TypeError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = train(config, topology, prepared)
+    if topology.is_main:
+        print(f"trained to step {result['step']}" + (" (stopped by signal, checkpointed)" if result["stopped"] else ""))
+        print(f"checkpoint:  {result['checkpoint']}")
+        print(f"tensorboard: {result['run_dir'] / 'tensorboard'}")
+    return 0

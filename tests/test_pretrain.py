@@ -1,0 +1,123 @@
+"""Pretraining through the real entry point: DeepSpeed ZeRO-3 on 2 CPU ranks (gloo) under torchrun,
+checkpoints, a kill and an exact resume, and clear errors for bad configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.train import main
+from pretrain.prepare_sample import main as prepare_sample
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sample")
+    assert prepare_sample(["--out", str(out), "--vocab-size", "512"]) == 0
+    return out
+
+
+def _overrides(sample: Path, run_dir: Path, *extra: str) -> list[str]:
+    tasks = ", ".join(
+        f"{{name: {name}, modality: {modality}, sources: [{{shards: {sample}/{folder}/{folder}.index.json}}]}}"
+        for name, modality, folder in [("masked_lm", "text", "text"), ("next_sentence", "text", "text"),
+                                       ("masked_code", "code", "code"), ("code", "code", "code"),
+                                       ("image", "image", "image"), ("audio", "audio", "audio"), ("video", "video", "video")])
+    return [f"tokenizer={sample}/tokenizer", f"run_dir={run_dir}", f"data.tasks=[{tasks}]", "train.log_every=2", *extra]
+
+
+def _torchrun(args: list[str], port: int, **kwargs) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "pretrain", "--config", "tiny", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kwargs)
+
+
+def _finish(proc: subprocess.Popen, timeout: int = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """The loss of every step; a step run again after a resume replaces the killed run's entry."""
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "steps.jsonl").read_text().splitlines())}
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The consolidated fp32 weights of a ZeRO-3 checkpoint (DeepSpeed's own zero_to_fp32)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+
+
+def test_two_ranks_zero3_killed_and_resumed_matches_uninterrupted(sample, tmp_path):
+    steps = ["train.steps=24", "checkpoint.every=4", "checkpoint.keep_last=2"]
+    straight = tmp_path / "straight"
+    out = _finish(_torchrun(_overrides(sample, straight, *steps), 29611))
+    assert "trained to step 24" in out and str(straight / "tensorboard") in out
+
+    killed = tmp_path / "killed"
+    proc = _torchrun(_overrides(sample, killed, *steps), 29612)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step00000008" / "complete.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in (killed / "checkpoints").iterdir() if (p / "complete.json").exists())
+    assert done and done[-1] < "step00000024", "the kill came after the run had finished"
+    out = _finish(_torchrun(_overrides(sample, killed, *steps), 29613))
+    assert "trained to step 24" in out
+
+    assert _losses(killed) == _losses(straight)  # every step's loss, bit for bit
+    final = "checkpoints/step00000024"
+    expected, got = _weights(straight / final), _weights(killed / final)
+    assert expected.keys() == got.keys() and len(expected) > 50
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    kept = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["step00000020", "step00000024"]  # keep_last=2, nothing half-written left
+    losses = _losses(straight)
+    assert set(json.loads(l)["tasks"][0] for l in (straight / "steps.jsonl").read_text().splitlines()) > {"image", "masked_lm"}
+    assert list(losses) == list(range(1, 25))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["train.stepz=3"], "unknown config key train.stepz"),
+        (["distributed.skill_parallel_size=3"], "skill_parallel_size=3 does not divide the world size 1"),
+        (["checkpoint.resume=/nowhere"], "resume: /nowhere holds no complete checkpoint"),
+        (["data.tasks=[{name: image, modality: image, sources: [{shards: \"/nowhere/x-{000000..000003}.tar\"}]}]"], "no shards match"),
+        (["data.tasks=[{name: image"], "override data.tasks: its value is not YAML"),
+        (["data.tasks=[{name: smell, modality: text, sources: [{shards: x.tar}]}]"], "task 'smell' has no objective"),
+        (["data.tasks=[{name: smell, modality: text, sources: [{shards: x.tar}]}]", "objectives.smell=mlm"], "unknown task 'smell'"),
+        (["data.batch_size=4"], "data.batch_size follows train.micro_batch_size"),
+    ],
+)
+def test_bad_config_fails_in_one_line_before_any_work(sample, tmp_path, capsys, extra, message):
+    args = [a for a in _overrides(sample, tmp_path / "run") if not (a.startswith("data.tasks") and extra[0].startswith("data.tasks"))]
+    assert main(["--config", "tiny", *args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_of_another_model_is_refused(sample, tmp_path, capsys):
+    run = tmp_path / "run"
+    folder = run / "checkpoints" / "step00000004"
+    folder.mkdir(parents=True)
+    model = json.loads(json.dumps({"skills": [{"name": "text", "description": ""}], "hidden_size": 32}))
+    (folder / "complete.json").write_text(json.dumps({"step": 4, "world_size": 1, "model": model}))
+    assert main(["--config", "tiny", *_overrides(sample, run)]) == 2
+    assert "does not fit the config: skills is" in capsys.readouterr().err
