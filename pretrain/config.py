@@ -8,6 +8,7 @@ An unknown key anywhere is an error naming it; the resolved config is written to
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,8 +77,10 @@ class DistributedConfig:
 class PretrainConfig:
     model: str | dict = "tiny"
     """A shipped model config name, a YAML file, or the SkillNetConfig fields inline."""
-    tokenizer: str = "data/sample/tokenizer"
-    """Folder holding tokenizer.json."""
+    data_root: str = ""
+    """Folder that relative shard, index and tokenizer paths are read from (e.g. the sample corpus)."""
+    tokenizer: str = "tokenizer"
+    """Folder holding tokenizer.json (relative to data_root)."""
     run_dir: str = "runs/tiny"
     objectives: dict[str, str] = field(default_factory=dict)
     """Task -> objective (mlm, nsp, contrastive); tasks not listed take DEFAULT_OBJECTIVES."""
@@ -159,6 +162,16 @@ def load_pretrain_config(path: str | Path, overrides: list[str] = ()) -> Pretrai
     config.data.tasks = [_task(t, i) for i, t in enumerate(tasks)]
     config.data.batch_size = config.train.micro_batch_size
     config.data.seed = config.train.seed
+    if config.data_root:
+        root = Path(config.data_root)
+        config.tokenizer = str(root / config.tokenizer)
+        for task in config.data.tasks:
+            for source in task.sources:
+                if not source.shards.startswith(("/", "pipe:", "http:", "https:", "s3:", "gs:")):
+                    source.shards = str(root / source.shards)
+                if source.index and not os.path.isabs(source.index):
+                    source.index = str(root / source.index)
+        config.data_root = ""  # resolved: the dumped config reloads to the same paths
     config.validate()
     return config
 

@@ -5,7 +5,8 @@
     srun python -m pretrain --config ...                                            # under Slurm
 
 Rank and world size come from torchrun, the deepspeed launcher, srun or mpirun. SIGUSR1 (Slurm's
-`--signal`) makes every rank checkpoint at the next step and, under Slurm, requeue the job.
+`--signal`) makes every rank checkpoint at the next step and, under Slurm, requeue the job; the
+process then exits with status 3 (stopped early), 0 when training finished, 2 on bad input.
 """
 
 from __future__ import annotations
@@ -102,12 +103,18 @@ def _ds_config(config: PretrainConfig, world_size: int) -> dict:
     return ds
 
 
-def _optimizer(model, config: PretrainConfig):
+def _optimizer(model, config: PretrainConfig, offload: bool):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": config.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps)
+    kwargs = dict(lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps)
+    if offload:  # the optimizer steps on the CPU: DeepSpeed's vectorised Adam (AdamW with adamw_mode)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    else:
+        optimizer = torch.optim.AdamW(groups, **kwargs)
     warmup, total = config.optim.warmup_steps, config.train.steps
 
     def schedule(step: int) -> float:  # linear warmup, then linear decay to 0 (the papers' schedule)
@@ -175,9 +182,11 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
 
     torch.manual_seed(config.train.seed)  # every rank builds the same initial weights
     model = parallelize(SkillNetForPreTraining(model_config), config.train.activation_checkpointing)
-    optimizer, scheduler = _optimizer(model, config)
+    ds_config = _ds_config(config, topology.world_size)
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
+    optimizer, scheduler = _optimizer(model, config, offload)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=_ds_config(config, topology.world_size))
+                                                   config=ds_config)
     state = {"step": 0, "tokens_seen": 0, "samples_seen": 0, "loader": None}
     if resume is not None:
         state = checkpoint.load(engine, resume)
@@ -273,4 +282,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trained to step {result['step']}" + (" (stopped by signal, checkpointed)" if result["stopped"] else ""))
         print(f"checkpoint:  {result['checkpoint']}")
         print(f"tensorboard: {result['run_dir'] / 'tensorboard'}")
-    return 0
+    return 3 if result["stopped"] and result["step"] < config.train.steps else 0

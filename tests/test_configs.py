@@ -1,6 +1,7 @@
 """Every shipped config loads and builds; `describe` prints counts that follow from the config."""
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +73,27 @@ def test_describe_refuses_bad_input(capsys):
     assert "router must be one of" in capsys.readouterr().err
     assert main(["--config", "no-such-config"]) == 2
     assert "shipped config" in capsys.readouterr().err
+
+
+PRETRAIN_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "pretrain" / "configs").glob("*.yaml"))
+DS_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=lambda p: p.stem)
+def test_shipped_pretrain_config_loads(path):
+    from pretrain.config import load_pretrain_config
+
+    config = load_pretrain_config(path)
+    model = load_config(config.model)
+    assert {t.name for t in config.data.tasks} <= set(model.tasks)
+    assert Path(config.distributed.ds_config).name in {p.name for p in DS_CONFIGS}
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.stem)
+def test_shipped_deepspeed_config_parses(path):
+    import json
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    config = DeepSpeedConfig(json.loads(path.read_text()))
+    assert config.zero_optimization_stage in (2, 3)

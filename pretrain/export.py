@@ -1,0 +1,152 @@
+"""Export a ZeRO-3 pretraining checkpoint as a Hugging Face folder that `from_pretrained` loads.
+
+    python -m pretrain.export runs/tiny/checkpoints/step00000040 runs/tiny/export [--dtype fp32|bf16]
+    python -m pretrain.export runs/tiny runs/tiny/export          # the run's newest checkpoint
+
+Streams tensor by tensor: the safetensors header is written first (every shape is known from the
+checkpoint), then each parameter is gathered from the ranks' fp32 partitions, cast and appended. The
+partition files are memory-mapped a bounded batch of parameters at a time, so peak memory stays near
+the size of the largest batch rather than of the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import torch
+
+from .checkpoint import COMPLETE, complete_checkpoints
+
+DTYPES = {"fp32": (torch.float32, "F32"), "bf16": (torch.bfloat16, "BF16")}
+BATCH_BYTES = 256 * 2**20  # fp32 bytes of partitions mapped at once
+
+
+def _layout(folder: Path) -> tuple[list[tuple[str, torch.Size, int, int]], dict[str, torch.Tensor], int]:
+    """(name, shape, offset in each rank's partition space, elements per rank) for every parameter, the
+    buffers, and the rank count."""
+    meta = json.loads((folder / COMPLETE).read_text())
+    world = meta["world_size"]
+    states = torch.load(folder / "zero_pp_rank_0_mp_rank_00_model_states.pt", map_location="cpu", weights_only=False,
+                        mmap=True)
+    if states.get("frozen_param_shapes"):
+        raise ValueError(f"{folder} holds frozen parameters; pretraining checkpoints have none")
+    layout, offset = [], 0
+    for group in states["param_shapes"]:
+        for name, shape in group.items():
+            per_rank = math.ceil(shape.numel() / world)
+            layout.append((name, shape, offset, per_rank))
+            offset += per_rank
+    buffers = {name: states["module"][name] for name in states.get("buffer_names", [])}
+    return layout, buffers, world
+
+
+def _open_partitions(folder: Path, world: int) -> list[torch.Tensor]:
+    """Each rank's fp32 partitions, concatenated lazily: a list of memory-mapped flat groups per rank."""
+    flats = []
+    for rank in range(world):
+        state = torch.load(folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", map_location="cpu",
+                           weights_only=False, mmap=True)
+        flats.append(state["optimizer_state_dict"]["fp32_flat_groups"])
+    return flats
+
+
+def _slice(groups: list[torch.Tensor], start: int, length: int) -> torch.Tensor:
+    """Elements [start, start + length) of the concatenation of `groups`, copying only those."""
+    parts, base = [], 0
+    for g in groups:
+        end = base + g.numel()
+        if start < end and start + length > base:
+            lo, hi = max(start, base) - base, min(start + length, end) - base
+            parts.append(g[lo:hi])
+        base = end
+    return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+
+
+def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
+    """`checkpoint`: a complete checkpoint folder, or a run folder (its newest complete checkpoint)."""
+    folder, out = Path(checkpoint), Path(out)
+    if not (folder / COMPLETE).exists():
+        found = complete_checkpoints(folder / "checkpoints")
+        if not found:
+            raise FileNotFoundError(f"{folder} is neither a complete checkpoint nor a run folder holding one")
+        folder = found[-1]
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {list(DTYPES)}")
+    torch_dtype, st_dtype = DTYPES[dtype]
+    layout, buffers, world = _layout(folder)
+    out.mkdir(parents=True, exist_ok=True)
+
+    header, position = {}, 0
+    for name, shape, _, _ in layout:
+        size = shape.numel() * torch_dtype.itemsize
+        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [position, position + size]}
+        position += size
+    for name, tensor in buffers.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": {torch.float32: "F32", torch.int64: "I64", torch.bool: "BOOL"}[tensor.dtype],
+                        "shape": list(tensor.shape), "data_offsets": [position, position + size]}
+        position += size
+    header["__metadata__"] = {"format": "pt"}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data to 8 bytes
+
+    from tqdm import tqdm
+
+    with (out / "model.safetensors").open("wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        bar = tqdm(total=len(layout), desc="exporting", unit=" tensors")
+        i = 0
+        while i < len(layout):
+            batch, budget = [], 0
+            while i < len(layout) and (not batch or budget + layout[i][1].numel() * 4 <= BATCH_BYTES):
+                batch.append(layout[i])
+                budget += layout[i][1].numel() * 4
+                i += 1
+            flats = _open_partitions(folder, world)
+            for name, shape, offset, per_rank in batch:
+                full = torch.cat([_slice(flats[r], offset, per_rank) for r in range(world)])[: shape.numel()]
+                tensor = full.view(shape).to(torch_dtype).contiguous()
+                f.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+                bar.update(1)
+            del flats
+            gc.collect()
+        for tensor in buffers.values():
+            f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        bar.close()
+
+    config = json.loads((folder / "model_config.json").read_text())
+    config["architectures"] = ["SkillNetForPreTraining"]
+    config["torch_dtype"] = "bfloat16" if dtype == "bf16" else "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer = folder.parent.parent / "tokenizer"
+    if tokenizer.is_dir():
+        for file in tokenizer.iterdir():
+            shutil.copy2(file, out / file.name)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="a complete checkpoint folder, or a run folder (its newest checkpoint)")
+    parser.add_argument("out", help="the Hugging Face folder to write")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out, args.dtype)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
