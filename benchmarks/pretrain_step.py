@@ -1,6 +1,6 @@
 """Pretraining step cost: the DeepSpeed engine against a plain PyTorch loop, and 1 against 2 ranks.
 
-    python benchmarks/pretrain_step.py [--hidden 256 --layers 4 --batch 16 --tokens 128 --steps 20]
+    python benchmarks/pretrain_step.py [--hidden 256 --layers 4 --batch 16 --tokens 256 --steps 20]
 
 Prints, in one run:
   - step time (forward, backward, optimizer step) at world size 1: the ZeRO-3 engine as the trainer builds
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--tokens", type=int, default=256, help="tokens per sequence (16 x 256 = 4096 per rank)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
