@@ -55,8 +55,8 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> tor
     if dist.is_initialized() and dist.get_world_size() > 1:
         offset = dist.get_rank() * a.shape[0]
         group = dist.group.WORLD
-        all_a = funcol.all_gather_tensor_autograd(a.contiguous(), gather_dim=0, group=group)
-        all_b = funcol.all_gather_tensor_autograd(b.contiguous(), gather_dim=0, group=group)
+        all_a = funcol.all_gather_single_autograd(a.contiguous(), gather_dim=0, group=group)
+        all_b = funcol.all_gather_single_autograd(b.contiguous(), gather_dim=0, group=group)
     else:
         all_a, all_b = a, b
     targets = torch.arange(a.shape[0], device=a.device) + offset

@@ -41,7 +41,8 @@ else
 fi
 
 if [ -n "${SLURM_JOB_ID:-}" ]; then
-  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  MASTER_ADDR=$(scontrol show node "$first" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')  # the address Slurm reaches it at
   export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
   srun --kill-on-bad-exit=1 "$PYTHON" -m pretrain --config "$CONFIG" "${OVERRIDES[@]}"
 else
