@@ -52,6 +52,9 @@ class TrainConfig:
     bf16: str = "auto"
     """"auto": bf16 where the accelerator supports it (not on CPU), "true" or "false"."""
     log_every: int = 10
+    profile_comm: bool = False
+    """Time every collective (DeepSpeed's comms logger) to split step time into compute and
+    communication; it synchronises around each collective, so leave it off for speed on GPUs."""
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -100,7 +101,30 @@ def _ds_config(config: PretrainConfig, world_size: int) -> dict:
               gradient_clipping=config.train.grad_clip,
               bf16={"enabled": bf16})
     ds.pop("train_batch_size", None)
+    if config.train.profile_comm:
+        ds["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True, "debug": False}
     return ds
+
+
+class CommClock:
+    """Seconds spent in collectives between calls, from DeepSpeed's comms logger. Its timer per
+    collective is cumulative (each record holds the running total), so the newest record of each
+    collective is kept and the records are cleared, bounding their memory."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+        self.last = 0.0
+
+    def seconds(self) -> float:
+        from deepspeed import comm
+
+        records = comm.comms_logger.comms_dict
+        for name, sizes in records.items():
+            self.totals[name] = max([self.totals.get(name, 0.0)] + [max(entry[1]) for entry in sizes.values()])
+        records.clear()
+        total = sum(self.totals.values()) / 1000.0
+        delta, self.last = total - self.last, total
+        return delta
 
 
 def _optimizer(model, config: PretrainConfig, offload: bool):
@@ -197,6 +221,8 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
     accumulation = config.train.gradient_accumulation
     task_losses, task_counts, skill_counts = Counter(), Counter(), Counter()
     micro, wait, compute, last_log, step_loss, step_tasks = 0, 0.0, 0.0, time.perf_counter(), 0.0, []
+    skill_norms: dict[str, float] = {}
+    comm_clock = CommClock()
     tokens_at_log, samples_at_log, saved = state["tokens_seen"], state["samples_seen"], None
 
     def save() -> Path:
@@ -211,6 +237,8 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
         engine.train()
         loss, stats = objectives.loss(engine, batch, state["step"] * accumulation + micro, topology.rank, device)
         engine.backward(loss)
+        if micro + 1 == accumulation and (state["step"] + 1) % config.train.log_every == 0:
+            skill_norms = skill_grad_norms(engine.module)  # after the last backward, before the step
         engine.step()
         t2 = time.perf_counter()
         wait, compute = wait + t1 - t0, compute + t2 - t1
@@ -238,7 +266,11 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
                             "throughput/tokens_per_s": (state["tokens_seen"] - tokens_at_log) / elapsed,
                             "throughput/samples_per_s": (state["samples_seen"] - samples_at_log) / elapsed,
                             "time/data_wait_s": wait, "time/compute_s": compute})
+            if config.train.profile_comm:
+                scalars["time/communication_s"] = comm_clock.seconds()
+                scalars["time/compute_s"] = compute - scalars["time/communication_s"]
             scalars.update({f"skills/activations/{s}": n for s, n in skill_counts.items()})
+            scalars.update({f"skills/grad_norm/{s}": n for s, n in skill_norms.items()})
             scalars.update({f"data/skipped/{r}": n for r, n in loader.skipped.items()})
             scalars["memory/rss_gb"] = _rss_gb()
             if torch.cuda.is_available():
@@ -257,6 +289,20 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
     metrics.close()
     dist.barrier()
     return {"step": state["step"], "checkpoint": saved, "run_dir": run_dir, "stopped": stop.requested}
+
+
+def skill_grad_norms(model) -> dict[str, float]:
+    """L2 norm of each skill's gradient over all its layers. Under ZeRO-3 every rank gathers each skill
+    parameter's gradient, so it runs on the logging steps only."""
+    from deepspeed.utils import safe_get_full_grad
+
+    squares: Counter = Counter()
+    for name, param in model.named_parameters():
+        if ".skills." in name:
+            grad = safe_get_full_grad(param)
+            if grad is not None:
+                squares[name.split(".skills.")[1].split(".")[0]] += float(grad.float().pow(2).sum())
+    return {skill: math.sqrt(total) for skill, total in squares.items()}
 
 
 def _rss_gb() -> float:
