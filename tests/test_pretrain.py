@@ -2,6 +2,7 @@
 checkpoints, a kill and an exact resume, and clear errors for bad configs."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -130,3 +131,17 @@ def test_checkpoint_of_another_model_is_refused(sample, tmp_path, capsys):
     (folder / "complete.json").write_text(json.dumps({"step": 4, "world_size": 1, "model": model}))
     assert main(["--config", "tiny", *_overrides(sample, run)]) == 2
     assert "does not fit the config: skills is" in capsys.readouterr().err
+
+
+def test_one_process_zero2_with_accumulation_and_activation_checkpointing(sample, tmp_path):
+    """No launcher: a single rank; the ZeRO-2 config, 2 micro-batches per step, recomputed layers."""
+    run = tmp_path / "run"
+    args = _overrides(sample, run, "train.steps=4", "checkpoint.every=2", "train.gradient_accumulation=2",
+                      "train.activation_checkpointing=true", "distributed.ds_config=ds_configs/zero2.json")
+    out = subprocess.run([sys.executable, "-m", "pretrain", "--config", "tiny", *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "MASTER_PORT": "29614"})
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    records = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and all(len(r["tasks"]) == 2 for r in records)
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert (run / "checkpoints" / "step00000004" / "complete.json").exists()
