@@ -30,7 +30,7 @@ from .distributed import Topology, detect
 
 
 class Stop:
-    """Set by SIGUSR1/SIGTERM; every rank agrees on it at step boundaries (one tiny all-reduce)."""
+    """Set by SIGUSR1/SIGTERM; the ranks agree on it at step boundaries (see `step_totals`)."""
 
     def __init__(self):
         self.requested = False
@@ -40,12 +40,15 @@ class Stop:
     def _handle(self, signum, frame):
         self.requested = True
 
-    def agreed(self, device) -> bool:
-        import torch.distributed as dist
 
-        flag = torch.tensor([float(self.requested)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+def step_totals(tokens: int, samples: int, stop: Stop, device) -> tuple[int, int, bool]:
+    """Tokens and samples of the step summed over ranks, and whether any rank was signalled: one
+    small all-reduce per step."""
+    import torch.distributed as dist
+
+    totals = torch.tensor([tokens, samples, int(stop.requested)], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return int(totals[0]), int(totals[1]), bool(totals[2])
 
 
 def _model_config(config: PretrainConfig):
@@ -221,6 +224,8 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
     accumulation = config.train.gradient_accumulation
     task_losses, task_counts, skill_counts = Counter(), Counter(), Counter()
     micro, wait, compute, last_log, step_loss, step_tasks = 0, 0.0, 0.0, time.perf_counter(), 0.0, []
+    step_tokens = step_samples = 0
+    signalled = False
     skill_norms: dict[str, float] = {}
     comm_clock = CommClock()
     tokens_at_log, samples_at_log, saved = state["tokens_seen"], state["samples_seen"], None
@@ -249,11 +254,14 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
         task_counts[batch["task"]] += 1
         for skill in batch["skills"]:
             skill_counts[skill] += 1
-        state["tokens_seen"] += stats["tokens"] * topology.world_size
-        state["samples_seen"] += len(batch["keys"]) * topology.world_size
+        step_tokens += stats["tokens"]
+        step_samples += len(batch["keys"])
         if micro < accumulation:
             continue
-        micro = 0
+        tokens, samples, signalled = step_totals(step_tokens, step_samples, stop, device)
+        state["tokens_seen"] += tokens
+        state["samples_seen"] += samples
+        micro, step_tokens, step_samples = 0, 0, 0
         state["step"] += 1
         step = state["step"]
         metrics.advance(step, step_loss / accumulation, step_tasks)
@@ -279,7 +287,6 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
             task_losses.clear(), task_counts.clear()
             wait, compute, last_log = 0.0, 0.0, time.perf_counter()
             tokens_at_log, samples_at_log = state["tokens_seen"], state["samples_seen"]
-        signalled = stop.agreed(device)
         if step % config.checkpoint.every == 0 or step == config.train.steps or signalled:
             saved = save()
         if signalled:
@@ -288,7 +295,7 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
             break
     metrics.close()
     dist.barrier()
-    return {"step": state["step"], "checkpoint": saved, "run_dir": run_dir, "stopped": stop.requested}
+    return {"step": state["step"], "checkpoint": saved, "run_dir": run_dir, "stopped": signalled}
 
 
 def skill_grad_norms(model) -> dict[str, float]:
