@@ -19,12 +19,10 @@ import sys
 import time
 
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from skillnet.layers import FFN, SkillFFN  # noqa: E402
 from skillnet.skills import Route  # noqa: E402
-
 
 _MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 36), "MALLOC_TOP_PAD_": str(1 << 30)}
 

@@ -15,7 +15,6 @@ proportional to (task size)^alpha, so every rank trains the same task at the sam
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import random
@@ -30,7 +29,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .media import BadSample, MediaConfig, decode_sample
 from .shards import MODALITIES, SkipCounter, Source, check_modality, open_source, read_raw_samples
 
-log = logging.getLogger(__name__)
 
 
 @dataclass

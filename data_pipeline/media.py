@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .shards import MEDIA_FIELDS
 
+
 class BadSample(Exception):
     """A sample that cannot be used; `reason` is its counter's name."""
 

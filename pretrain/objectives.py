@@ -8,8 +8,8 @@ import re
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
 
 
 def mask_tokens(input_ids: torch.Tensor, special: torch.Tensor, mask_id: int, vocab_size: int, probability: float,

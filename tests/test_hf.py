@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from conftest import nlu_config
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, BertConfig, BertForPreTraining, BertModel
 
-from skillnet import SkillNetConfig, SkillNetForPreTraining, SkillNetModel
+from skillnet import SkillNetForPreTraining, SkillNetModel
 from skillnet.bert import from_bert
-
-from conftest import nlu_config
 
 
 def test_save_and_load_round_trip(tmp_path, tiny_config):

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from conftest import nlu_config
 
 from skillnet import SkillNetForPreTraining, SkillNetModel
-
-from conftest import nlu_config
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.train import main
 from pretrain.prepare_sample import main as prepare_sample
+from pretrain.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

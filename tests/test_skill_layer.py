@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from conftest import nlu_config
 from torch.utils.flop_counter import FlopCounterMode
 
 from skillnet import SkillNetModel
 from skillnet.layers import SkillFFN, SkillLinear
 from skillnet.skills import Route
-
-from conftest import nlu_config
 
 
 def _names(n):

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from slurm_cluster import LocalSlurm, ensure_installed
 
 ROOT = Path(__file__).resolve().parents[1]
