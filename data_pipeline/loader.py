@@ -30,7 +30,6 @@ from .media import BadSample, MediaConfig, decode_sample
 from .shards import MODALITIES, SkipCounter, Source, check_modality, open_source, read_raw_samples
 
 
-
 @dataclass
 class SourceConfig:
     """One dataset feeding a task."""
