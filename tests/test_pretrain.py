@@ -145,3 +145,14 @@ def test_one_process_zero2_with_accumulation_and_activation_checkpointing(sample
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all(len(r["tasks"]) == 2 for r in records)
     assert all(math.isfinite(r["loss"]) for r in records)
     assert (run / "checkpoints" / "step00000004" / "complete.json").exists()
+
+
+def test_zero3_with_cpu_offload(sample, tmp_path):
+    """The offload config: optimizer and parameters on the CPU, stepped by DeepSpeed's CPU Adam."""
+    run = tmp_path / "run"
+    args = _overrides(sample, run, "train.steps=3", "checkpoint.every=3", "distributed.ds_config=ds_configs/zero3_offload.json")
+    out = subprocess.run([sys.executable, "-m", "pretrain", "--config", "tiny", *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=900, env={**os.environ, "MASTER_PORT": "29615"})
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert (run / "checkpoints" / "step00000003" / "complete.json").exists()
+    assert len((run / "steps.jsonl").read_text().splitlines()) == 3
