@@ -209,13 +209,15 @@ class SkillNetConfig(PretrainedConfig):
 
 
 def load_config(path: str | Path, **overrides) -> SkillNetConfig:
-    """A config from a YAML file (or one shipped by name, e.g. 'tiny'); a `model:` section is used if present."""
+    """A config from a YAML file (or one shipped by name, e.g. 'tiny'). In a file with a `model:` entry
+    (a pretraining config) that entry is used: the model's fields, or the name or path of a model config."""
     path = resolve_config_path(path)
     data = yaml.safe_load(Path(path).read_text()) or {}
     if "model" in data:
         data = data["model"]
-    data.update(overrides)
-    return SkillNetConfig(**data)
+        if isinstance(data, str):
+            return load_config(data, **overrides)
+    return SkillNetConfig(**{**data, **overrides})
 
 
 CONFIG_DIR = Path(__file__).parent / "configs"

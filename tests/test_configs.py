@@ -97,3 +97,13 @@ def test_shipped_deepspeed_config_parses(path):
 
     config = DeepSpeedConfig(json.loads(path.read_text()))
     assert config.zero_optimization_stage in (2, 3)
+
+
+@pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=lambda p: p.stem)
+def test_describe_reads_a_pretraining_config(path, capsys):
+    assert main(["--config", str(path)]) == 0
+    total, per_skill, _ = _counts(capsys.readouterr().out)
+    from pretrain.config import load_pretrain_config
+
+    model = build_meta_model(load_config(load_pretrain_config(path).model))
+    assert total == sum(p.numel() for p in model.parameters()) and "generic" in per_skill
