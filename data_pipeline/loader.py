@@ -330,7 +330,10 @@ class MultiTaskLoader:
         workers = self.cfg.num_workers
         dataset = _SlotBatches(self, self.consumed % max(1, workers), dict(self.slot_states))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # its own generator: creating the iterator must not draw from the global RNG, or a resumed run's
+        # dropout would differ from the uninterrupted run's
         batches = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                             generator=torch.Generator().manual_seed(self.cfg.seed),
                              prefetch_factor=self.cfg.prefetch_batches if workers else None,
                              persistent_workers=False)
         for batch in batches:

@@ -198,6 +198,7 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
 
     model_config, tokenizer, loader, resume = prepared
     distributed.init(topology)
+    agree_on_resume(resume)
     run_dir = Path(config.run_dir)
     ckpt_root = run_dir / "checkpoints"
     if topology.is_main:
@@ -296,6 +297,17 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
     metrics.close()
     dist.barrier()
     return {"step": state["step"], "checkpoint": saved, "run_dir": run_dir, "stopped": signalled}
+
+
+def agree_on_resume(resume: Path | None) -> None:
+    """Every rank must resume from the same checkpoint (each found it on its own before the process group
+    existed); refuse rather than hang if another writer changed the folder meanwhile."""
+    import torch.distributed as dist
+
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, str(resume))
+    if len(set(everyone)) > 1:
+        raise RuntimeError(f"ranks found different checkpoints to resume from: {sorted(set(everyone))}")
 
 
 def skill_grad_norms(model) -> dict[str, float]:
