@@ -100,6 +100,22 @@ def save(engine, root: Path, step: int, train_state: dict, model_config: dict, k
 def load(engine, folder: Path) -> dict:
     """Restore the engine and return this rank's train state (its RNG states already restored)."""
     engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    _resume_cpu_adam(engine)
     state = torch.load(folder / f"train_state_rank{dist.get_rank()}.pt", weights_only=False)
     set_rng_state(state.pop("rng"))
     return state
+
+
+def _resume_cpu_adam(engine) -> None:
+    """DeepSpeedCPUAdam's kernel (the offloaded optimizer) keeps beta1**t and beta2**t as running float
+    products, but a fresh process computes them with pow at its first step, which rounds differently.
+    Walk the new kernel through the restored step count (on empty tensors: nothing is updated) so that its
+    bias corrections match the uninterrupted run's bit for bit."""
+    optimizer = getattr(engine.optimizer, "optimizer", None)
+    if not hasattr(optimizer, "ds_opt_adam"):
+        return
+    steps = max((int(s["step"]) for s in optimizer.state.values() if "step" in s), default=0)
+    group, empty = optimizer.param_groups[0], torch.zeros(0)
+    for step in range(1, steps + 1):
+        optimizer.ds_opt_adam.adam_update(optimizer.opt_id, step, group["lr"], *group["betas"], group["eps"],
+                                          group["weight_decay"], group["bias_correction"], empty, empty, empty, empty)

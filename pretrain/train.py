@@ -246,6 +246,8 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
         if micro + 1 == accumulation and (state["step"] + 1) % config.train.log_every == 0:
             skill_norms = skill_grad_norms(engine.module)  # after the last backward, before the step
         engine.step()
+        if micro + 1 == accumulation:
+            clear_gradient_partitions(engine)
         t2 = time.perf_counter()
         wait, compute = wait + t1 - t0, compute + t2 - t1
         micro += 1
@@ -308,6 +310,20 @@ def agree_on_resume(resume: Path | None) -> None:
     dist.all_gather_object(everyone, str(resume))
     if len(set(everyone)) > 1:
         raise RuntimeError(f"ranks found different checkpoints to resume from: {sorted(set(everyone))}")
+
+
+def clear_gradient_partitions(engine) -> None:
+    """Zero ZeRO-3's reduced gradient partitions after an optimizer step. A backward writes the slot of
+    each parameter it reached and leaves the others alone, so a parameter the step's task does not use
+    (another task's skills, heads, frontend) would bring its last gradient into every later step's norm,
+    clipping and Adam update, and a resumed run, whose slots start at zero, would train differently."""
+    optimizer = engine.optimizer
+    buffer = getattr(optimizer, "grad_partitions_flat_buffer", None)
+    if buffer is not None:
+        buffer.zero_()
+    for flat in getattr(optimizer, "fp32_partitioned_groups_flat", ()):  # an offloaded optimizer's fp32 gradients
+        if flat.grad is not None:
+            flat.grad.zero_()
 
 
 def skill_grad_norms(model) -> dict[str, float]:
