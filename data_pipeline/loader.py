@@ -267,15 +267,27 @@ class MultiTaskLoader:
         self.probabilities = sampling_probabilities(self.sizes, cfg.alpha)
         self.consumed = 0
         self.slot_states: dict[int, dict] = {}
+        self.task_groups, self.group = None, 0
         self.collate = Collator(tokenizer, cfg.max_text_tokens)
 
     # -- what every rank agrees on ---------------------------------------------------------------------
 
-    def task_for_batch(self, index: int) -> str:
-        """The task of a rank's batch `index`: the same on every rank (shared seed, no communication)."""
-        if len(self.cfg.tasks) == 1:
-            return self.cfg.tasks[0].name
-        return _rng(self.cfg.seed, "task", index).choices([t.name for t in self.cfg.tasks], self.probabilities)[0]
+    def split_tasks(self, task_groups: list[list[str]], group: int) -> None:
+        """Train this rank on the tasks of `task_groups[group]` only (skill parallelism's data-local
+        placement): batch i of a rank at position g is drawn from group g's tasks, by the alpha rule
+        among them, with the same seed everywhere, so every rank knows every position's task."""
+        self.task_groups, self.group = task_groups, group
+
+    def task_for_batch(self, index: int, group: int | None = None) -> str:
+        """The task of batch `index` of the ranks at position `group` (this rank's by default); without
+        task groups, the same on every rank (shared seed, no communication)."""
+        names, weights = [t.name for t in self.cfg.tasks], self.probabilities
+        if self.task_groups is not None:
+            chosen = self.task_groups[self.group if group is None else group]
+            names, weights = chosen, [weights[names.index(t)] for t in chosen]
+        if len(names) == 1:
+            return names[0]
+        return _rng(self.cfg.seed, "task", index).choices(names, weights)[0]
 
     # -- inside a worker -------------------------------------------------------------------------------
 
@@ -304,6 +316,8 @@ class MultiTaskLoader:
             samples = [self._next_sample(streams[t], t, modality[t], slot, draws, skipped) for t in tasks]
             batch = self.collate(samples, modality[tasks[0]])
             made += 1
+            if self.task_groups is not None:
+                batch["group_tasks"] = [self.task_for_batch(index, g) for g in range(len(self.task_groups))]
             batch.update(task=tasks[0] if cfg.batch_mode == "task" else tasks, modality=modality[tasks[0]],
                          skills=self.task_skills[tasks[0]] if cfg.batch_mode == "task" else [self.task_skills[t] for t in tasks])
             batch["_state"] = {"slot": logical, "batches": made, "draws": dict(draws), "skipped": dict(skipped),

@@ -48,13 +48,13 @@ def sentence_pairs(texts: list[str], generator: torch.Generator) -> tuple[list[s
     return firsts, swapped, labels
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, group=None) -> torch.Tensor:
     """Symmetric InfoNCE between L2-normalised embeddings; with a process group, every rank's pairs are
-    negatives for every other's (gathered with gradients)."""
+    negatives for every other's in `group` (all ranks by default), gathered with gradients."""
     offset = 0
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        offset = dist.get_rank() * a.shape[0]
-        group = dist.group.WORLD
+    group = group or (dist.group.WORLD if dist.is_initialized() else None)
+    if group is not None and dist.get_world_size(group) > 1:
+        offset = dist.get_rank(group) * a.shape[0]
         all_a = funcol.all_gather_single_autograd(a.contiguous(), gather_dim=0, group=group)
         all_b = funcol.all_gather_single_autograd(b.contiguous(), gather_dim=0, group=group)
     else:
@@ -68,9 +68,12 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> tor
 class Objectives:
     """Turns a loader batch into the loss of its task's objective."""
 
-    def __init__(self, config, tokenizer, vocab_size: int):
-        self.config, self.tokenizer, self.vocab_size = config, tokenizer, vocab_size
+    def __init__(self, config, tokenizer, model_config, negatives_group=None):
+        self.config, self.tokenizer, self.model_config = config, tokenizer, model_config
+        self.vocab_size = model_config.vocab_size
         self.special_ids = torch.tensor(sorted(tokenizer.all_special_ids))
+        self.modality = {t.name: t.modality for t in config.data.tasks}
+        self.negatives_group = negatives_group
 
     def _generator(self, step: int, rank: int) -> torch.Generator:
         # masking depends on (seed, step, rank) alone, so a resumed run masks exactly as before
@@ -103,8 +106,33 @@ class Objectives:
             side = model(**media, task=task)
             caption = model(input_ids=batch["caption_input_ids"].to(device),
                             attention_mask=batch["caption_attention_mask"].to(device), task=self.config.train.caption_task)
-            loss = info_nce(side.embeddings, caption.embeddings, side.logit_scale)
+            loss = info_nce(side.embeddings, caption.embeddings, side.logit_scale, self.negatives_group)
             aux = [o.aux_loss for o in (side, caption) if o.aux_loss is not None]
             stats["tokens"] = int(batch["caption_attention_mask"].sum())
             return loss + sum(aux) if aux else loss, stats
         return out.loss, stats
+
+    def idle_loss(self, model, task: str, device) -> torch.Tensor:
+        """A zero loss from running `task`'s objective on an empty batch. Under skill parallelism's
+        data-local placement the ranks at other positions train on other tasks in the same step; running
+        their modules on nothing keeps every rank's ZeRO-3 gathers, skill exchanges and gradient
+        reductions in step with theirs."""
+        kind, modality, cfg = self.config.objective(task), self.modality[task], self.model_config
+        tokens = {"input_ids": torch.zeros(0, 2, dtype=torch.long, device=device),
+                  "attention_mask": torch.ones(0, 2, dtype=torch.long, device=device)}
+        if kind == "mlm":
+            out = model(**tokens, modality=modality, task=task, labels=torch.full((0, 2), -100, device=device))
+            return 0.0 * (out.prediction_logits.sum() + out.seq_relationship_logits.sum())
+        if kind == "nsp":
+            out = model(**tokens, token_type_ids=torch.zeros(0, 2, dtype=torch.long, device=device), task=task)
+            return 0.0 * out.seq_relationship_logits.sum()
+        size, channels = cfg.image_size, cfg.num_channels
+        media = {"image": {"pixel_values": torch.zeros(0, channels, size, size, dtype=torch.uint8)},
+                 "audio": {"input_features": torch.zeros(0, cfg.num_mel_bins, 16),
+                           "feature_attention_mask": torch.ones(0, 16, dtype=torch.long)},
+                 "video": {"pixel_values_videos": torch.zeros(0, cfg.num_frames, channels, size, size, dtype=torch.uint8)},
+                 "code": {**tokens, "modality": "code"}}[modality]
+        side = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in media.items()}, task=task)
+        caption = model(**tokens, task=self.config.train.caption_task)
+        return 0.0 * (side.embeddings.sum() + caption.embeddings.sum() + side.logit_scale.sum() + side.seq_relationship_logits.sum()
+                      + caption.seq_relationship_logits.sum())

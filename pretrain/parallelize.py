@@ -10,6 +10,8 @@ from torch.utils.checkpoint import checkpoint
 
 from skillnet.layers import SkillFFN, SkillLinear, SkillNetLayer
 
+from .skill_parallel import SkillParallel
+
 
 def parallelize(model: nn.Module, activation_checkpointing: bool) -> nn.Module:
     import deepspeed
@@ -19,7 +21,7 @@ def parallelize(model: nn.Module, activation_checkpointing: bool) -> nn.Module:
     # its external parameters. (Leaf modules would also do, but their backward hook fires once per call,
     # and a contrastive step calls every layer twice before one backward.)
     for module in model.modules():
-        if isinstance(module, (SkillFFN, SkillLinear)):
+        if isinstance(module, (SkillFFN, SkillLinear, SkillParallel)):
             for param in module.parameters():
                 deepspeed.zero.register_external_parameter(module, param)
     if activation_checkpointing:

@@ -41,14 +41,14 @@ class Stop:
         self.requested = True
 
 
-def step_totals(tokens: int, samples: int, stop: Stop, device) -> tuple[int, int, bool]:
-    """Tokens and samples of the step summed over ranks, and whether any rank was signalled: one
-    small all-reduce per step."""
+def step_totals(tokens: int, samples: int, sent: int, stop: Stop, device) -> tuple[int, int, int, bool]:
+    """Tokens, samples and skill-exchange bytes of the step summed over ranks, and whether any rank was
+    signalled: one small all-reduce per step."""
     import torch.distributed as dist
 
-    totals = torch.tensor([tokens, samples, int(stop.requested)], dtype=torch.float64, device=device)
+    totals = torch.tensor([tokens, samples, sent, int(stop.requested)], dtype=torch.float64, device=device)
     dist.all_reduce(totals)
-    return int(totals[0]), int(totals[1]), bool(totals[2])
+    return int(totals[0]), int(totals[1]), int(totals[2]), bool(totals[3])
 
 
 def _model_config(config: PretrainConfig):
@@ -80,15 +80,37 @@ def prepare(config: PretrainConfig, topology: Topology):
                              {t: registry.skill_names(t) for t in model_config.tasks}, topology.rank, topology.world_size)
     if not Path(config.distributed.ds_config).exists():
         raise FileNotFoundError(f"distributed.ds_config: no file {config.distributed.ds_config}")
-    p = config.distributed.skill_parallel_size
-    if p != 1:
-        if topology.world_size % p:
-            raise ValueError(f"distributed.skill_parallel_size={p} does not divide the world size {topology.world_size}")
-        raise NotImplementedError("skill parallelism (skill_parallel_size > 1) is not available yet")
+    placement = _placement(config, model_config, loader, topology)
     resume = checkpoint.resolve_resume(config.checkpoint.resume, Path(config.run_dir) / "checkpoints")
     if resume is not None:
         checkpoint.check_compatible(resume, _comparable(model_config), topology.world_size)
-    return model_config, tokenizer, loader, resume
+    return model_config, tokenizer, loader, resume, placement
+
+
+def _placement(config: PretrainConfig, model_config, loader, topology: Topology):
+    """The skill placement when skills are split over ranks (None otherwise); a data-local placement
+    also tells the loader which tasks this rank trains on."""
+    from . import skill_parallel
+
+    p = config.distributed.skill_parallel_size
+    if p == 1:
+        return None
+    if p < 1 or topology.world_size % p:
+        raise ValueError(f"distributed.skill_parallel_size={p} does not divide the world size {topology.world_size}")
+    if model_config.router != "skill":
+        raise ValueError(f"skill parallelism splits skills; the model's router is {model_config.router!r}")
+    names = model_config.registry.names
+    if config.distributed.skill_placement == "balanced":
+        return skill_parallel.balanced(names, p)
+    registry = model_config.registry
+    caption = registry.skill_names(config.train.caption_task)
+    # a contrastive task also runs its captions with the caption task's skills
+    tasks = {t.name: sorted(set(registry.skill_names(t.name)) | (set(caption) if config.objective(t.name) == "contrastive"
+                                                                 else set())) for t in config.data.tasks}
+    weights = dict(zip(tasks, loader.probabilities))
+    placement = skill_parallel.data_local(names, tasks, weights, p)
+    loader.split_tasks(placement.task_slots, topology.rank % p)
+    return placement
 
 
 def _comparable(model_config) -> dict:
@@ -99,8 +121,13 @@ def _ds_config(config: PretrainConfig, world_size: int) -> dict:
     ds = json.loads(Path(config.distributed.ds_config).read_text())
     bf16 = config.train.bf16 == "true" or (config.train.bf16 == "auto" and torch.cuda.is_available()
                                            and torch.cuda.is_bf16_supported())
+    # Under skill parallelism the ranks' backward graphs differ (each computes its own skills), so autograd
+    # may reach ZeRO's gradient reductions and the skill exchanges in a different order on each rank; the
+    # loop then holds every gradient of an optimizer step (all its micro-batches, accumulated by autograd)
+    # and reduces them once at its end, in parameter order, which DeepSpeed counts as one micro-step.
+    accumulation = 1 if config.distributed.skill_parallel_size > 1 else config.train.gradient_accumulation
     ds.update(train_micro_batch_size_per_gpu=config.train.micro_batch_size,
-              gradient_accumulation_steps=config.train.gradient_accumulation,
+              gradient_accumulation_steps=accumulation,
               gradient_clipping=config.train.grad_clip,
               bf16={"enabled": bf16})
     ds.pop("train_batch_size", None)
@@ -131,10 +158,15 @@ class CommClock:
 
 
 def _optimizer(model, config: PretrainConfig, offload: bool):
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": config.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"name": "decay", "params": decay, "weight_decay": config.optim.weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    # skills split over ranks go in groups of their own: ZeRO partitions them over other ranks
+    groups = [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
     kwargs = dict(lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps)
     if offload:  # the optimizer steps on the CPU: DeepSpeed's vectorised Adam (AdamW with adamw_mode)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -153,7 +185,8 @@ def _optimizer(model, config: PretrainConfig, offload: bool):
 
 
 class Metrics:
-    """TensorBoard scalars, a tqdm bar and `steps.jsonl` (each step's loss and tasks) on rank 0."""
+    """TensorBoard scalars, a tqdm bar and `steps.jsonl` (each step's loss, tasks, gradient norm and
+    skill-exchange bytes) on rank 0."""
 
     def __init__(self, run_dir: Path, main: bool, total: int, start: int):
         self.main = main
@@ -173,10 +206,10 @@ class Metrics:
             self.writer.add_scalar(name, value, step)
         self.bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.3f}")
 
-    def advance(self, step: int, loss: float, tasks: list[str]) -> None:
+    def advance(self, step: int, record: dict) -> None:
         if self.main:
             self.bar.update(1)
-            self.steps.write(json.dumps({"step": step, "loss": loss, "tasks": tasks}) + "\n")
+            self.steps.write(json.dumps({"step": step, **record}) + "\n")
             self.steps.flush()
 
     def close(self) -> None:
@@ -196,7 +229,7 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
     from .objectives import Objectives
     from .parallelize import parallelize
 
-    model_config, tokenizer, loader, resume = prepared
+    model_config, tokenizer, loader, resume, placement = prepared
     distributed.init(topology)
     agree_on_resume(resume)
     run_dir = Path(config.run_dir)
@@ -209,7 +242,13 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
     device = torch.device("cuda", topology.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
     torch.manual_seed(config.train.seed)  # every rank builds the same initial weights
-    model = parallelize(SkillNetForPreTraining(model_config), config.train.activation_checkpointing)
+    model = SkillNetForPreTraining(model_config)
+    skill_layers, data_group = [], None
+    if placement is not None:
+        skill_layers, data_group = split_skills(model, placement)
+        if topology.is_main:
+            (run_dir / "skill_placement.json").write_text(json.dumps(placement.to_dict(), indent=1))
+    model = parallelize(model, config.train.activation_checkpointing)
     ds_config = _ds_config(config, topology.world_size)
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
     optimizer, scheduler = _optimizer(model, config, offload)
@@ -219,7 +258,9 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
     if resume is not None:
         state = checkpoint.load(engine, resume)
         loader.load_state_dict(state["loader"])
-    objectives = Objectives(config, tokenizer, model_config.vocab_size)
+    data_local = placement is not None and placement.task_slots is not None
+    # data-local: the ranks at one position share a task, so contrastive negatives come from them
+    objectives = Objectives(config, tokenizer, model_config, data_group if data_local else None)
     stop = Stop()
     metrics = Metrics(run_dir, topology.is_main, config.train.steps, state["step"])
     accumulation = config.train.gradient_accumulation
@@ -230,6 +271,7 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
     skill_norms: dict[str, float] = {}
     comm_clock = CommClock()
     tokens_at_log, samples_at_log, saved = state["tokens_seen"], state["samples_seen"], None
+    exchanged, logged_step = 0, state["step"]  # skill-exchange bytes (all ranks) since the last log
 
     def save() -> Path:
         state["loader"] = loader.state_dict()
@@ -241,11 +283,27 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
         batch = next(batches)
         t1 = time.perf_counter()
         engine.train()
-        loss, stats = objectives.loss(engine, batch, state["step"] * accumulation + micro, topology.rank, device)
-        engine.backward(loss)
+        index = state["step"] * accumulation + micro
+        if placement is not None and micro == 0:
+            reduction = engine.coalesce_grad_reduction()  # see _ds_config: one reduction per optimizer step
+            reduction.__enter__()
+        if data_local:  # every position's task runs on every rank, in position order; on nothing elsewhere
+            idle = 0.0
+            for g, task in enumerate(batch["group_tasks"]):
+                if g == loader.group:
+                    loss, stats = objectives.loss(engine, batch, index, topology.rank, device)
+                else:
+                    idle = idle + objectives.idle_loss(engine, task, device)
+            engine.backward((loss + idle) / accumulation)
+        else:
+            loss, stats = objectives.loss(engine, batch, index, topology.rank, device)
+            engine.backward(loss / accumulation if placement is not None else loss)
+        if placement is not None and micro + 1 == accumulation:
+            reduction.__exit__(None, None, None)
         if micro + 1 == accumulation and (state["step"] + 1) % config.train.log_every == 0:
             skill_norms = skill_grad_norms(engine.module)  # after the last backward, before the step
-        engine.step()
+        if placement is None or micro + 1 == accumulation:
+            engine.step()
         if micro + 1 == accumulation:
             clear_gradient_partitions(engine)
         t2 = time.perf_counter()
@@ -261,13 +319,18 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
         step_samples += len(batch["keys"])
         if micro < accumulation:
             continue
-        tokens, samples, signalled = step_totals(step_tokens, step_samples, stop, device)
+        sent = sum(layer.bytes_sent for layer in skill_layers)
+        for layer in skill_layers:
+            layer.bytes_sent = 0
+        tokens, samples, sent, signalled = step_totals(step_tokens, step_samples, sent, stop, device)
+        exchanged += sent
         state["tokens_seen"] += tokens
         state["samples_seen"] += samples
         micro, step_tokens, step_samples = 0, 0, 0
         state["step"] += 1
         step = state["step"]
-        metrics.advance(step, step_loss / accumulation, step_tasks)
+        metrics.advance(step, {"loss": step_loss / accumulation, "tasks": step_tasks,
+                               "grad_norm": float(engine.get_global_grad_norm() or 0.0), "skill_bytes": sent})
         step_loss, step_tasks = 0.0, []
         if step % config.train.log_every == 0 or step == config.train.steps:
             elapsed = time.perf_counter() - last_log
@@ -281,6 +344,9 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
                 scalars["time/communication_s"] = comm_clock.seconds()
                 scalars["time/compute_s"] = compute - scalars["time/communication_s"]
             scalars.update({f"skills/activations/{s}": n for s, n in skill_counts.items()})
+            if placement is not None:
+                scalars["skills/bytes_exchanged_per_step"] = exchanged / (step - logged_step)
+            exchanged, logged_step = 0, step
             scalars.update({f"skills/grad_norm/{s}": n for s, n in skill_norms.items()})
             scalars.update({f"data/skipped/{r}": n for r, n in loader.skipped.items()})
             scalars["memory/rss_gb"] = _rss_gb()
@@ -299,6 +365,21 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
     metrics.close()
     dist.barrier()
     return {"step": state["step"], "checkpoint": saved, "run_dir": run_dir, "stopped": signalled}
+
+
+def split_skills(model, placement) -> tuple[list, object]:
+    """Keep this rank's skills in every skill layer; returns the layers and the group of ranks at this rank's
+    position. The skill-parallel groups are DeepSpeed's expert-parallel groups (P consecutive ranks), so
+    ZeRO-3 partitions each skill over the ranks at the same position (the expert-data-parallel group)."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    from .skill_parallel import shard_skills
+
+    name = f"ep_size_{placement.size}"
+    groups._create_expert_and_data_parallel(placement.size)
+    group, data_group = groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name)
+    return shard_skills(model, placement, dist.get_rank(group), group, data_group, name), data_group
 
 
 def agree_on_resume(resume: Path | None) -> None:
@@ -331,13 +412,17 @@ def skill_grad_norms(model) -> dict[str, float]:
     parameter's gradient, so it runs on the logging steps only."""
     from deepspeed.utils import safe_get_full_grad
 
+    import torch.distributed as dist
+
     squares: Counter = Counter()
     for name, param in model.named_parameters():
         if ".skills." in name:
             grad = safe_get_full_grad(param)
             if grad is not None:
                 squares[name.split(".skills.")[1].split(".")[0]] += float(grad.float().pow(2).sum())
-    return {skill: math.sqrt(total) for skill, total in squares.items()}
+    everyone = [None] * dist.get_world_size()  # under skill parallelism each rank holds some of the skills
+    dist.all_gather_object(everyone, dict(squares))
+    return {skill: math.sqrt(total) for held in everyone for skill, total in held.items()}
 
 
 def _rss_gb() -> float:

@@ -42,6 +42,17 @@ def _by_group(x: torch.Tensor, route: Route, fn) -> torch.Tensor:
     return out
 
 
+def skill_sum(chosen: list[FFN], x: torch.Tensor, act) -> torch.Tensor:
+    """sum_k(W2_k act(W1_k x + b1_k) + b2_k) as one wide FFN: [W2_1 .. W2_k] act([W1_1; ..; W1_k] x + [b1]) + sum(b2)."""
+    w1 = torch.cat([e.fc1.weight for e in chosen])  # (k*F, H)
+    b1 = torch.cat([e.fc1.bias for e in chosen])
+    w2 = torch.cat([e.fc2.weight for e in chosen], dim=1)  # (H, k*F)
+    b2 = torch.stack([e.fc2.bias for e in chosen]).sum(0)
+    flat = x.reshape(-1, x.shape[-1])
+    h = act(torch.addmm(b1, flat, w1.t()))
+    return torch.addmm(b2, h, w2.t()).view(*x.shape[:-1], w2.shape[0])
+
+
 class SkillFFN(nn.Module):
     """Parallel skill FFNs; the activated ones run as one wide FFN and their outputs are averaged.
 
@@ -63,14 +74,8 @@ class SkillFFN(nn.Module):
         chosen = [experts[i] for i in skill_indices]
         if len(chosen) == 1:
             return chosen[0](x)
-        w1 = torch.cat([e.fc1.weight for e in chosen])  # (k*F, H)
-        b1 = torch.cat([e.fc1.bias for e in chosen])
-        w2 = torch.cat([e.fc2.weight for e in chosen], dim=1)  # (H, k*F)
-        b2 = torch.stack([e.fc2.bias for e in chosen]).sum(0)
-        flat = x.reshape(-1, x.shape[-1])
-        h = self.act(torch.addmm(b1, flat, w1.t()))
         # (sum of biases + sum of skill outputs) / k; dividing the narrow output keeps the wide grads unscaled
-        return torch.addmm(b2, h, w2.t()).div_(len(chosen)).view(x.shape)
+        return skill_sum(chosen, x, self.act).div_(len(chosen))
 
     def add_skill(self, name: str, init_from: str) -> None:
         self.skills[name] = copy.deepcopy(self.skills[init_from])

@@ -1,0 +1,217 @@
+"""Skill parallelism: the skills of every skill layer split over a group of P ranks.
+
+Each rank of a skill-parallel group holds only its skills (ZeRO-3 partitions them over the ranks that
+hold the same skills: DeepSpeed's expert-data-parallel group). In every skill layer a token travels by
+all-to-all to the ranks holding the skills its task activates, each of those ranks adds the outputs of
+its skills, and the partial sums travel back to be averaged. Every rank takes part in every exchange,
+sending nothing when it has nothing to send, so the collectives always line up.
+
+Two placements:
+- balanced: skills dealt round-robin, every rank trains on every task;
+- data_local: the tasks are split over the P positions of the group and each skill sits where the
+  tasks using it train, so most tokens never leave their rank (as in domain-parallel training). Skills
+  every task activates (the generic skill) are held by every rank as ordinary data-parallel parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.nn.functional import all_to_all_single
+
+import torch.nn.functional as F
+
+from skillnet.layers import SkillFFN, SkillLinear, skill_sum
+
+
+@dataclass
+class Placement:
+    mode: str
+    slots: list[list[str]]
+    """The skills held by each position of a skill-parallel group."""
+    shared: list[str]
+    """Skills every rank holds (data_local only)."""
+    task_slots: list[list[str]] | None = None
+    """data_local: the tasks the ranks at each position train on."""
+
+    @property
+    def size(self) -> int:
+        return len(self.slots)
+
+    def owner(self, skill: str) -> int | None:
+        """The position holding `skill`; None for a shared skill."""
+        for slot, skills in enumerate(self.slots):
+            if skill in skills:
+                return slot
+        return None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def balanced(skills: list[str], size: int) -> Placement:
+    """Skills dealt round-robin in table order."""
+    if size > len(skills):
+        raise ValueError(f"distributed.skill_parallel_size={size} exceeds the model's {len(skills)} skills")
+    return Placement("balanced", [skills[i::size] for i in range(size)], [])
+
+
+def data_local(skills: list[str], task_skills: dict[str, list[str]], weights: dict[str, float], size: int) -> Placement:
+    """Tasks packed onto the P positions by sampling weight (heaviest first onto the lightest position,
+    ties going where the task's skills already are); each skill then sits at the position whose tasks
+    draw on it most, and a skill every task activates is shared."""
+    tasks = sorted(weights, key=lambda t: (-weights[t], t))
+    if len(tasks) < size:
+        raise ValueError(f"skill_placement data_local needs at least skill_parallel_size={size} pretraining tasks "
+                         f"to spread over the ranks; the data config has {len(tasks)}")
+    shared = [s for s in skills if len(tasks) > 1 and all(s in task_skills[t] for t in tasks)]
+    load, task_slots = [0.0] * size, [[] for _ in range(size)]
+    for i, task in enumerate(tasks):
+        empty = [s for s in range(size) if not task_slots[s]]
+        candidates = empty if len(tasks) - i <= len(empty) else range(size)
+        affinity = [sum(weights[t] for t in task_slots[s] for k in task_skills[task] if k in task_skills[t] and k not in shared)
+                    for s in range(size)]
+        slot = min(candidates, key=lambda s: (round(load[s], 9), -affinity[s], s))
+        task_slots[slot].append(task)
+        load[slot] += weights[task]
+    slots = [[] for _ in range(size)]
+    for skill in skills:
+        if skill in shared:
+            continue
+        use = [sum(weights[t] for t in task_slots[s] if skill in task_skills[t]) for s in range(size)]
+        slot = max(range(size), key=lambda s: (use[s], -len(slots[s]), -s)) if any(use) else \
+            min(range(size), key=lambda s: (len(slots[s]), s))
+        slots[slot].append(skill)
+    return Placement("data_local", slots, shared, task_slots)
+
+
+def _partial_sum(chosen: list[nn.Module], x: torch.Tensor, act) -> torch.Tensor:
+    """The sum of the outputs of `chosen` skills: FFNs as one wide FFN, linear maps as one linear map."""
+    # the skills' weights are read, their modules never called: ZeRO-3 then sees the same module calls on
+    # every rank of the group, whichever skills each holds
+    if isinstance(chosen[0], nn.Linear):
+        return F.linear(x, torch.stack([m.weight for m in chosen]).sum(0), torch.stack([m.bias for m in chosen]).sum(0))
+    return skill_sum(chosen, x, act)
+
+
+class SkillParallel(nn.Module):
+    """A skill FFN or skill projection (`SkillFFN`, `SkillLinear`) of which this rank holds the skills of
+    its position (and the shared ones); tokens are exchanged with the other positions of the
+    skill-parallel group by all-to-all, and the outputs of a token's skills averaged as before."""
+
+    def __init__(self, layer: SkillFFN | SkillLinear, placement: Placement, slot: int, group):
+        super().__init__()
+        self.names = list(layer.skills)  # every skill, in table order: the route's indices
+        held = set(placement.slots[slot]) | set(placement.shared)
+        self.skills = nn.ModuleDict({n: m for n, m in layer.skills.items() if n in held})
+        # a plain function, not the activation module: module calls here would differ between ranks
+        self.act = layer.act.forward if isinstance(layer, SkillFFN) else None
+        first = next(iter(layer.skills.values()))
+        self.out_features = first.out_features if isinstance(first, nn.Linear) else first.fc2.out_features
+        self.placement, self.slot, self.group = placement, slot, group
+        self.bytes_sent = 0  # sent to other ranks: tokens and their skill codes out, partial sums back, gradients
+
+    def _count_backward(self, n: int) -> None:
+        self.bytes_sent += n
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """The parameters only this position holds (the shared skills' are ordinary ones)."""
+        return [p for name in self.placement.slots[self.slot] for p in self.skills[name].parameters()]
+
+    def forward(self, x: torch.Tensor, route) -> torch.Tensor:
+        hidden, size = x.shape[-1], self.placement.size
+        sends: list[list[torch.Tensor]] = [[] for _ in range(size)]
+        codes: list[list[torch.Tensor]] = [[] for _ in range(size)]
+        pieces = []  # per route group: its inputs' shape, its skill count, local partial sum, [(slot, rows)]
+        for samples, indices in route.groups:
+            inputs = x if samples is None else x.index_select(0, samples)
+            tokens = inputs.reshape(-1, hidden)
+            names = [self.names[i] for i in indices]
+            shared = [self.skills[n] for n in names if n in self.placement.shared]
+            partial = _partial_sum(shared, tokens, self.act) if shared else None
+            remote = []
+            for slot in range(size):
+                held = self.placement.slots[slot]
+                mask = sum(1 << held.index(n) for n in names if n in held)
+                if mask:
+                    sends[slot].append(tokens)
+                    codes[slot].append(torch.full((tokens.shape[0],), mask, dtype=torch.int64))
+                    remote.append((slot, tokens.shape[0]))
+            pieces.append((inputs.shape, len(names), partial, remote))
+
+        flat = x.reshape(-1, hidden)
+        send_counts = [sum(t.shape[0] for t in sends[s]) for s in range(size)]
+        send = torch.cat([flat[:0]] + [t for s in range(size) for t in sends[s]])  # [:0] keeps the graph
+        send_codes = torch.cat([torch.zeros(0, dtype=torch.int64)] + [c for s in range(size) for c in codes[s]])
+        recv_counts = torch.zeros(size, dtype=torch.int64)
+        dist.all_to_all_single(recv_counts, torch.tensor(send_counts, dtype=torch.int64), group=self.group)
+        recv_counts = recv_counts.tolist()
+        recv = all_to_all_single(send.new_empty(sum(recv_counts), hidden), send, recv_counts, send_counts, self.group)
+        recv_codes = torch.empty(sum(recv_counts), dtype=torch.int64)
+        dist.all_to_all_single(recv_codes, send_codes, recv_counts, send_counts, group=self.group)
+
+        result = self._run_local(recv, recv_codes)
+        back = all_to_all_single(result.new_empty(send.shape[0], self.out_features), result, send_counts, recv_counts, self.group)
+        # bytes this rank sends to the others: tokens and codes out, partial sums back; the backward
+        # sends as many gradient rows the other way
+        out_rows = sum(send_counts) - send_counts[self.slot]
+        back_rows = sum(recv_counts) - recv_counts[self.slot]
+        sent = out_rows * hidden + back_rows * self.out_features
+        self.bytes_sent += sent * x.element_size() + out_rows * send_codes.element_size()
+        if back.requires_grad:
+            back.register_hook(lambda grad: self._count_backward(sent * grad.element_size()))
+
+        # the partial sums come back in the order they were sent: position by position, group by group
+        starts, offset = [], 0
+        for s in range(size):
+            starts.append(offset)
+            offset += send_counts[s]
+        out = None
+        for g, (shape, k, partial, remote) in enumerate(pieces):
+            total = partial
+            for slot, rows in remote:
+                part = back[starts[slot]:starts[slot] + rows]
+                starts[slot] += rows
+                total = part if total is None else total + part
+            y = (total / k).view(*shape[:-1], self.out_features)
+            samples = route.groups[g][0]
+            if samples is None:
+                return y
+            out = y.new_zeros(*x.shape[:-1], self.out_features) if out is None else out
+            out = out.index_copy(0, samples, y)
+        return out
+
+    def _run_local(self, recv: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Sum of this position's skills named by each received token's code, computed code by code."""
+        held = [self.skills[n] for n in self.placement.slots[self.slot]]
+        order = torch.argsort(codes, stable=True)
+        ordered, sorted_codes = recv.index_select(0, order), codes[order]
+        parts, start = [ordered[:0, :1].expand(0, self.out_features)], 0
+        for code, count in zip(*torch.unique_consecutive(sorted_codes, return_counts=True)):
+            chosen = [m for i, m in enumerate(held) if int(code) >> i & 1]
+            parts.append(_partial_sum(chosen, ordered[start:start + int(count)], self.act))
+            start += int(count)
+        return torch.cat(parts).index_select(0, torch.argsort(order))
+
+
+def shard_skills(model: nn.Module, placement: Placement, slot: int, group, data_group, group_name: str) -> list:
+    """Replace every `SkillFFN` and `SkillLinear` of `model` with its `SkillParallel` at position `slot`, and tag the
+    parameters only this position holds for ZeRO-3 the way DeepSpeed tags AutoEP experts: partitioned
+    over `data_group` (the ranks at the same position), gradients averaged over every rank."""
+    layers = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (SkillFFN, SkillLinear)):
+                layer = SkillParallel(child, placement, slot, group)
+                setattr(parent, name, layer)
+                layers.append(layer)
+                for param in layer.expert_parameters():
+                    param.allreduce = False
+                    param.group_name = group_name
+                    param.ds_zero_placement_family = "autoep_expert"
+                    param.ds_zero_partition_group_name = group_name
+                    param.ds_zero_partition_process_group = data_group
+    return layers
