@@ -45,8 +45,8 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     return path
 
 
-def check_compatible(folder: Path, model_config: dict, world_size: int) -> None:
-    """Refuse a checkpoint whose skills, shapes or rank count differ from this run's."""
+def check_compatible(folder: Path, model_config: dict, world_size: int, placement: dict | None = None) -> None:
+    """Refuse a checkpoint whose skills, shapes, rank count or skill placement differ from this run's."""
     meta = json.loads((folder / COMPLETE).read_text())
     saved = meta["model"]
     keys = ("skills", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
@@ -59,6 +59,11 @@ def check_compatible(folder: Path, model_config: dict, world_size: int) -> None:
     if meta["world_size"] != world_size:
         raise ValueError(f"checkpoint {folder} was written by {meta['world_size']} ranks; exact resume needs "
                          f"{meta['world_size']}, this run has {world_size}")
+    if meta.get("skill_placement") != placement:
+        def describe(p):
+            return "no skill parallelism" if p is None else f"{p['mode']} skill placement {p['slots']}"
+        raise ValueError(f"checkpoint {folder} was written with {describe(meta.get('skill_placement'))}; this run has "
+                         f"{describe(placement)}: each rank's optimizer state holds only its skills, so they must match")
 
 
 def rng_state() -> dict:
@@ -74,7 +79,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine, root: Path, step: int, train_state: dict, model_config: dict, keep_last: int) -> Path:
+def save(engine, root: Path, step: int, train_state: dict, model_config: dict, keep_last: int,
+         placement: dict | None = None) -> Path:
     rank, world = dist.get_rank(), dist.get_world_size()
     folder = root / _tag(step)
     if (folder / COMPLETE).exists():
@@ -86,7 +92,7 @@ def save(engine, root: Path, step: int, train_state: dict, model_config: dict, k
     if rank == 0:
         (folder / "model_config.json").write_text(json.dumps(model_config, indent=1))
         tmp = folder / (COMPLETE + ".tmp")
-        tmp.write_text(json.dumps({"step": step, "world_size": world, "model": model_config}))
+        tmp.write_text(json.dumps({"step": step, "world_size": world, "model": model_config, "skill_placement": placement}))
         os.replace(tmp, folder / COMPLETE)  # atomic: the folder is complete or it is not
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)

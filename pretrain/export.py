@@ -4,7 +4,8 @@
     python -m pretrain.export runs/tiny runs/tiny/export          # the run's newest checkpoint
 
 Streams tensor by tensor: the safetensors header is written first (every shape is known from the
-checkpoint), then each parameter is gathered from the ranks' fp32 partitions, cast and appended. The
+checkpoint), then each parameter is gathered from the ranks' fp32 partitions, cast and appended. A
+skill-parallel checkpoint's skills, each held by some of the ranks, are merged into one model. The
 partition files are memory-mapped a bounded batch of parameters at a time, so peak memory stays near
 the size of the largest batch rather than of the model.
 """
@@ -28,45 +29,43 @@ DTYPES = {"fp32": (torch.float32, "F32"), "bf16": (torch.bfloat16, "BF16")}
 BATCH_BYTES = 256 * 2**20  # fp32 bytes of partitions mapped at once
 
 
-def _layout(folder: Path) -> tuple[list[tuple[str, torch.Size, int, int]], dict[str, torch.Tensor], int]:
-    """(name, shape, offset in each rank's partition space, elements per rank) for every parameter, the
-    buffers, and the rank count."""
-    meta = json.loads((folder / COMPLETE).read_text())
-    world = meta["world_size"]
-    states = torch.load(folder / "zero_pp_rank_0_mp_rank_00_model_states.pt", map_location="cpu", weights_only=False,
-                        mmap=True)
-    if states.get("frozen_param_shapes"):
-        raise ValueError(f"{folder} holds frozen parameters; pretraining checkpoints have none")
-    layout, offset = [], 0
-    for group in states["param_shapes"]:
-        for name, shape in group.items():
-            per_rank = math.ceil(shape.numel() / world)
-            layout.append((name, shape, offset, per_rank))
-            offset += per_rank
-    buffers = {name: states["module"][name] for name in states.get("buffer_names", [])}
+def _layout(folder: Path) -> tuple[list[tuple[str, torch.Size, int, int, int, list[int]]], dict[str, torch.Tensor], int]:
+    """(name, shape, flat group, offset in that group, elements per rank, ranks holding a part) for every
+    parameter, the buffers, and the rank count. Every rank lists its own parameters: under skill
+    parallelism a rank holds only its skills, partitioned over the ranks at the same position (DeepSpeed
+    records those ranks per group), so the skills of all positions are merged here."""
+    world = json.loads((folder / COMPLETE).read_text())["world_size"]
+    layout, seen, buffers = [], set(), {}
+    for rank in range(world):
+        states = torch.load(folder / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=False, mmap=True)
+        if states.get("frozen_param_shapes"):
+            raise ValueError(f"{folder} holds frozen parameters; pretraining checkpoints have none")
+        optim = torch.load(folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", map_location="cpu",
+                           weights_only=False, mmap=True)["optimizer_state_dict"]
+        placement = optim.get("ds_zero_partition_groups")
+        for i, group in enumerate(states["param_shapes"]):
+            ranks = placement[i]["partition_ranks"] if placement else list(range(world))
+            offset = 0
+            for name, shape in group.items():
+                per_rank = math.ceil(shape.numel() / len(ranks))
+                if name not in seen and ".padding." not in name:  # skill parallelism's unused padding
+                    seen.add(name)
+                    layout.append((name, shape, i, offset, per_rank, ranks))
+                offset += per_rank
+        if rank == 0:
+            buffers = {name: states["module"][name] for name in states.get("buffer_names", [])}
     return layout, buffers, world
 
 
-def _open_partitions(folder: Path, world: int) -> list[torch.Tensor]:
-    """Each rank's fp32 partitions, concatenated lazily: a list of memory-mapped flat groups per rank."""
+def _open_partitions(folder: Path, world: int) -> list[list[torch.Tensor]]:
+    """Each rank's fp32 flat groups, memory-mapped."""
     flats = []
     for rank in range(world):
         state = torch.load(folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", map_location="cpu",
                            weights_only=False, mmap=True)
         flats.append(state["optimizer_state_dict"]["fp32_flat_groups"])
     return flats
-
-
-def _slice(groups: list[torch.Tensor], start: int, length: int) -> torch.Tensor:
-    """Elements [start, start + length) of the concatenation of `groups`, copying only those."""
-    parts, base = [], 0
-    for g in groups:
-        end = base + g.numel()
-        if start < end and start + length > base:
-            lo, hi = max(start, base) - base, min(start + length, end) - base
-            parts.append(g[lo:hi])
-        base = end
-    return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
 
 
 def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
@@ -84,7 +83,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path
     out.mkdir(parents=True, exist_ok=True)
 
     header, position = {}, 0
-    for name, shape, _, _ in layout:
+    for name, shape, *_ in layout:
         size = shape.numel() * torch_dtype.itemsize
         header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [position, position + size]}
         position += size
@@ -111,8 +110,8 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path
                 budget += layout[i][1].numel() * 4
                 i += 1
             flats = _open_partitions(folder, world)
-            for name, shape, offset, per_rank in batch:
-                full = torch.cat([_slice(flats[r], offset, per_rank) for r in range(world)])[: shape.numel()]
+            for name, shape, group, offset, per_rank, ranks in batch:
+                full = torch.cat([flats[r][group][offset:offset + per_rank] for r in ranks])[: shape.numel()]
                 tensor = full.view(shape).to(torch_dtype).contiguous()
                 f.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
                 bar.update(1)

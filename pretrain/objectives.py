@@ -113,26 +113,27 @@ class Objectives:
         return out.loss, stats
 
     def idle_loss(self, model, task: str, device) -> torch.Tensor:
-        """A zero loss from running `task`'s objective on an empty batch. Under skill parallelism's
+        """Zero times the outputs that `task`'s loss uses (no others: the ranks' backward passes must reach
+        the same modules), on one blank sample. Under skill parallelism's
         data-local placement the ranks at other positions train on other tasks in the same step; running
-        their modules on nothing keeps every rank's ZeRO-3 gathers, skill exchanges and gradient
-        reductions in step with theirs."""
+        their modules here, with gradients of zero, keeps every rank's ZeRO-3 gathers, skill exchanges and
+        gradient reductions in step with theirs. (An empty batch would not do: some layers give no
+        gradient at all for no input, and the ranks would reduce different parameter lists.)"""
         kind, modality, cfg = self.config.objective(task), self.modality[task], self.model_config
-        tokens = {"input_ids": torch.zeros(0, 2, dtype=torch.long, device=device),
-                  "attention_mask": torch.ones(0, 2, dtype=torch.long, device=device)}
+        tokens = {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
+                  "attention_mask": torch.ones(1, 2, dtype=torch.long, device=device)}
         if kind == "mlm":
-            out = model(**tokens, modality=modality, task=task, labels=torch.full((0, 2), -100, device=device))
-            return 0.0 * (out.prediction_logits.sum() + out.seq_relationship_logits.sum())
+            out = model(**tokens, modality=modality, task=task, labels=torch.zeros(1, 2, dtype=torch.long, device=device))
+            return 0.0 * out.prediction_logits.sum()
         if kind == "nsp":
-            out = model(**tokens, token_type_ids=torch.zeros(0, 2, dtype=torch.long, device=device), task=task)
+            out = model(**tokens, token_type_ids=torch.zeros(1, 2, dtype=torch.long, device=device), task=task)
             return 0.0 * out.seq_relationship_logits.sum()
         size, channels = cfg.image_size, cfg.num_channels
-        media = {"image": {"pixel_values": torch.zeros(0, channels, size, size, dtype=torch.uint8)},
-                 "audio": {"input_features": torch.zeros(0, cfg.num_mel_bins, 16),
-                           "feature_attention_mask": torch.ones(0, 16, dtype=torch.long)},
-                 "video": {"pixel_values_videos": torch.zeros(0, cfg.num_frames, channels, size, size, dtype=torch.uint8)},
+        media = {"image": {"pixel_values": torch.zeros(1, channels, size, size, dtype=torch.uint8)},
+                 "audio": {"input_features": torch.zeros(1, cfg.num_mel_bins, 16),
+                           "feature_attention_mask": torch.ones(1, 16, dtype=torch.long)},
+                 "video": {"pixel_values_videos": torch.zeros(1, cfg.num_frames, channels, size, size, dtype=torch.uint8)},
                  "code": {**tokens, "modality": "code"}}[modality]
         side = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in media.items()}, task=task)
         caption = model(**tokens, task=self.config.train.caption_task)
-        return 0.0 * (side.embeddings.sum() + caption.embeddings.sum() + side.logit_scale.sum() + side.seq_relationship_logits.sum()
-                      + caption.seq_relationship_logits.sum())
+        return 0.0 * (side.embeddings.sum() + caption.embeddings.sum() + side.logit_scale.sum())

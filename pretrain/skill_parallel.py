@@ -9,20 +9,26 @@ sending nothing when it has nothing to send, so the collectives always line up.
 Two placements:
 - balanced: skills dealt round-robin, every rank trains on every task;
 - data_local: the tasks are split over the P positions of the group and each skill sits where the
-  tasks using it train, so most tokens never leave their rank (as in domain-parallel training). Skills
-  every task activates (the generic skill) are held by every rank as ordinary data-parallel parameters.
+  tasks using it train, so most tokens never leave their rank (as in domain-parallel training). A skill
+  every task activates (the generic skill) is shared: every rank holds it as an ordinary data-parallel
+  parameter, as MoE models hold shared experts.
+
+ZeRO-3 needs the same module and parameter structure on every rank, so a position holding fewer skills
+than the others holds unused padding skills to make up the count; they are never run, never get a
+gradient and are left out of the export.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import copy
+import math
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.nn.functional import all_to_all_single
-
-import torch.nn.functional as F
 
 from skillnet.layers import SkillFFN, SkillLinear, skill_sum
 
@@ -32,21 +38,19 @@ class Placement:
     mode: str
     slots: list[list[str]]
     """The skills held by each position of a skill-parallel group."""
-    shared: list[str]
-    """Skills every rank holds (data_local only)."""
     task_slots: list[list[str]] | None = None
     """data_local: the tasks the ranks at each position train on."""
+    shared: list[str] = field(default_factory=list)
+    """Skills every rank holds (data_local: those every task activates)."""
 
     @property
     def size(self) -> int:
         return len(self.slots)
 
-    def owner(self, skill: str) -> int | None:
-        """The position holding `skill`; None for a shared skill."""
-        for slot, skills in enumerate(self.slots):
-            if skill in skills:
-                return slot
-        return None
+    @property
+    def width(self) -> int:
+        """Skills per position, padding included."""
+        return max(len(held) for held in self.slots)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,36 +60,56 @@ def balanced(skills: list[str], size: int) -> Placement:
     """Skills dealt round-robin in table order."""
     if size > len(skills):
         raise ValueError(f"distributed.skill_parallel_size={size} exceeds the model's {len(skills)} skills")
-    return Placement("balanced", [skills[i::size] for i in range(size)], [])
+    return Placement("balanced", [skills[i::size] for i in range(size)])
 
 
 def data_local(skills: list[str], task_skills: dict[str, list[str]], weights: dict[str, float], size: int) -> Placement:
-    """Tasks packed onto the P positions by sampling weight (heaviest first onto the lightest position,
-    ties going where the task's skills already are); each skill then sits at the position whose tasks
-    draw on it most, and a skill every task activates is shared."""
+    """Tasks split over the P positions and skills placed where the tasks using them train: starting from
+    the tasks dealt by weight, tasks move or swap between positions while that raises the share of
+    (task, skill) activations that stay local minus the spread of the positions' sampling weight (each
+    position's ranks draw only its tasks, so an uneven split shifts the task mixture). Skills every task
+    activates are shared."""
     tasks = sorted(weights, key=lambda t: (-weights[t], t))
     if len(tasks) < size:
         raise ValueError(f"skill_placement data_local needs at least skill_parallel_size={size} pretraining tasks "
                          f"to spread over the ranks; the data config has {len(tasks)}")
-    shared = [s for s in skills if len(tasks) > 1 and all(s in task_skills[t] for t in tasks)]
-    load, task_slots = [0.0] * size, [[] for _ in range(size)]
-    for i, task in enumerate(tasks):
-        empty = [s for s in range(size) if not task_slots[s]]
-        candidates = empty if len(tasks) - i <= len(empty) else range(size)
-        affinity = [sum(weights[t] for t in task_slots[s] for k in task_skills[task] if k in task_skills[t] and k not in shared)
-                    for s in range(size)]
-        slot = min(candidates, key=lambda s: (round(load[s], 9), -affinity[s], s))
-        task_slots[slot].append(task)
-        load[slot] += weights[task]
-    slots = [[] for _ in range(size)]
-    for skill in skills:
-        if skill in shared:
-            continue
-        use = [sum(weights[t] for t in task_slots[s] if skill in task_skills[t]) for s in range(size)]
-        slot = max(range(size), key=lambda s: (use[s], -len(slots[s]), -s)) if any(use) else \
-            min(range(size), key=lambda s: (len(slots[s]), s))
-        slots[slot].append(skill)
-    return Placement("data_local", slots, shared, task_slots)
+    shared = [k for k in skills if len(tasks) > 1 and all(k in task_skills[t] for t in tasks)]
+    split = [k for k in skills if k not in shared]
+    if size > len(split):
+        raise ValueError(f"distributed.skill_parallel_size={size} exceeds the {len(split)} skills that are not "
+                         f"shared by every task ({split})")
+    room, total = math.ceil(len(split) / size), sum(weights.values())
+
+    def place(where: dict[str, int]) -> list[list[str]]:
+        use = {(k, s): sum(weights[t] for t in tasks if where[t] == s and k in task_skills[t])
+               for k in split for s in range(size)}
+        slots = [[] for _ in range(size)]
+        for k, s in sorted(use, key=lambda ks: (-use[ks], skills.index(ks[0]), ks[1])):
+            if len(slots[s]) < room and not any(k in held for held in slots):
+                slots[s].append(k)
+        return slots
+
+    def score(where: dict[str, int]) -> float:
+        slots = place(where)
+        local = sum(weights[t] * sum(k in slots[where[t]] or k in shared for k in task_skills[t]) / len(task_skills[t])
+                    for t in tasks)
+        load = [sum(weights[t] for t in tasks if where[t] == s) for s in range(size)]
+        return (local - (max(load) - min(load))) / total
+
+    where = {t: i % size for i, t in enumerate(tasks)}
+    best = score(where)
+    improved = True
+    while improved:  # hill-climb over moving one task and swapping two
+        improved = False
+        candidates = [{**where, t: s} for t in tasks for s in range(size) if s != where[t]]
+        candidates += [{**where, a: where[b], b: where[a]} for a in tasks for b in tasks if where[a] < where[b]]
+        for moved in candidates:
+            if len(set(moved.values())) == size and (value := score(moved)) > best + 1e-12:
+                where, best, improved = moved, value, True
+                break
+    slots = place(where)
+    return Placement("data_local", [sorted(held, key=skills.index) for held in slots],
+                     [[t for t in tasks if where[t] == s] for s in range(size)], shared)
 
 
 def _partial_sum(chosen: list[nn.Module], x: torch.Tensor, act) -> torch.Tensor:
@@ -99,14 +123,17 @@ def _partial_sum(chosen: list[nn.Module], x: torch.Tensor, act) -> torch.Tensor:
 
 class SkillParallel(nn.Module):
     """A skill FFN or skill projection (`SkillFFN`, `SkillLinear`) of which this rank holds the skills of
-    its position (and the shared ones); tokens are exchanged with the other positions of the
+    its position; tokens are exchanged with the other positions of the
     skill-parallel group by all-to-all, and the outputs of a token's skills averaged as before."""
 
     def __init__(self, layer: SkillFFN | SkillLinear, placement: Placement, slot: int, group):
         super().__init__()
         self.names = list(layer.skills)  # every skill, in table order: the route's indices
-        held = set(placement.slots[slot]) | set(placement.shared)
-        self.skills = nn.ModuleDict({n: m for n, m in layer.skills.items() if n in held})
+        # the same structure at every position: shared skills, this position's, then padding
+        held = placement.shared + placement.slots[slot]
+        self.skills = nn.ModuleDict({n: layer.skills[n] for n in held})
+        spare = next(iter(layer.skills.values()))
+        self.padding = nn.ModuleList(copy.deepcopy(spare) for _ in range(placement.width - len(placement.slots[slot])))
         # a plain function, not the activation module: module calls here would differ between ranks
         self.act = layer.act.forward if isinstance(layer, SkillFFN) else None
         first = next(iter(layer.skills.values()))
@@ -117,15 +144,11 @@ class SkillParallel(nn.Module):
     def _count_backward(self, n: int) -> None:
         self.bytes_sent += n
 
-    def expert_parameters(self) -> list[nn.Parameter]:
-        """The parameters only this position holds (the shared skills' are ordinary ones)."""
-        return [p for name in self.placement.slots[self.slot] for p in self.skills[name].parameters()]
-
     def forward(self, x: torch.Tensor, route) -> torch.Tensor:
         hidden, size = x.shape[-1], self.placement.size
         sends: list[list[torch.Tensor]] = [[] for _ in range(size)]
         codes: list[list[torch.Tensor]] = [[] for _ in range(size)]
-        pieces = []  # per route group: its inputs' shape, its skill count, local partial sum, [(slot, rows)]
+        pieces = []  # per route group: its inputs' shape, its skill count, shared skills' sum, [(slot, rows)]
         for samples, indices in route.groups:
             inputs = x if samples is None else x.index_select(0, samples)
             tokens = inputs.reshape(-1, hidden)
@@ -198,9 +221,10 @@ class SkillParallel(nn.Module):
 
 
 def shard_skills(model: nn.Module, placement: Placement, slot: int, group, data_group, group_name: str) -> list:
-    """Replace every `SkillFFN` and `SkillLinear` of `model` with its `SkillParallel` at position `slot`, and tag the
-    parameters only this position holds for ZeRO-3 the way DeepSpeed tags AutoEP experts: partitioned
-    over `data_group` (the ranks at the same position), gradients averaged over every rank."""
+    """Replace every `SkillFFN` and `SkillLinear` of `model` with its `SkillParallel` at position `slot`, and
+    tag the parameters only this position holds for ZeRO-3 the way DeepSpeed tags AutoEP experts:
+    partitioned over `data_group` (the ranks at the same position), gradients averaged over every rank.
+    Shared skills stay ordinary parameters."""
     layers = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -208,7 +232,7 @@ def shard_skills(model: nn.Module, placement: Placement, slot: int, group, data_
                 layer = SkillParallel(child, placement, slot, group)
                 setattr(parent, name, layer)
                 layers.append(layer)
-                for param in layer.expert_parameters():
+                for param in [*layer.padding.parameters(), *(p for n in placement.slots[slot] for p in layer.skills[n].parameters())]:
                     param.allreduce = False
                     param.group_name = group_name
                     param.ds_zero_placement_family = "autoep_expert"

@@ -83,7 +83,8 @@ def prepare(config: PretrainConfig, topology: Topology):
     placement = _placement(config, model_config, loader, topology)
     resume = checkpoint.resolve_resume(config.checkpoint.resume, Path(config.run_dir) / "checkpoints")
     if resume is not None:
-        checkpoint.check_compatible(resume, _comparable(model_config), topology.world_size)
+        checkpoint.check_compatible(resume, _comparable(model_config), topology.world_size,
+                                    placement and placement.to_dict())
     return model_config, tokenizer, loader, resume, placement
 
 
@@ -96,7 +97,7 @@ def _placement(config: PretrainConfig, model_config, loader, topology: Topology)
     if p == 1:
         return None
     if p < 1 or topology.world_size % p:
-        raise ValueError(f"distributed.skill_parallel_size={p} does not divide the world size {topology.world_size}")
+        raise ValueError(f"distributed.skill_parallel_size={p} must divide the world size {topology.world_size}")
     if model_config.router != "skill":
         raise ValueError(f"skill parallelism splits skills; the model's router is {model_config.router!r}")
     names = model_config.registry.names
@@ -275,7 +276,8 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
 
     def save() -> Path:
         state["loader"] = loader.state_dict()
-        return checkpoint.save(engine, ckpt_root, state["step"], state, _comparable(model_config), config.checkpoint.keep_last)
+        return checkpoint.save(engine, ckpt_root, state["step"], state, _comparable(model_config),
+                               config.checkpoint.keep_last, placement and placement.to_dict())
 
     batches = iter(loader)
     while state["step"] < config.train.steps:
@@ -310,7 +312,7 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
         wait, compute = wait + t1 - t0, compute + t2 - t1
         micro += 1
         step_loss += loss.item()
-        step_tasks.append(batch["task"])
+        step_tasks.append(batch["task"] if not data_local else batch["group_tasks"])
         task_losses[batch["task"]] += loss.item()
         task_counts[batch["task"]] += 1
         for skill in batch["skills"]:
@@ -410,9 +412,8 @@ def clear_gradient_partitions(engine) -> None:
 def skill_grad_norms(model) -> dict[str, float]:
     """L2 norm of each skill's gradient over all its layers. Under ZeRO-3 every rank gathers each skill
     parameter's gradient, so it runs on the logging steps only."""
-    from deepspeed.utils import safe_get_full_grad
-
     import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_grad
 
     squares: Counter = Counter()
     for name, param in model.named_parameters():
