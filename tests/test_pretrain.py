@@ -127,7 +127,7 @@ def test_two_ranks_zero3_killed_and_resumed_matches_uninterrupted(sample, tmp_pa
     "extra, message",
     [
         (["train.stepz=3"], "unknown config key train.stepz"),
-        (["distributed.skill_parallel_size=3"], "skill_parallel_size=3 does not divide the world size 1"),
+        (["distributed.skill_parallel_size=3"], "skill_parallel_size=3 must divide the world size 1"),
         (["checkpoint.resume=/nowhere"], "resume: /nowhere holds no complete checkpoint"),
         (["data.tasks=[{name: image, modality: image, sources: [{shards: \"/nowhere/x-{000000..000003}.tar\"}]}]"], "no shards match"),
         (["data.tasks=[{name: image"], "override data.tasks: its value is not YAML"),
