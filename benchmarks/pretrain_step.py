@@ -6,8 +6,11 @@ Prints, in one run:
   - step time (forward, backward, optimizer step) at world size 1: the ZeRO-3 engine as the trainer builds
     it against a plain PyTorch loop (AdamW) on the same model and batch; target overhead at most 15%;
   - tokens per second with 1 and with 2 ranks (ZeRO-3, gloo on CPU, NCCL on GPUs), same per-rank batch;
-  - MFU (6 x activated parameters x tokens per second over the accelerator's peak) when a GPU is present.
-Both use masked-token prediction with the `masked_lm` skills of the multimodal set.
+  - MFU (6 x activated parameters x tokens per second over the accelerator's peak) when a GPU is present;
+  - skill parallelism (P=2 on 2 ranks): bytes the skill exchanges send per step and per token, with the
+    balanced and the data-local placement, from real training runs (`python -m pretrain`, tiny config, every
+    objective of the multimodal set on the sample corpus).
+The first three use masked-token prediction with the `masked_lm` skills of the multimodal set.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -114,6 +119,29 @@ def _ranks(args, n: int) -> float:
     return max(r["seconds"] for r in results)
 
 
+def placements(args) -> dict[str, tuple[float, float]]:
+    """Mean skill-exchange bytes per step and per token (all ranks, forward and backward) of each placement."""
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        sample = Path(tmp) / "sample"
+        subprocess.run([sys.executable, "-m", "pretrain.prepare_sample", "--out", str(sample)], cwd=root, check=True,
+                       capture_output=True)
+        result = {}
+        for placement in ("balanced", "data_local"):
+            run = Path(tmp) / placement
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29709",
+                   "-m", "pretrain", "--config", "tiny", f"data_root={sample}", f"run_dir={run}",
+                   f"train.steps={args.placement_steps}", f"checkpoint.every={args.placement_steps}",
+                   "distributed.skill_parallel_size=2", f"distributed.skill_placement={placement}"]
+            out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if out.returncode:
+                raise RuntimeError(out.stdout[-2000:] + out.stderr[-2000:])
+            records = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+            sent = sum(r["skill_bytes"] for r in records)
+            result[placement] = (sent / len(records), sent / sum(r["tokens"] for r in records))
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=256)
@@ -121,6 +149,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=256, help="tokens per sequence (16 x 256 = 4096 per rank)")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--placement-steps", type=int, default=40, help="training steps per skill placement")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -146,6 +175,12 @@ def main(argv=None) -> int:
         peak = next((v for k, v in PEAK_TFLOPS_BF16.items() if k in name), None)
         if peak:
             print(f"  MFU (1 rank): {6 * active * tokens / one / (peak * 1e12):.1%} of {peak:.0f} TFLOPS")
+    sent = placements(args)
+    print(f"skill parallelism, P=2 on 2 ranks, tiny config, every multimodal objective, {args.placement_steps} steps:")
+    for name, (per_step, per_token) in sent.items():
+        print(f"  {name:10s} {per_step / 2**20:8.2f} MiB exchanged per step, {per_token / 1024:6.2f} KiB per token")
+    ratio = sent["data_local"][1] / sent["balanced"][1]
+    print(f"  data-local / balanced bytes per token = {ratio:.2f}")
     return 0
 
 

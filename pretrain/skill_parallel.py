@@ -161,19 +161,19 @@ class SkillParallel(nn.Module):
                 mask = sum(1 << held.index(n) for n in names if n in held)
                 if mask:
                     sends[slot].append(tokens)
-                    codes[slot].append(torch.full((tokens.shape[0],), mask, dtype=torch.int64))
+                    codes[slot].append(torch.full((tokens.shape[0],), mask, dtype=torch.int64, device=x.device))
                     remote.append((slot, tokens.shape[0]))
             pieces.append((inputs.shape, len(names), partial, remote))
 
         flat = x.reshape(-1, hidden)
         send_counts = [sum(t.shape[0] for t in sends[s]) for s in range(size)]
         send = torch.cat([flat[:0]] + [t for s in range(size) for t in sends[s]])  # [:0] keeps the graph
-        send_codes = torch.cat([torch.zeros(0, dtype=torch.int64)] + [c for s in range(size) for c in codes[s]])
-        recv_counts = torch.zeros(size, dtype=torch.int64)
-        dist.all_to_all_single(recv_counts, torch.tensor(send_counts, dtype=torch.int64), group=self.group)
+        send_codes = torch.cat([torch.zeros(0, dtype=torch.int64, device=x.device)] + [c for s in range(size) for c in codes[s]])
+        recv_counts = torch.zeros(size, dtype=torch.int64, device=x.device)  # NCCL exchanges device tensors only
+        dist.all_to_all_single(recv_counts, torch.tensor(send_counts, dtype=torch.int64, device=x.device), group=self.group)
         recv_counts = recv_counts.tolist()
         recv = all_to_all_single(send.new_empty(sum(recv_counts), hidden), send, recv_counts, send_counts, self.group)
-        recv_codes = torch.empty(sum(recv_counts), dtype=torch.int64)
+        recv_codes = torch.empty(sum(recv_counts), dtype=torch.int64, device=x.device)
         dist.all_to_all_single(recv_codes, send_codes, recv_counts, send_counts, group=self.group)
 
         result = self._run_local(recv, recv_codes)

@@ -332,7 +332,8 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
         state["step"] += 1
         step = state["step"]
         metrics.advance(step, {"loss": step_loss / accumulation, "tasks": step_tasks,
-                               "grad_norm": float(engine.get_global_grad_norm() or 0.0), "skill_bytes": sent})
+                               "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens": tokens,
+                               "skill_bytes": sent})
         step_loss, step_tasks = 0.0, []
         if step % config.train.log_every == 0 or step == config.train.steps:
             elapsed = time.perf_counter() - last_log
