@@ -109,7 +109,7 @@ class PretrainConfig:
             raise ValueError(f"train.bf16 must be auto, true or false, got {self.train.bf16!r}")
 
 
-def _build(cls, data: dict, where: str):
+def build(cls, data: dict, where: str = ""):
     """Instantiate dataclass `cls` from a dict, recursing into dataclass fields; unknown keys are errors."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -121,7 +121,7 @@ def _build(cls, data: dict, where: str):
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = _build(hint, value, f"{where}{name}.")
+            value = build(hint, value, f"{where}{name}.")
         elif hint == tuple[float, float] and isinstance(value, list):
             value = tuple(value)
         kwargs[name] = value
@@ -137,15 +137,8 @@ def _set(tree: dict, dotted: str, value) -> None:
     tree[leaf] = value
 
 
-def load_pretrain_config(path: str | Path, overrides: list[str] = ()) -> PretrainConfig:
-    """defaults <- YAML file <- `key=value` overrides (values parsed as YAML)."""
-    path = Path(path)
-    if not path.exists():
-        shipped = Path(__file__).parent / "configs" / f"{path}.yaml"
-        if not shipped.exists():
-            raise FileNotFoundError(f"no config file {str(path)!r}")
-        path = shipped
-    tree = yaml.safe_load(path.read_text()) or {}
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Set each dotted `key=value` (the value parsed as YAML) in a config tree."""
     for pair in overrides:
         key, sep, value = pair.partition("=")
         if not sep or not key:
@@ -155,13 +148,25 @@ def load_pretrain_config(path: str | Path, overrides: list[str] = ()) -> Pretrai
         except yaml.YAMLError as e:
             raise ValueError(f"override {key}: its value is not YAML ({str(e).splitlines()[0]})") from None
         _set(tree, key, parsed)
+    return tree
+
+
+def load_pretrain_config(path: str | Path, overrides: list[str] = ()) -> PretrainConfig:
+    """defaults <- YAML file <- `key=value` overrides (values parsed as YAML)."""
+    path = Path(path)
+    if not path.exists():
+        shipped = Path(__file__).parent / "configs" / f"{path}.yaml"
+        if not shipped.exists():
+            raise FileNotFoundError(f"no config file {str(path)!r}")
+        path = shipped
+    tree = apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides)
     data = tree.pop("data", {}) or {}
     for key, owner in (("batch_size", "train.micro_batch_size"), ("seed", "train.seed")):
         if key in data:
             raise ValueError(f"data.{key} follows {owner}: set that instead")
-    config = _build(PretrainConfig, tree, "")
+    config = build(PretrainConfig, tree, "")
     tasks = data.pop("tasks", [])
-    config.data = _build(DataConfig, data, "data.")
+    config.data = build(DataConfig, data, "data.")
     config.data.tasks = [_task(t, i) for i, t in enumerate(tasks)]
     config.data.batch_size = config.train.micro_batch_size
     config.data.seed = config.train.seed
@@ -181,8 +186,8 @@ def load_pretrain_config(path: str | Path, overrides: list[str] = ()) -> Pretrai
 
 def _task(entry: dict, i: int) -> TaskConfig:
     sources = entry.pop("sources", [])
-    task = _build(TaskConfig, entry, f"data.tasks[{i}].")
-    task.sources = [_build(SourceConfig, s, f"data.tasks[{i}].sources[{j}].") for j, s in enumerate(sources)]
+    task = build(TaskConfig, entry, f"data.tasks[{i}].")
+    task.sources = [build(SourceConfig, s, f"data.tasks[{i}].sources[{j}].") for j, s in enumerate(sources)]
     return task
 
 

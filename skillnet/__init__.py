@@ -5,6 +5,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoMod
 from .configuration import SkillNetConfig, load_config
 from .modeling import (
     SkillNetForConditionalGeneration,
+    SkillNetForMultiTask,
     SkillNetForPreTraining,
     SkillNetModel,
     SkillNetPreTrainedModel,
@@ -20,6 +21,7 @@ __all__ = [
     "Route",
     "SkillNetConfig",
     "SkillNetForConditionalGeneration",
+    "SkillNetForMultiTask",
     "SkillNetForPreTraining",
     "SkillNetModel",
     "SkillNetPreTrainedModel",

@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 from transformers import PretrainedConfig
 
+from .heads import check_head
 from .skills import SkillRegistry
 from .skills import skill_set as shipped_skill_set
 
@@ -43,6 +44,8 @@ class SkillNetConfig(PretrainedConfig):
             `tubelet_size` frames x `patch_size`^2 pixels).
         projection_dim: size of the contrastive projection heads (0: no contrastive heads).
         num_decoder_layers: decoder depth of the encoder-decoder (generation) variant.
+        task_heads: task name -> head spec (`{"type": ..., "labels": [...]}`, see `skillnet.heads`) of the
+            downstream tasks a `SkillNetForMultiTask` serves.
     """
 
     model_type = "skillnet"
@@ -94,6 +97,7 @@ class SkillNetConfig(PretrainedConfig):
         projection_dim: int = 0,
         num_decoder_layers: int = 0,
         tie_word_embeddings: bool = True,
+        task_heads: dict[str, dict] | None = None,
         **kwargs,
     ):
         if skill_set is not None and not skills:
@@ -141,6 +145,7 @@ class SkillNetConfig(PretrainedConfig):
         self.tubelet_size = tubelet_size
         self.projection_dim = projection_dim
         self.num_decoder_layers = num_decoder_layers
+        self.task_heads = {t: dict(h) for t, h in (task_heads or {}).items()}
         kwargs.pop("is_encoder_decoder", None)  # follows from num_decoder_layers
         super().__init__(
             pad_token_id=pad_token_id,
@@ -182,6 +187,8 @@ class SkillNetConfig(PretrainedConfig):
         if "video" in self.modalities and self.num_frames % self.tubelet_size:
             raise ValueError(f"num_frames {self.num_frames} is not divisible by tubelet_size {self.tubelet_size}")
         self.skill_layer_indices(self.num_hidden_layers)
+        for task, spec in self.task_heads.items():
+            check_head(task, spec, self)
 
     @property
     def registry(self) -> SkillRegistry:

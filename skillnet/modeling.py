@@ -16,6 +16,7 @@ from transformers.utils import ModelOutput
 
 from .configuration import SkillNetConfig
 from .frontends import FRONTENDS, INPUT_NAMES
+from .heads import check_head, make_head
 from .layers import SkillFFN, SkillLinear, SkillNetLayer, padding_mask
 from .skills import Route, SkillRegistry
 
@@ -42,6 +43,15 @@ class SkillNetPreTrainingOutput(ModelOutput):
 
 
 @dataclass
+class SkillNetMultiTaskOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | tuple | None = None
+    """classification: (batch, labels); tagging: (word emissions, word mask); span: (start, end) logits;
+    retrieval: (queries, candidates) similarities."""
+    aux_loss: torch.Tensor | None = None
+
+
+@dataclass
 class SkillNetSeq2SeqOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -62,7 +72,7 @@ class SkillNetPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(getattr(module, "cls", None), nn.Parameter):  # the [CLS] of image, audio and video
             init.normal_(module.cls, mean=0.0, std=self.config.initializer_range)
-        if isinstance(module, SkillNetForPreTraining) and module.logit_scale is not None:
+        if isinstance(module, (SkillNetForPreTraining, SkillNetForMultiTask)) and module.logit_scale is not None:
             init.constant_(module.logit_scale, math.log(1 / 0.07))
 
     @classmethod
@@ -285,6 +295,75 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
             losses.append(out.aux_loss)
         loss = torch.stack(losses).sum() if losses else None
         return SkillNetPreTrainingOutput(loss, prediction_logits, pair_logits, embeddings, scale, hidden, out.aux_loss)
+
+
+class SkillNetForMultiTask(SkillNetPreTrainedModel):
+    """The encoder with a head per downstream task (`config.task_heads`); every call names its task, which
+    runs only its skills. One checkpoint serves every task. The contrastive projections and temperature
+    keep the pretraining model's names, so an exported pretraining checkpoint fills them."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^mlm_", r"^pair_head\."]  # pretraining heads, not used here
+
+    def __init__(self, config: SkillNetConfig):
+        super().__init__(config)
+        self.skillnet = SkillNetModel(config)
+        self.heads = nn.ModuleDict()
+        for task, spec in config.task_heads.items():
+            head = make_head(spec, config)
+            if head is not None:
+                self.heads[task] = head
+        self.projections = self.logit_scale = None
+        if config.projection_dim:
+            self.projections = nn.ModuleDict({m: nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+                                              for m in config.modalities})
+            self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
+        self.post_init()
+
+    def add_head(self, task: str, spec: dict) -> None:
+        """Give `task` (already in the task table) a new, freshly initialised head."""
+        check_head(task, spec, self.config)
+        self.config.task_heads = {**self.config.task_heads, task: dict(spec)}
+        head = make_head(spec, self.config)
+        if head is not None:
+            head.apply(self._init_weights)
+            self.heads[task] = head.to(self.device)
+
+    def forward(self, task: str, labels=None, word_mask=None, start_positions=None, end_positions=None,
+                candidate: dict | None = None, **inputs) -> SkillNetMultiTaskOutput:
+        spec = self.config.task_heads.get(task)
+        if spec is None:
+            raise ValueError(f"task {task!r} has no head; tasks with heads: {sorted(self.config.task_heads)}")
+        if spec["type"] == "retrieval":
+            return self._retrieval(task, spec, candidate, inputs)
+        encoded = self.skillnet(**inputs, task=task)
+        head = self.heads[task]
+        if spec["type"] == "tagging":
+            loss, logits = head(encoded, word_mask, labels)
+        elif spec["type"] == "span":
+            passage = inputs["token_type_ids"].bool() & inputs["attention_mask"].bool()
+            loss, logits = head(encoded, passage, start_positions, end_positions)
+        else:
+            loss, logits = head(encoded, labels)
+        if loss is not None and encoded.aux_loss is not None:
+            loss = loss + encoded.aux_loss
+        return SkillNetMultiTaskOutput(loss, logits, encoded.aux_loss)
+
+    def embed(self, modality: str, task: str, **inputs) -> torch.Tensor:
+        """The L2-normalised contrastive embedding of one side, run with `task`'s skills."""
+        encoded = self.skillnet(**inputs, modality=modality, task=task)
+        return F.normalize(self.projections[modality](encoded.pooler_output), dim=-1)
+
+    def _retrieval(self, task, spec, candidate, inputs) -> SkillNetMultiTaskOutput:
+        """In-batch contrastive loss: query i matches candidate i, every other candidate is a negative."""
+        if candidate is None:
+            raise ValueError(f"retrieval task {task!r} needs candidate= (the inputs of the other side)")
+        modality = spec["candidate_modality"]
+        queries = self.embed("text", task, **inputs)
+        candidates = self.embed(modality, spec.get("candidate_task", modality), **candidate)
+        logits = self.logit_scale.exp().clamp(max=100.0) * queries @ candidates.T
+        targets = torch.arange(len(logits), device=logits.device)
+        loss = (F.cross_entropy(logits.float(), targets) + F.cross_entropy(logits.T.float(), targets)) / 2
+        return SkillNetMultiTaskOutput(loss, logits, None)
 
 
 class SkillNetForConditionalGeneration(SkillNetPreTrainedModel):

@@ -1,0 +1,1 @@
+"""Finetuning SkillNet models on downstream tasks, reusing the sparse activation."""

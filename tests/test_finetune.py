@@ -1,0 +1,194 @@
+"""Finetuning through `python -m finetune`: every text head trains on data made here, several tasks in one
+model, new skills with the old parameters frozen, predictions that match the evaluation's, and clear
+errors for bad input."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from finetune.config import load_finetune_config
+from finetune.predict import main as predict_main
+from finetune.train import main
+from skillnet import SkillNetForMultiTask, SkillNetForPreTraining, load_config
+from skillnet.heads import check_head
+from skillnet.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+CITIES = ["paris", "rome", "oslo", "lima", "cairo", "delhi"]
+WORDS = ["the", "a", "film", "day", "trip", "food", "was", "very", "to", "we", "went", "in", "it", "is"]
+
+
+def _rows(seed: int, n: int) -> dict[str, list[dict]]:
+    rng = random.Random(seed)
+    rows = {"sentiment": [], "pairs": [], "ner": [], "qa": []}
+    for _ in range(n):
+        good = rng.random() < 0.5
+        words = rng.sample(WORDS, 4) + [rng.choice(["good", "great"] if good else ["bad", "awful"])] + rng.sample(WORDS, 2)
+        rows["sentiment"].append({"text": " ".join(words), "label": "positive" if good else "negative"})
+        same = rng.random() < 0.5  # the second segment's cue word decides
+        second = rng.sample(WORDS, 3) + ["indeed" if same else "never"] + rng.sample(WORDS, 2)
+        rows["pairs"].append({"text": " ".join(rng.sample(WORDS, 5)), "text_pair": " ".join(second),
+                              "label": "same" if same else "different"})
+        city = rng.choice(CITIES)
+        words = rng.sample(WORDS, 3) + [city] + rng.sample(WORDS, 2)
+        rows["ner"].append({"tokens": words, "tags": ["B-LOC" if w == city else "O" for w in words]})
+        country, capital = rng.choice(["france", "italy", "norway", "peru", "egypt", "india"]), rng.choice(CITIES)
+        context = f"{' '.join(rng.sample(WORDS, 3))} the capital of {country} is {capital} {' '.join(rng.sample(WORDS, 2))}"
+        rows["qa"].append({"question": f"what is the capital of {country}", "context": context,
+                           "answers": {"text": [capital], "answer_start": [context.index(f"is {capital}") + 3]}})
+    return rows
+
+
+def _write(folder, name: str, rows: list[dict]) -> str:
+    path = folder / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Data files, a tokenizer trained on them, and a small multimodal model saved like an export."""
+    root = tmp_path_factory.mktemp("finetune")
+    train, dev = _rows(0, 160), _rows(1, 40)
+    files = {k: (_write(root, f"{k}_train", train[k]), _write(root, f"{k}_dev", dev[k])) for k in train}
+    texts = [r["text"] for r in train["sentiment"]] + [r["context"] + " " + r["question"] for r in train["qa"]]
+    texts += [r["text_pair"] for r in train["pairs"]]
+    init = root / "init"
+    tokenizer = train_tokenizer(texts * 3, 300, init)
+    config = load_config("tiny", vocab_size=len(tokenizer), max_position_embeddings=64)
+    torch.manual_seed(0)
+    SkillNetForPreTraining(config).save_pretrained(init)
+    return root, files, init
+
+
+def _config(root, files, tasks: list[str], **extra) -> str:
+    heads = {
+        "sentiment": {"name": "sentiment_analysis", "head": {"type": "classification", "labels": ["negative", "positive"]},
+                      "skills": ["text"]},
+        "pairs": {"name": "paraphrase", "head": {"type": "pair_classification", "labels": ["different", "same"]},
+                  "skills": ["text"]},
+        "ner": {"name": "named_entity_recognition", "head": {"type": "tagging", "labels": ["O", "B-LOC", "I-LOC"]},
+                "skills": ["text"]},
+        "qa": {"name": "reading_comprehension", "head": {"type": "span"}, "skills": ["text"]},
+    }
+    entries = []
+    for key in tasks:
+        entry = dict(heads[key])
+        entry["data"] = {"train": files[key][0], "validation": files[key][1], "max_length": 48}
+        entries.append(entry)
+    tree = {"tasks": entries, "train": {"steps": 150, "batch_size": 16, "eval_batch_size": 16, "log_every": 10},
+            "optim": {"lr": 3e-3, "warmup_steps": 10}, **extra}
+    path = root / f"config_{'_'.join(tasks)}_{len(extra)}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+def test_four_heads_in_one_model_learn_and_predict_reproduces_evaluation(workspace, tmp_path):
+    root, files, init = workspace
+    out = tmp_path / "model"
+    config = _config(root, files, ["sentiment", "pairs", "ner", "qa"])
+    assert main(["--config", config, "--init", str(init), f"output_dir={out}", "train.steps=400"]) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert results["sentiment_analysis"]["accuracy"] >= 0.9  # one keyword decides
+    assert results["named_entity_recognition"]["f1"] >= 0.9  # a closed list of city names
+    assert results["reading_comprehension"]["f1"] >= 0.5  # the word after "is"
+    assert results["paraphrase"]["accuracy"] >= 0.9  # the cue word of the second segment
+    model = SkillNetForMultiTask.from_pretrained(out)
+    assert set(model.config.task_heads) == {"sentiment_analysis", "paraphrase", "named_entity_recognition",
+                                            "reading_comprehension"}
+    assert model.heads["named_entity_recognition"].crf is not None
+    for task, key in (("named_entity_recognition", "ner"), ("reading_comprehension", "qa"), ("sentiment_analysis", "sentiment")):
+        written = tmp_path / f"{task}.jsonl"
+        assert predict_main(["--model", str(out), "--task", task, "--input", files[key][1], "--output", str(written)]) == 0
+        assert written.read_text() == (out / "predictions" / f"{task}.jsonl").read_text()
+    # an input without labels predicts as well
+    unlabelled = tmp_path / "unlabelled.jsonl"
+    unlabelled.write_text(json.dumps({"text": "the food was very good to we"}) + "\n")
+    assert predict_main(["--model", str(out), "--task", "sentiment_analysis", "--input", str(unlabelled),
+                         "--output", str(tmp_path / "p.jsonl")]) == 0
+    assert json.loads((tmp_path / "p.jsonl").read_text())["prediction"] == "positive"
+
+
+def test_a_task_trains_only_its_own_skills(workspace):
+    _, _, init = workspace
+    model = SkillNetForMultiTask.from_pretrained(init)
+    model.add_task("sentiment_analysis", ["text"])
+    model.add_head("sentiment_analysis", {"type": "classification", "labels": ["negative", "positive"]})
+    ids = torch.randint(7, 100, (4, 9))
+    model(task="sentiment_analysis", input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+    active = {"text", "generic"}
+    for name, param in model.named_parameters():
+        if ".skills." in name:
+            skill = name.split(".skills.")[1].split(".")[0]
+            assert (param.grad is not None and param.grad.abs().sum() > 0) == (skill in active), name
+
+
+def test_new_skill_with_old_parameters_frozen(workspace, tmp_path):
+    root, files, init = workspace
+    out = tmp_path / "model"
+    config = _config(root, files, ["sentiment"], new_skills=[{"name": "sentiment", "description": "understand sentiment"}],
+                     freeze_old=True)
+    tree = yaml.safe_load(open(config))
+    tree["tasks"][0]["skills"] = ["sentiment"]  # the new skill alone (with the generic one, always on)
+    (root / "frozen.yaml").write_text(yaml.safe_dump(tree))
+    assert main(["--config", str(root / "frozen.yaml"), "--init", str(init), f"output_dir={out}", "train.steps=30"]) == 0
+    before = SkillNetForPreTraining.from_pretrained(init).state_dict()
+    after = SkillNetForMultiTask.from_pretrained(out)
+    state = after.state_dict()
+    for name, tensor in before.items():
+        if name in state:
+            assert torch.equal(state[name], tensor), name  # every old parameter exactly as it was
+    new = [n for n in state if ".skills.sentiment." in n]
+    assert new and all(not torch.equal(state[n], before[n.replace(".skills.sentiment.", ".skills.generic.")]) for n in new)
+    assert after.config.tasks["sentiment_analysis"] == ["sentiment"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown_skill", "unknown skills ['smell']"),
+    ("bad_label", "label 'neutral' is not in the label set"),
+    ("bad_span", "is outside its passage"),
+    ("not_a_model", "is not an exported SkillNet model"),
+    ("head_mismatch", "does not fit the config's"),
+])
+def test_bad_input_is_refused_before_training(workspace, tmp_path, capsys, case, message):
+    root, files, init = workspace
+    tree = yaml.safe_load(open(_config(root, files, ["sentiment", "qa"])))
+    start = str(init)
+    if case == "unknown_skill":
+        tree["tasks"][0]["skills"] = ["smell"]
+    elif case == "bad_label":
+        rows = [{"text": "good day", "label": "neutral"}]
+        tree["tasks"][0]["data"]["train"] = _write(tmp_path, "bad", rows)
+    elif case == "bad_span":
+        rows = [{"question": "q", "context": "the capital is rome", "answers": {"text": ["oslo"], "answer_start": [15]}}]
+        tree["tasks"][1]["data"]["train"] = _write(tmp_path, "bad", rows)
+    elif case == "not_a_model":
+        start = str(tmp_path)
+    elif case == "head_mismatch":
+        model = SkillNetForMultiTask.from_pretrained(init)
+        model.add_task("sentiment_analysis", ["text"])
+        model.add_head("sentiment_analysis", {"type": "classification", "labels": ["a", "b", "c"]})
+        model.save_pretrained(tmp_path / "three")
+        start = str(tmp_path / "three")
+        (tmp_path / "three" / "tokenizer.json").write_text((init / "tokenizer.json").read_text())
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    assert main(["--config", str(path), "--init", start, f"output_dir={tmp_path / 'out'}"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (after the weight-loading progress bar)
+    assert last.startswith("error: ") and message in last
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "finetune" / "configs").glob("*.yaml")))
+def test_shipped_configs_fit_the_nlu_model(name):
+    """Every shipped finetuning config loads, and its tasks' skills and heads fit SkillNet-NLU."""
+    config = load_finetune_config(name)
+    model_config = load_config("skillnet-nlu-base")
+    for task in config.tasks:
+        model_config.tasks = {**model_config.tasks, task.name: task.skills}
+        check_head(task.name, task.head, model_config)
+        assert task.data.train and task.data.validation
