@@ -192,3 +192,31 @@ def test_shipped_configs_fit_the_nlu_model(name):
         model_config.tasks = {**model_config.tasks, task.name: task.skills}
         check_head(task.name, task.head, model_config)
         assert task.data.train and task.data.validation
+
+
+def test_a_model_exported_by_pretraining_loads_and_finetunes(tmp_path):
+    """Pretrain the tiny model for two steps (one process, ZeRO-3), export it, finetune it for a few."""
+    import os
+    import subprocess
+    import sys
+
+    from pretrain.export import main as export_main
+    from pretrain.prepare_sample import main as prepare_sample
+
+    sample, run = tmp_path / "sample", tmp_path / "run"
+    assert prepare_sample(["--out", str(sample), "--vocab-size", "512"]) == 0
+    args = [f"data_root={sample}", f"run_dir={run}", "train.steps=2", "checkpoint.every=2"]
+    done = subprocess.run([sys.executable, "-m", "pretrain", "--config", "tiny", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "MASTER_PORT": "29641"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert export_main([str(run), str(tmp_path / "export")]) == 0
+    rows = [{"text": f"the day was {'good' if i % 2 else 'bad'}", "label": "positive" if i % 2 else "negative"}
+            for i in range(16)]
+    files = {"sentiment": (_write(tmp_path, "train", rows), _write(tmp_path, "dev", rows))}
+    config = _config(tmp_path, files, ["sentiment"])
+    out = tmp_path / "model"
+    assert main(["--config", config, "--init", str(tmp_path / "export"), f"output_dir={out}", "train.steps=5"]) == 0
+    model = SkillNetForMultiTask.from_pretrained(out)
+    exported = SkillNetForPreTraining.from_pretrained(tmp_path / "export")
+    assert torch.equal(model.projections["image"].weight, exported.projections["image"].weight)  # not trained here
+    assert "accuracy" in json.loads((out / "results.json").read_text())["results"]["sentiment_analysis"]
