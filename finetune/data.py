@@ -6,6 +6,10 @@ Fields per head type (names configurable in the task's `data` entry):
 - pair_classification: `text`, `text_pair`, `label`;
 - tagging: `tokens` (a list of words), `tags` (a list of tag names, one per word);
 - span: `question`, `context`, `answers` (SQuAD: `{"text": [...], "answer_start": [...]}`).
+
+Media tasks read WebDataset shards (a shard pattern or a `*.index.json`, as `data_pipeline` writes them)
+through the pretraining decoders: `retrieval` pairs each caption with its image, audio, video or code
+sample; `ctc` (speech recognition) reads audio with its transcript as the caption.
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ class DataFiles:
     max_length: int = 128
 
 
+def is_shards(path: str) -> bool:
+    return path.endswith((".tar", ".index.json")) or "{" in path or "::" in path
+
+
 def load_rows(path: str) -> list[dict]:
     """Rows of a local JSON/JSONL, CSV or Parquet file through `datasets`."""
     suffix = Path(path).suffix.lower()
@@ -56,17 +64,66 @@ def _get(row: dict, name: str, where: str):
 class TaskData:
     """One task's examples, checked and tokenised: `examples` are dicts of 1-d tensors (and metadata)."""
 
-    def __init__(self, task: str, spec: dict, files: DataFiles, tokenizer, split: str = "train", path: str | None = None):
-        """`split`: "train" or "validation" (labelled, read from `files`), or "predict" (`path`, labels optional)."""
+    def __init__(self, task: str, spec: dict, files: DataFiles, tokenizer, split: str = "train", path: str | None = None,
+                 media=None):
+        """`split`: "train" or "validation" (labelled, read from `files`), or "predict" (`path`, labels
+        optional). `media`: the `MediaConfig` decoding media samples (from the model config)."""
         self.task, self.spec, self.files, self.tokenizer = task, spec, files, tokenizer
         self.labelled = split != "predict"
+        self.media = media
         path = path or getattr(files, split)
-        self.rows = load_rows(path)
-        if not self.rows:
-            raise ValueError(f"task {task!r}: {path} holds no examples")
         self.dropped = 0
-        self.examples = [self._encode(row, f"task {task!r}, {path} row {i}") for i, row in enumerate(self.rows)]
-        self.examples = [e for e in self.examples if e is not None]
+        if spec["type"] in ("retrieval", "ctc"):
+            if not is_shards(path):
+                raise ValueError(f"task {task!r}: {spec['type']} data are WebDataset shards (a .tar pattern or "
+                                 f"an .index.json), got {path}")
+            self.examples = self._read_shards(path)
+        else:
+            self.rows = load_rows(path)
+            if not self.rows:
+                raise ValueError(f"task {task!r}: {path} holds no examples")
+            self.examples = [self._encode(row, f"task {task!r}, {path} row {i}") for i, row in enumerate(self.rows)]
+            self.examples = [e for e in self.examples if e is not None]
+
+    def _read_shards(self, pattern: str) -> list[dict]:
+        """Decoded samples of the shards (corrupt ones skipped and counted, as in pretraining)."""
+        from data_pipeline.media import BadSample, decode_sample
+        from data_pipeline.shards import SkipCounter, open_source, read_raw_samples
+
+        source = open_source(pattern)
+        modality = self.spec.get("candidate_modality", "audio")
+        if source.index.modality != modality:
+            raise ValueError(f"task {self.task!r} reads {modality} but {pattern} holds {source.index.modality}")
+        skipped, examples = SkipCounter(), []
+        for url in source.urls:
+            for raw in read_raw_samples(url, skipped):
+                try:
+                    sample = decode_sample(raw, modality, self.media)
+                except BadSample as e:
+                    skipped.skip(e.reason, url, raw["__key__"], e.detail)
+                    continue
+                examples.append(self._encode_media(sample, modality, f"task {self.task!r}, {url} {raw['__key__']}"))
+        self.dropped = sum(skipped.values())
+        if not examples:
+            raise ValueError(f"task {self.task!r}: {pattern} holds no usable samples")
+        return [e for e in examples if e is not None]
+
+    def _encode_media(self, sample: dict, modality: str, where: str) -> dict | None:
+        media = {k: v for k, v in sample.items() if k in ("pixel_values", "input_features", "pixel_values_videos")}
+        if self.spec["type"] == "ctc":
+            alphabet = self.spec["labels"]
+            unknown = sorted({c for c in sample["caption"] if c not in alphabet})
+            if unknown:
+                raise ValueError(f"{where}: transcript characters {unknown} are not in the head's alphabet")
+            example = {**media, "meta": {"key": sample["key"], "transcript": sample["caption"]}}
+            if self.labelled:
+                example["labels"] = torch.tensor([alphabet.index(c) + 1 for c in sample["caption"]])  # 0: blank
+            return example
+        caption = self.tokenizer(sample["caption"], truncation=True, max_length=self.files.max_length)
+        if modality == "code":
+            code = self.tokenizer(sample["code"], truncation=True, max_length=self.files.max_length)
+            media = {"input_ids": torch.tensor(code["input_ids"]), "attention_mask": torch.tensor(code["attention_mask"])}
+        return {**_tensors(caption), **{f"candidate_{k}": v for k, v in media.items()}, "meta": {"key": sample["key"]}}
 
     # -- encoding per head type --------------------------------------------------------------------------
 
@@ -163,18 +220,28 @@ def _tensors(enc) -> dict:
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
-    """Pad token fields to the longest example, word labels with -100; metadata is kept as a list."""
-    batch = {}
+    """Pad token fields to the longest example (labels with -100), audio frames with a feature mask, stack
+    images and videos; a retrieval candidate's inputs go in `candidate`, metadata in a list."""
+    batch, candidate = {}, {}
     for key in examples[0]:
-        if key == "meta":
-            batch[key] = [e[key] for e in examples]
-            continue
         values = [e[key] for e in examples]
-        if values[0].dim() == 0:
-            batch[key] = torch.stack(values)
+        if key == "meta":
+            batch[key] = values
             continue
-        fill = {"input_ids": pad_id, "labels": -100}.get(key, 0)
-        batch[key] = torch.nn.utils.rnn.pad_sequence(values, batch_first=True, padding_value=fill)
+        target, name = (candidate, key[len("candidate_"):]) if key.startswith("candidate_") else (batch, key)
+        if name == "input_features":  # (mel bins, frames): pad the frames
+            frames = [v.shape[1] for v in values]
+            target[name] = torch.zeros(len(values), values[0].shape[0], max(frames))
+            target["feature_attention_mask"] = torch.zeros(len(values), max(frames), dtype=torch.long)
+            for i, (v, n) in enumerate(zip(values, frames)):
+                target[name][i, :, :n], target["feature_attention_mask"][i, :n] = v, 1
+        elif values[0].dim() == 0 or name in ("pixel_values", "pixel_values_videos"):
+            target[name] = torch.stack(values)
+        else:
+            fill = {"input_ids": pad_id, "labels": -100}.get(name, 0)
+            target[name] = torch.nn.utils.rnn.pad_sequence(values, batch_first=True, padding_value=fill)
     if "word_mask" in batch:
         batch["word_mask"] = batch["word_mask"].bool()
+    if candidate:
+        batch["candidate"] = candidate
     return batch

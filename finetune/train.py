@@ -66,18 +66,20 @@ def build_model(config: FinetuneConfig):
 
 def prepare(config: FinetuneConfig):
     """Everything that can fail on bad input: the model, tokenizer and every task's data, checked."""
+    from data_pipeline.media import MediaConfig
     from skillnet.tokenizer import load_tokenizer
 
     if not config.init:
         raise ValueError("no model to start from: pass --init <exported folder> (or set init: in the config)")
     model, trainable = build_model(config)
     tokenizer = load_tokenizer(config.tokenizer or config.init)
+    media = MediaConfig.from_model(model.config)
     train, evaluation = {}, {}
     for task in config.tasks:
         spec = model.config.task_heads[task.name]
-        train[task.name] = TaskData(task.name, spec, task.data, tokenizer, "train")
+        train[task.name] = TaskData(task.name, spec, task.data, tokenizer, "train", media=media)
         if task.data.validation:
-            evaluation[task.name] = TaskData(task.name, spec, task.data, tokenizer, "validation")
+            evaluation[task.name] = TaskData(task.name, spec, task.data, tokenizer, "validation", media=media)
     return model, trainable, tokenizer, train, evaluation
 
 

@@ -11,6 +11,8 @@ A head spec is a dict stored in `config.task_heads[task]`: `{"type": ..., ...}`.
 - `retrieval`: contrastive matching of a text query with a candidate of `candidate_modality` (image,
   audio, video or code) through the model's projections; `candidate_task` names the skills the
   candidate side runs (the query side runs the task's own skills).
+- `ctc`: speech recognition, characters from audio frames by connectionist temporal classification;
+  `labels`: the alphabet (single characters; index 0 of the output is the CTC blank).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 
 from .crf import CRF
 
-HEAD_TYPES = ("classification", "pair_classification", "tagging", "span", "retrieval")
+HEAD_TYPES = ("classification", "pair_classification", "tagging", "span", "retrieval", "ctc")
 
 
 def check_head(task: str, spec: dict, config) -> None:
@@ -41,6 +43,12 @@ def check_head(task: str, spec: dict, config) -> None:
             raise ValueError(f"task {task!r}: tags {bad} are not O, B-<type> or I-<type>")
     if kind in ("pair_classification", "span", "tagging", "classification") and spec.get("modality", "text") not in config.modalities:
         raise ValueError(f"task {task!r}: the model has no {spec.get('modality')!r} front-end")
+    if kind == "ctc":
+        alphabet = spec.get("labels") or []
+        if not alphabet or any(len(c) != 1 for c in alphabet) or len(set(alphabet)) != len(alphabet):
+            raise ValueError(f"task {task!r}: a ctc head needs `labels`, its alphabet of distinct single characters")
+        if "audio" not in config.modalities:
+            raise ValueError(f"task {task!r}: speech recognition needs the audio front-end in config.modalities")
     if kind == "retrieval":
         if config.projection_dim <= 0:
             raise ValueError(f"task {task!r}: a retrieval head needs projection_dim > 0 in the model config")
@@ -129,6 +137,34 @@ class SpanHead(nn.Module):
         return [(int(i) // n, int(i) % n) for i in flat]
 
 
+class CTCHead(nn.Module):
+    """Characters per audio frame (after the front-end's 4x subsampling; the [CLS] is left out), trained
+    with CTC and decoded greedily (best class per frame, repeats merged, blanks dropped)."""
+
+    def __init__(self, hidden: int, alphabet_size: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden, alphabet_size + 1)
+
+    def forward(self, encoded, labels=None):
+        log_probs = self.out(self.dropout(encoded.last_hidden_state[:, 1:])).float().log_softmax(-1)
+        lengths = encoded.attention_mask[:, 1:].sum(1)
+        loss = None
+        if labels is not None:
+            keep = labels != -100
+            loss = F.ctc_loss(log_probs.transpose(0, 1), labels[keep], lengths, keep.sum(1), blank=0, zero_infinity=True)
+        return loss, (log_probs, lengths)
+
+    @staticmethod
+    def decode(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+        """Greedy CTC decoding: label indices (1-based; 0 is the blank) per sample."""
+        out = []
+        for best, n in zip(log_probs.argmax(-1), lengths.tolist()):
+            path = torch.unique_consecutive(best[:n]).tolist()
+            out.append([c for c in path if c != 0])
+        return out
+
+
 def make_head(spec: dict, config) -> nn.Module | None:
     kind, hidden, dropout = spec["type"], config.hidden_size, config.hidden_dropout_prob
     if kind in ("classification", "pair_classification"):
@@ -137,4 +173,6 @@ def make_head(spec: dict, config) -> nn.Module | None:
         return TaggingHead(hidden, len(spec["labels"]), dropout, spec.get("crf", True))
     if kind == "span":
         return SpanHead(hidden)
+    if kind == "ctc":
+        return CTCHead(hidden, len(spec["labels"]), dropout)
     return None  # retrieval: the model's projections

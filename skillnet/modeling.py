@@ -47,7 +47,7 @@ class SkillNetMultiTaskOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | tuple | None = None
     """classification: (batch, labels); tagging: (word emissions, word mask); span: (start, end) logits;
-    retrieval: (queries, candidates) similarities."""
+    ctc: (frame log-probabilities, frame counts); retrieval: (queries, candidates) similarities."""
     aux_loss: torch.Tensor | None = None
 
 
@@ -125,6 +125,14 @@ def _check_loaded_skills(info: dict) -> None:
         problems.append(f"shapes differ for {[m[0] if isinstance(m, tuple) else m for m in list(mismatched)[:3]]}")
     if problems:
         raise ValueError("checkpoint does not match the config: " + "; ".join(problems))
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of the output vectors over the unpadded positions: the contrastive embeddings' input. (The
+    [CLS] vector barely depends on the input until it is trained to, which stalls contrastive learning
+    from scratch; the mean does from the first step.)"""
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 class SkillNetEncoder(nn.Module):
@@ -269,7 +277,7 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
         return F.linear(h, self.get_input_embeddings().weight, self.mlm_bias)
 
     def project(self, pooled: torch.Tensor, modality: str) -> torch.Tensor:
-        """L2-normalised contrastive embedding of a pooled vector of `modality`."""
+        """L2-normalised contrastive embedding of a pooled vector of `modality` (see `mean_pool`)."""
         if self.projections is None:
             raise ValueError("contrastive embeddings need projection_dim > 0 in the config")
         return F.normalize(self.projections[modality](pooled), dim=-1)
@@ -277,14 +285,15 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
     def forward(self, labels=None, next_sentence_label=None, **inputs) -> SkillNetPreTrainingOutput:
         """`labels`: token ids at masked positions, -100 elsewhere; the vocabulary logits are computed only
         then (`mlm_logits(hidden)` gives them on demand). `next_sentence_label`: 0/1 per sample. With
-        `projection_dim`, `embeddings` holds the normalised contrastive embedding of the pooled vector."""
+        `projection_dim`, `embeddings` holds the normalised contrastive embedding of the mean of the
+        output vectors (`mean_pool`)."""
         out = self.skillnet(**inputs)
         hidden, pooled = out.last_hidden_state, out.pooler_output
         prediction_logits = self.mlm_logits(hidden) if labels is not None else None
         pair_logits = self.pair_head(pooled)
         embeddings = scale = None
         if self.projections is not None:
-            embeddings = self.project(pooled, out.modality)
+            embeddings = self.project(mean_pool(hidden, out.attention_mask), out.modality)
             scale = self.logit_scale.exp().clamp(max=100.0)  # CLIP's temperature, returned for the loss
         losses = []
         if labels is not None:
@@ -339,6 +348,8 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel):
         head = self.heads[task]
         if spec["type"] == "tagging":
             loss, logits = head(encoded, word_mask, labels)
+        elif spec["type"] == "ctc":
+            loss, logits = head(encoded, labels)
         elif spec["type"] == "span":
             passage = inputs["token_type_ids"].bool() & inputs["attention_mask"].bool()
             loss, logits = head(encoded, passage, start_positions, end_positions)
@@ -351,7 +362,8 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel):
     def embed(self, modality: str, task: str, **inputs) -> torch.Tensor:
         """The L2-normalised contrastive embedding of one side, run with `task`'s skills."""
         encoded = self.skillnet(**inputs, modality=modality, task=task)
-        return F.normalize(self.projections[modality](encoded.pooler_output), dim=-1)
+        pooled = mean_pool(encoded.last_hidden_state, encoded.attention_mask)
+        return F.normalize(self.projections[modality](pooled), dim=-1)
 
     def _retrieval(self, task, spec, candidate, inputs) -> SkillNetMultiTaskOutput:
         """In-batch contrastive loss: query i matches candidate i, every other candidate is a negative."""
