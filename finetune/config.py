@@ -24,6 +24,8 @@ class TaskSpec:
     data: DataFiles
     skills: list[str] | None = None
     """The skills the task activates; leave out to use the model's task table entry."""
+    prompts: dict | None = None
+    """Prompt tuning: {length: n, instance_wise: false}; with `freeze_old` the backbone stays frozen."""
 
 
 @dataclass
@@ -65,7 +67,7 @@ class FinetuneConfig:
     tasks: list[TaskSpec] = field(default_factory=list)
     new_skills: list[NewSkill] = field(default_factory=list)
     freeze_old: bool = False
-    """Train only the new skills and the heads; every parameter that existed before stays as it was."""
+    """Train only what this run adds (new skills, heads, prompts); every parameter of `init` stays as it was."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -78,8 +80,8 @@ class FinetuneConfig:
         for t in self.tasks:
             if not t.data.train:
                 raise ValueError(f"task {t.name!r}: data.train names no file")
-        if self.freeze_old and not self.new_skills:
-            raise ValueError("freeze_old trains only new skills and heads: list the new_skills")
+        if self.freeze_old and not self.new_skills and not any(t.prompts for t in self.tasks):
+            raise ValueError("freeze_old trains only new skills, heads and prompts: list new_skills or give tasks prompts")
         if self.train.steps < 1 or self.train.batch_size < 1:
             raise ValueError("train.steps and train.batch_size must be >= 1")
 

@@ -50,15 +50,16 @@ def build_model(config: FinetuneConfig):
         elif task.name not in model.config.tasks:
             raise ValueError(f"task {task.name!r} is not in the model's task table: give its skills "
                              f"(tasks[].skills, from {model.registry.names})")
+        head = {**task.head, **({"prompts": task.prompts} if task.prompts else {})}
         existing = model.config.task_heads.get(task.name)
         if existing is None:
-            model.add_head(task.name, task.head)
-        elif {**existing, **task.head} != existing:
-            raise ValueError(f"task {task.name!r}: the model's head {existing} does not fit the config's {task.head}")
+            model.add_head(task.name, head)
+        elif {**existing, **head} != existing:
+            raise ValueError(f"task {task.name!r}: the model's head {existing} does not fit the config's {head}")
     trainable = {name for name, _ in model.named_parameters()}
     if config.freeze_old:
-        heads = {f"heads.{t.name}." for t in config.tasks}
-        trainable = {n for n in trainable if n not in old or n.startswith(tuple(heads))}
+        own = tuple(f"{kind}.{t.name}." for t in config.tasks for kind in ("heads", "prompts"))
+        trainable = {n for n in trainable if n not in old or n.startswith(own)}
         for name, param in model.named_parameters():
             param.requires_grad_(name in trainable)
     return model, trainable

@@ -13,6 +13,8 @@ A head spec is a dict stored in `config.task_heads[task]`: `{"type": ..., ...}`.
   candidate side runs (the query side runs the task's own skills).
 - `ctc`: speech recognition, characters from audio frames by connectionist temporal classification;
   `labels`: the alphabet (single characters; index 0 of the output is the CTC blank).
+
+Any spec may add `prompts: {length: n, instance_wise: bool}`: prompt tuning (`modeling.PromptEncoder`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ def check_head(task: str, spec: dict, config) -> None:
             raise ValueError(f"task {task!r}: tags {bad} are not O, B-<type> or I-<type>")
     if kind in ("pair_classification", "span", "tagging", "classification") and spec.get("modality", "text") not in config.modalities:
         raise ValueError(f"task {task!r}: the model has no {spec.get('modality')!r} front-end")
+    prompts = spec.get("prompts")
+    if prompts is not None and (not isinstance(prompts, dict) or not isinstance(prompts.get("length"), int)
+                                or prompts["length"] < 1 or set(prompts) - {"length", "instance_wise"}):
+        raise ValueError(f"task {task!r}: prompts must be {{length: n >= 1, instance_wise: true|false}}, got {prompts!r}")
     if kind == "ctc":
         alphabet = spec.get("labels") or []
         if not alphabet or any(len(c) != 1 for c in alphabet) or len(set(alphabet)) != len(alphabet):

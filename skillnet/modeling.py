@@ -72,6 +72,8 @@ class SkillNetPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(getattr(module, "cls", None), nn.Parameter):  # the [CLS] of image, audio and video
             init.normal_(module.cls, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, PromptEncoder):
+            init.normal_(module.vectors, mean=0.0, std=self.config.initializer_range)
         if isinstance(module, (SkillNetForPreTraining, SkillNetForMultiTask)) and module.logit_scale is not None:
             init.constant_(module.logit_scale, math.log(1 / 0.07))
 
@@ -236,13 +238,23 @@ class SkillNetModel(SkillNetPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None,
                 input_features=None, feature_attention_mask=None, pixel_values_videos=None, modality=None,
-                task=None, skills=None, skill_mask=None, route: Route | None = None,
+                task=None, skills=None, skill_mask=None, route: Route | None = None, prompts: nn.Module | None = None,
                 output_hidden_states: bool = False, return_dict: bool | None = None, **kwargs) -> SkillNetModelOutput:
+        """`prompts`: a `PromptEncoder` whose vectors are inserted after the first position ([CLS]) for
+        the trunk to attend to; they are taken out of the outputs again, which stay aligned with the inputs."""
         x, mask, modality = self.embed(modality, input_ids, attention_mask, token_type_ids, pixel_values,
                                        input_features, feature_attention_mask, pixel_values_videos)
         if route is None:
             route = self.route(x.shape[0], task, skills, skill_mask, x.device)
+        n = 0
+        if prompts is not None:
+            extra = prompts(x, mask)
+            n = extra.shape[1]
+            x = torch.cat([x[:, :1], extra.to(x.dtype), x[:, 1:]], dim=1)
+            mask = torch.cat([mask[:, :1], mask.new_ones(mask.shape[0], n), mask[:, 1:]], dim=1)
         hidden, all_hidden = self.encoder(x, padding_mask(mask), route, output_hidden_states=output_hidden_states)
+        if n:
+            hidden, mask = (torch.cat([t[:, :1], t[:, 1 + n:]], dim=1) for t in (hidden, mask))
         pooled = torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None
         aux = torch.stack(route.aux_losses).sum() if route.aux_losses else None
         return SkillNetModelOutput(hidden, pooled, mask, all_hidden, aux, modality)
@@ -306,6 +318,26 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
         return SkillNetPreTrainingOutput(loss, prediction_logits, pair_logits, embeddings, scale, hidden, out.aux_loss)
 
 
+class PromptEncoder(nn.Module):
+    """Prompt tuning: `length` trained vectors given to the trunk with every input of a task. Instance-wise,
+    a small network adds to them vectors computed from the input's own (mean) embedding, so each input
+    gets prompts of its own."""
+
+    def __init__(self, length: int, hidden: int, instance_wise: bool, bottleneck: int = 64):
+        super().__init__()
+        self.length = length
+        self.vectors = nn.Parameter(torch.zeros(length, hidden))
+        self.generator = None
+        if instance_wise:
+            self.generator = nn.Sequential(nn.Linear(hidden, bottleneck), nn.Tanh(), nn.Linear(bottleneck, length * hidden))
+
+    def forward(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.vectors.expand(embeddings.shape[0], -1, -1)
+        if self.generator is not None:
+            out = out + self.generator(mean_pool(embeddings, mask)).view(embeddings.shape[0], self.length, -1)
+        return out
+
+
 class SkillNetForMultiTask(SkillNetPreTrainedModel):
     """The encoder with a head per downstream task (`config.task_heads`); every call names its task, which
     runs only its skills. One checkpoint serves every task. The contrastive projections and temperature
@@ -316,11 +348,9 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel):
     def __init__(self, config: SkillNetConfig):
         super().__init__(config)
         self.skillnet = SkillNetModel(config)
-        self.heads = nn.ModuleDict()
+        self.heads, self.prompts = nn.ModuleDict(), nn.ModuleDict()
         for task, spec in config.task_heads.items():
-            head = make_head(spec, config)
-            if head is not None:
-                self.heads[task] = head
+            self._build_head(task, spec)
         self.projections = self.logit_scale = None
         if config.projection_dim:
             self.projections = nn.ModuleDict({m: nn.Linear(config.hidden_size, config.projection_dim, bias=False)
@@ -328,14 +358,26 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel):
             self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self.post_init()
 
-    def add_head(self, task: str, spec: dict) -> None:
-        """Give `task` (already in the task table) a new, freshly initialised head."""
-        check_head(task, spec, self.config)
-        self.config.task_heads = {**self.config.task_heads, task: dict(spec)}
+    def _build_head(self, task: str, spec: dict) -> list[nn.Module]:
+        built = []
         head = make_head(spec, self.config)
         if head is not None:
-            head.apply(self._init_weights)
-            self.heads[task] = head.to(self.device)
+            self.heads[task] = head
+            built.append(head)
+        if spec.get("prompts"):
+            prompts = spec["prompts"]
+            self.prompts[task] = PromptEncoder(prompts["length"], self.config.hidden_size, prompts.get("instance_wise", False))
+            built.append(self.prompts[task])
+        return built
+
+    def add_head(self, task: str, spec: dict) -> None:
+        """Give `task` (already in the task table) a new, freshly initialised head (and its prompts, when
+        the spec has `prompts: {length, instance_wise}`)."""
+        check_head(task, spec, self.config)
+        self.config.task_heads = {**self.config.task_heads, task: dict(spec)}
+        for module in self._build_head(task, spec):
+            module.apply(self._init_weights)
+            module.to(self.device)
 
     def forward(self, task: str, labels=None, word_mask=None, start_positions=None, end_positions=None,
                 candidate: dict | None = None, **inputs) -> SkillNetMultiTaskOutput:
@@ -344,7 +386,7 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel):
             raise ValueError(f"task {task!r} has no head; tasks with heads: {sorted(self.config.task_heads)}")
         if spec["type"] == "retrieval":
             return self._retrieval(task, spec, candidate, inputs)
-        encoded = self.skillnet(**inputs, task=task)
+        encoded = self.skillnet(**inputs, task=task, prompts=self.prompts[task] if task in self.prompts else None)
         head = self.heads[task]
         if spec["type"] == "tagging":
             loss, logits = head(encoded, word_mask, labels)
@@ -361,7 +403,8 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel):
 
     def embed(self, modality: str, task: str, **inputs) -> torch.Tensor:
         """The L2-normalised contrastive embedding of one side, run with `task`'s skills."""
-        encoded = self.skillnet(**inputs, modality=modality, task=task)
+        prompts = self.prompts[task] if task in self.prompts else None
+        encoded = self.skillnet(**inputs, modality=modality, task=task, prompts=prompts)
         pooled = mean_pool(encoded.last_hidden_state, encoded.attention_mask)
         return F.normalize(self.projections[modality](pooled), dim=-1)
 

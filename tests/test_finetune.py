@@ -286,3 +286,39 @@ def test_speech_recognition_and_retrieval_from_webdataset_shards(workspace, tmp_
         written = tmp_path / f"{task}.jsonl"
         assert predict_main(["--model", str(out), "--task", task, "--input", data, "--output", str(written)]) == 0
         assert written.read_text() == (out / "predictions" / f"{task}.jsonl").read_text()
+
+
+def test_prompt_tuning_with_the_backbone_frozen_and_describe_counts(workspace, tmp_path):
+    """On a finetuned backbone, a new task learns with instance-wise prompts and its head only, every other
+    parameter unchanged; `describe` counts what each choice trains."""
+    from finetune.describe import describe
+    from skillnet.params import activated_parameters
+
+    root, files, init = workspace
+    backbone = tmp_path / "backbone"
+    assert main(["--config", _config(root, files, ["sentiment"]), "--init", str(init), f"output_dir={backbone}"]) == 0
+    tree = yaml.safe_load(open(_config(root, files, ["sentiment"])))
+    tree["tasks"][0].update(name="sentiment_prompted", prompts={"length": 4, "instance_wise": True})
+    tree["freeze_old"] = True
+    path = tmp_path / "prompts.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "model"
+    assert main(["--config", str(path), "--init", str(backbone), f"output_dir={out}", "train.steps=100"]) == 0
+    before = SkillNetForMultiTask.from_pretrained(backbone).state_dict()
+    model = SkillNetForMultiTask.from_pretrained(out)
+    state = model.state_dict()
+    assert all(torch.equal(state[n], t) for n, t in before.items())
+    assert model.prompts["sentiment_prompted"].generator is not None and "sentiment_prompted" in model.heads
+    assert json.loads((out / "results.json").read_text())["results"]["sentiment_prompted"]["accuracy"] >= 0.9
+
+    own = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("heads.sentiment_prompted.", "prompts.")))
+    trunk = activated_parameters(model.skillnet, {"text", "generic"}, "text")
+    config = load_finetune_config(str(path))
+    config.init = str(backbone)
+    [row] = describe(config)
+    assert row == {"task": "sentiment_prompted", "skills": ["text", "generic"], "activated": trunk + own, "trainable": own}
+    config.freeze_old, config.tasks[0].prompts = False, None  # full finetuning: the trunk and this task's head
+    [row] = describe(config)
+    head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("heads.sentiment_prompted."))
+    others = sum(p.numel() for n, p in model.named_parameters() if n.startswith("heads.sentiment_analysis."))
+    assert row["trainable"] == sum(t.numel() for t in before.values()) - others + head
