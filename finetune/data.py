@@ -5,7 +5,8 @@ Fields per head type (names configurable in the task's `data` entry):
 - classification: `text`, `label` (a label name);
 - pair_classification: `text`, `text_pair`, `label`;
 - tagging: `tokens` (a list of words), `tags` (a list of tag names, one per word);
-- span: `question`, `context`, `answers` (SQuAD: `{"text": [...], "answer_start": [...]}`).
+- span: `question`, `context`, `answers` (SQuAD: `{"text": [...], "answer_start": [...]}`);
+- generation: `text` (the source), `target` (the text to generate).
 
 Media tasks read WebDataset shards (a shard pattern or a `*.index.json`, as `data_pipeline` writes them)
 through the pretraining decoders: `retrieval` pairs each caption with its image, audio, video or code
@@ -36,6 +37,7 @@ class DataFiles:
     question: str = "question"
     context: str = "context"
     answers: str = "answers"
+    target: str = "target"
     max_length: int = 128
 
 
@@ -145,6 +147,13 @@ class TaskData:
             return self._encode_tags(row, where)
         if kind == "span":
             return self._encode_span(row, where)
+        if kind == "generation":
+            enc = tok(_get(row, f.text, where), truncation=True, max_length=f.max_length)
+            if not self.labelled:
+                return _tensors(enc)
+            target = _get(row, f.target, where)
+            ids = tok(target, add_special_tokens=False, truncation=True, max_length=f.max_length - 1)["input_ids"]
+            return {**_tensors(enc), "labels": torch.tensor(ids + [tok.eos_token_id]), "meta": {"target": target}}
         raise ValueError(f"{where}: head type {kind!r} has no data encoder here")
 
     def _encode_tags(self, row: dict, where: str) -> dict | None:

@@ -5,7 +5,7 @@
 
 The input file has the task's fields (as in training; labels may be left out), or for media tasks it is
 a shard pattern; one JSON line per input is written: `{"prediction": ...}` (a label name, a list of
-tags, an answer string, a transcript, or the keys of the ten best candidates). The same code
+tags, an answer string, a transcript, generated text, or the keys of the ten best candidates). The same code
 writes the evaluation predictions during finetuning, so both agree.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .data import DataFiles, TaskData, collate
-from .metrics import accuracy, character_error_rate, span_f1, tag_f1
+from .metrics import accuracy, bleu, character_error_rate, rouge_l, span_f1, tag_f1
 
 
 def _to(batch: dict, device) -> dict:
@@ -62,6 +62,11 @@ def predict(model, data: TaskData, batch_size: int = 32) -> list:
         meta = batch.pop("meta", None)
         for key in ("labels", "start_positions", "end_positions"):
             batch.pop(key, None)
+        if spec["type"] == "generation":
+            ids = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), task=data.task,
+                                 max_new_tokens=data.files.max_length)
+            out += [data.tokenizer.decode(row[1:], skip_special_tokens=True).strip() for row in ids.tolist()]
+            continue
         result = model(task=data.task, **_to(batch, device)).logits
         if spec["type"] in ("classification", "pair_classification"):
             out += [spec["labels"][j] for j in result.argmax(-1).tolist()]
@@ -91,6 +96,8 @@ def gold(data: TaskData) -> list:
             out.append(example["meta"]["answers"])
         elif kind == "ctc":
             out.append(example["meta"]["transcript"])
+        elif kind == "generation":
+            out.append(example["meta"]["target"])
         else:  # retrieval: a caption's own sample
             out.append(example["meta"]["key"])
     return out
@@ -105,6 +112,8 @@ def score(kind: str, predictions: list, references: list) -> dict[str, float]:
         return tag_f1(predictions, references)
     if kind == "ctc":
         return {"cer": character_error_rate(predictions, references)}
+    if kind == "generation":
+        return {"rouge_l": rouge_l(predictions, references), "bleu": bleu(predictions, [[r] for r in references])}
     if kind == "retrieval":
         return {f"recall@{k}": sum(g in p[:k] for p, g in zip(predictions, references)) / len(references)
                 for k in (1, 5, 10)}

@@ -11,6 +11,8 @@ A head spec is a dict stored in `config.task_heads[task]`: `{"type": ..., ...}`.
 - `retrieval`: contrastive matching of a text query with a candidate of `candidate_modality` (image,
   audio, video or code) through the model's projections; `candidate_task` names the skills the
   candidate side runs (the query side runs the task's own skills).
+- `generation`: text to text (summarisation, data-to-text) with the decoder of a model that has
+  `num_decoder_layers > 0`; the task's skills run in the encoder and in the decoder at every step.
 - `ctc`: speech recognition, characters from audio frames by connectionist temporal classification;
   `labels`: the alphabet (single characters; index 0 of the output is the CTC blank).
 
@@ -25,7 +27,7 @@ from torch import nn
 
 from .crf import CRF
 
-HEAD_TYPES = ("classification", "pair_classification", "tagging", "span", "retrieval", "ctc")
+HEAD_TYPES = ("classification", "pair_classification", "tagging", "span", "retrieval", "ctc", "generation")
 
 
 def check_head(task: str, spec: dict, config) -> None:
@@ -49,6 +51,12 @@ def check_head(task: str, spec: dict, config) -> None:
     if prompts is not None and (not isinstance(prompts, dict) or not isinstance(prompts.get("length"), int)
                                 or prompts["length"] < 1 or set(prompts) - {"length", "instance_wise"}):
         raise ValueError(f"task {task!r}: prompts must be {{length: n >= 1, instance_wise: true|false}}, got {prompts!r}")
+    if kind == "generation":
+        if config.num_decoder_layers < 1 or config.decoder_start_token_id is None:
+            raise ValueError(f"task {task!r}: a generation head needs a model with num_decoder_layers >= 1 and a "
+                             "decoder_start_token_id (an encoder-decoder such as skillnet-nlg-base)")
+        if spec.get("prompts"):
+            raise ValueError(f"task {task!r}: prompt tuning is not available for generation tasks")
     if kind == "ctc":
         alphabet = spec.get("labels") or []
         if not alphabet or any(len(c) != 1 for c in alphabet) or len(set(alphabet)) != len(alphabet):

@@ -356,7 +356,16 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel):
             self.projections = nn.ModuleDict({m: nn.Linear(config.hidden_size, config.projection_dim, bias=False)
                                               for m in config.modalities})
             self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
+        if config.num_decoder_layers:  # generation tasks: the decoder of SkillNetForConditionalGeneration, same names
+            h = config.hidden_size
+            self.decoder_positions = nn.Embedding(config.max_position_embeddings, h)
+            self.decoder_embed_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+            self.decoder = SkillNetEncoder(config, config.num_decoder_layers, decoder=True)
+            self.lm_bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.post_init()
+
+    def get_input_embeddings(self):
+        return self.skillnet.get_input_embeddings()
 
     def _build_head(self, task: str, spec: dict) -> list[nn.Module]:
         built = []
@@ -386,6 +395,8 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel):
             raise ValueError(f"task {task!r} has no head; tasks with heads: {sorted(self.config.task_heads)}")
         if spec["type"] == "retrieval":
             return self._retrieval(task, spec, candidate, inputs)
+        if spec["type"] == "generation":
+            return self._generation(task, labels, inputs)
         encoded = self.skillnet(**inputs, task=task, prompts=self.prompts[task] if task in self.prompts else None)
         head = self.heads[task]
         if spec["type"] == "tagging":
@@ -407,6 +418,16 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel):
         encoded = self.skillnet(**inputs, modality=modality, task=task, prompts=prompts)
         pooled = mean_pool(encoded.last_hidden_state, encoded.attention_mask)
         return F.normalize(self.projections[modality](pooled), dim=-1)
+
+    def _generation(self, task, labels, inputs) -> SkillNetMultiTaskOutput:
+        """Teacher-forced decoding of `labels` (target ids, -100 on padding) with the task's skills."""
+        if labels is None:
+            raise ValueError(f"generation task {task!r}: pass labels (training) or call generate()")
+        route = self.skillnet.route(inputs["input_ids"].shape[0], task=task, device=inputs["input_ids"].device)
+        enc = self.skillnet(**inputs, route=route, prompts=self.prompts[task] if task in self.prompts else None)
+        logits = self.decode(self.shift_right(labels), enc.last_hidden_state, enc.attention_mask, route)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return SkillNetMultiTaskOutput(loss if enc.aux_loss is None else loss + enc.aux_loss, logits, enc.aux_loss)
 
     def _retrieval(self, task, spec, candidate, inputs) -> SkillNetMultiTaskOutput:
         """In-batch contrastive loss: query i matches candidate i, every other candidate is a negative."""
@@ -513,3 +534,9 @@ class SkillNetForConditionalGeneration(SkillNetPreTrainedModel):
                     break
         self.train(was_training)
         return out
+
+
+# Generation tasks of the multi-task model decode exactly as the encoder-decoder does.
+SkillNetForMultiTask.decode = SkillNetForConditionalGeneration.decode
+SkillNetForMultiTask.shift_right = SkillNetForConditionalGeneration.shift_right
+SkillNetForMultiTask.generate = SkillNetForConditionalGeneration.generate

@@ -322,3 +322,40 @@ def test_prompt_tuning_with_the_backbone_frozen_and_describe_counts(workspace, t
     head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("heads.sentiment_prompted."))
     others = sum(p.numel() for n, p in model.named_parameters() if n.startswith("heads.sentiment_analysis."))
     assert row["trainable"] == sum(t.numel() for t in before.values()) - others + head
+
+
+def test_generation_task_with_the_encoder_decoder(workspace, tmp_path):
+    """An encoder-decoder learns to copy its source's first word (ROUGE-L, BLEU); the decoder runs
+    the task's skills at every step; predict's generations equal the evaluation's."""
+    from skillnet import SkillNetForConditionalGeneration
+    from skillnet.tokenizer import load_tokenizer
+
+    root, _, init = workspace
+    tokenizer = load_tokenizer(init)
+    config = load_config("tiny", vocab_size=len(tokenizer), max_position_embeddings=64, num_decoder_layers=1,
+                         decoder_start_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.eos_token_id,
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # width 32 has none to spare
+    torch.manual_seed(0)
+    encoder_decoder = tmp_path / "init"
+    SkillNetForConditionalGeneration(config).save_pretrained(encoder_decoder)
+    tokenizer.save_pretrained(encoder_decoder)
+    rng = random.Random(0)
+    rows = [{"text": " ".join(words), "target": words[0]} for words in (rng.sample(WORDS, 6) for _ in range(200))]
+    tree = {"tasks": [{"name": "summarization", "skills": ["text"], "head": {"type": "generation"},
+                       "data": {"train": _write(tmp_path, "train", rows[:160]), "validation": _write(tmp_path, "dev", rows[160:]),
+                                "max_length": 16}}],
+            "train": {"steps": 600, "batch_size": 16}, "optim": {"lr": 3e-3, "warmup_steps": 10}}
+    path = tmp_path / "generation.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "model"
+    assert main(["--config", str(path), "--init", str(encoder_decoder), f"output_dir={out}"]) == 0
+    results = json.loads((out / "results.json").read_text())["results"]["summarization"]
+    assert results["rouge_l"] >= 0.8 and 0.0 <= results["bleu"] <= 1.0  # (one-word outputs have no 4-grams)
+    written = tmp_path / "generated.jsonl"
+    assert predict_main(["--model", str(out), "--task", "summarization", "--input", str(tmp_path / "dev.jsonl"),
+                         "--output", str(written)]) == 0
+    assert written.read_text() == (out / "predictions" / "summarization.jsonl").read_text()
+    # a model without a decoder cannot take a generation task
+    tree["tasks"][0]["data"]["train"] = str(tmp_path / "train.jsonl")
+    path.write_text(yaml.safe_dump(tree))
+    assert main(["--config", str(path), "--init", str(init), f"output_dir={tmp_path / 'no'}"]) == 2
