@@ -184,10 +184,11 @@ def test_bad_input_is_refused_before_training(workspace, tmp_path, capsys, case,
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "finetune" / "configs").glob("*.yaml")))
-def test_shipped_configs_fit_the_nlu_model(name):
-    """Every shipped finetuning config loads, and its tasks' skills and heads fit SkillNet-NLU."""
+def test_shipped_configs_fit_their_model(name):
+    """Every shipped finetuning config loads, and its tasks' skills and heads fit SkillNet-NLU (or, for the
+    multimodal_* configs, the multimodal model)."""
     config = load_finetune_config(name)
-    model_config = load_config("skillnet-nlu-base")
+    model_config = load_config("multimodal-base" if name.startswith("multimodal_") else "skillnet-nlu-base")
     for task in config.tasks:
         model_config.tasks = {**model_config.tasks, task.name: task.skills}
         check_head(task.name, task.head, model_config)
