@@ -129,12 +129,23 @@ def build(cls, data: dict, where: str = ""):
 
 
 def _set(tree: dict, dotted: str, value) -> None:
+    """Set `a.b.c` in nested dicts; a number picks an entry of a list (`tasks.0.data.train`)."""
     *parents, leaf = dotted.split(".")
     for p in parents:
-        tree = tree.setdefault(p, {})
-        if not isinstance(tree, dict):
+        if isinstance(tree, list):
+            if not p.isdigit() or int(p) >= len(tree):
+                raise ValueError(f"override {dotted}: {p} is not an index of a list of {len(tree)}")
+            tree = tree[int(p)]
+        else:
+            tree = tree.setdefault(p, {})
+        if not isinstance(tree, (dict, list)):
             raise ValueError(f"override {dotted}: {p} is not a section")
-    tree[leaf] = value
+    if isinstance(tree, list):
+        if not leaf.isdigit() or int(leaf) >= len(tree):
+            raise ValueError(f"override {dotted}: {leaf} is not an index of a list of {len(tree)}")
+        tree[int(leaf)] = value
+    else:
+        tree[leaf] = value
 
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:

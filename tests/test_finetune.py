@@ -399,3 +399,11 @@ def test_compare_on_the_sample_corpus_sparse_pretraining_beats_random_init(tmp_p
     pretrained, scratch = table["SkillNet, sparse pretraining"]["text_to_image"], table["SkillNet, random init"]["text_to_image"]
     assert pretrained >= 4 / 40 and pretrained > scratch  # recall@1; chance is 1 in 40
     assert (out / "table.md").read_text().count("\n") == len(SYSTEMS) + 2
+
+
+def test_overrides_reach_list_entries_by_index():
+    config = load_finetune_config("nlu_multitask", ["tasks.1.data.train=other.jsonl", "train.steps=7"])
+    assert config.tasks[1].data.train == "other.jsonl" and config.train.steps == 7
+    assert config.tasks[0].data.train == "data/sentiment_analysis/train.jsonl"
+    with pytest.raises(ValueError, match="9 is not an index of a list of 5"):
+        load_finetune_config("nlu_multitask", ["tasks.9.data.train=x.jsonl"])

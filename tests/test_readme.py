@@ -33,3 +33,14 @@ def test_readme_main_job_runs(tmp_path):
     assert f"exported:    {tmp_path / 'run' / 'export'}" in out.stdout
     assert (tmp_path / "run" / "export" / "model.safetensors").exists()
     assert list((tmp_path / "run" / "tensorboard").iterdir())
+
+    # the quick start's next step: finetune the export (the sample corpus is under SAMPLE here)
+    finetune = [line for line in (ROOT / "README.md").read_text().splitlines() if "-m finetune --config" in line][0]
+    command = finetune.split("`")[1].replace("runs/tiny/export", str(tmp_path / "run" / "export"))
+    images = tmp_path / "sample" / "image"
+    command += (f" 'tasks.0.data.train={images}/image-{{000000..000004}}.tar' tasks.0.data.validation={images}/image-000005.tar"
+                f" train.steps=4 output_dir={tmp_path / 'finetuned'}")
+    out = subprocess.run(command.replace(".venv/bin/python", sys.executable, 1), shell=True, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "text_to_image: recall@1" in out.stdout and (tmp_path / "finetuned" / "model.safetensors").exists()

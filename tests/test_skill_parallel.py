@@ -57,8 +57,8 @@ def test_two_ranks_split_skills_train_like_every_rank_holding_all(sample, tmp_pa
     in another order), bytes exchanged, and an export that merges both ranks' skills into the same model."""
     steps = ["train.steps=6", "checkpoint.every=6"]
     whole, split = tmp_path / "whole", tmp_path / "split"
-    _finish(_torchrun(_overrides(sample, whole, *steps), 29631))
-    _finish(_torchrun(_overrides(sample, split, *steps, "distributed.skill_parallel_size=2"), 29632))
+    _finish(_torchrun(_overrides(sample, whole, *steps), 29651))
+    _finish(_torchrun(_overrides(sample, split, *steps, "distributed.skill_parallel_size=2"), 29652))
     expected, got = _records(whole), _records(split)
     assert [r["tasks"] for r in got] == [r["tasks"] for r in expected]
     for a, b in zip(got, expected):
@@ -84,7 +84,7 @@ def test_data_local_placement_trains_resumes_exactly_and_exports(sample, tmp_pat
             "train.activation_checkpointing=true", "distributed.skill_parallel_size=2",
             "distributed.skill_placement=data_local"]
     first, second = tmp_path / "first", tmp_path / "second"
-    _finish(_torchrun(_overrides(sample, first, *args), 29633))
+    _finish(_torchrun(_overrides(sample, first, *args), 29653))
     placement = json.loads((first / "skill_placement.json").read_text())
     assert placement["shared"] == ["generic"] and len(placement["slots"][0]) != len(placement["slots"][1])
     records = _records(first)
@@ -93,7 +93,7 @@ def test_data_local_placement_trains_resumes_exactly_and_exports(sample, tmp_pat
         assert r["skill_bytes"] > 0 and math.isfinite(r["loss"])
 
     shutil.copytree(first / "checkpoints" / "step00000003", second / "checkpoints" / "step00000003")
-    _finish(_torchrun(_overrides(sample, second, *args), 29634))
+    _finish(_torchrun(_overrides(sample, second, *args), 29654))
     assert _losses(second) == {s: loss for s, loss in _losses(first).items() if s > 3}
     final = "checkpoints/step00000006"
     a = torch.load(first / final / "zero_pp_rank_1_mp_rank_00_optim_states.pt", weights_only=False)["optimizer_state_dict"]
