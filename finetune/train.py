@@ -12,13 +12,17 @@ each task's metric goes to TensorBoard and to `results.json`, its evaluation pre
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import random
 import sys
 from pathlib import Path
 
 import torch
+
+from pretrain.train import clear_gradient_partitions
 
 from .config import FinetuneConfig, dump, load_finetune_config
 from .data import TaskData, collate
@@ -116,13 +120,30 @@ def evaluate(model, evaluation: dict, batch_size: int, out_dir: Path | None = No
     return results
 
 
+def _full_parameters(model, zero3: bool):
+    """Under ZeRO-3 the whole model gathered on every process (heads read their weights outside forward)."""
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))
+
+
 def train(config: FinetuneConfig, prepared) -> dict:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, InitProcessGroupKwargs
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     model, trainable, tokenizer, train_data, evaluation = prepared
-    accelerator = Accelerator()
+    # several processes without a GPU: accelerate's DeepSpeed mode must be told to join them over gloo
+    on_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu else [])
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed is not None:  # `accelerate launch --use_deepspeed`: the batch and clipping go to its config
+        deepspeed.deepspeed_config.update(train_micro_batch_size_per_gpu=config.train.batch_size,
+                                          gradient_accumulation_steps=1, gradient_clipping=config.optim.grad_clip,
+                                          train_batch_size=config.train.batch_size * accelerator.num_processes)
+    zero3 = deepspeed is not None and deepspeed.zero_stage == 3
     torch.manual_seed(config.train.seed)
     out = Path(config.output_dir)
     main = accelerator.is_main_process
@@ -149,11 +170,13 @@ def train(config: FinetuneConfig, prepared) -> dict:
         model.train()
         loss = model(task=task, **batch).loss
         accelerator.backward(loss)
-        if config.optim.grad_clip:
+        if config.optim.grad_clip and deepspeed is None:
             accelerator.clip_grad_norm_(params, config.optim.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
+        if deepspeed is not None:  # the other tasks' heads and skills must not replay old gradients
+            clear_gradient_partitions(model)
         losses[task].append(loss.item())
         if main and step % config.train.log_every == 0:
             for t, values in losses.items():
@@ -163,16 +186,19 @@ def train(config: FinetuneConfig, prepared) -> dict:
             bar.set_postfix(task=task, loss=f"{loss.item():.3f}")
             losses = {t: [] for t in names}
         if evaluation and (step == steps or (config.train.eval_every and step % config.train.eval_every == 0)):
-            results = evaluate(accelerator.unwrap_model(model), evaluation, config.train.eval_batch_size,
-                               out if main and step == steps else None)
+            with _full_parameters(accelerator.unwrap_model(model), zero3):  # every process evaluates all of it
+                results = evaluate(accelerator.unwrap_model(model), evaluation, config.train.eval_batch_size,
+                                   out if main and step == steps else None)
             if main:
                 for t, metrics in results.items():
                     for name, value in metrics.items():
                         writer.add_scalar(f"eval/{t}/{name}", value, step)
     accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(model)
+    with _full_parameters(model, zero3):  # every process joins the gathering of ZeRO-3's partitions
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()} if main else None
     if main:
-        model = accelerator.unwrap_model(model)
-        model.save_pretrained(out)
+        model.save_pretrained(out, state_dict=state)
         tokenizer.save_pretrained(out)
         fields = {t.name: dataclasses.asdict(t.data) for t in config.tasks}
         (out / "task_data.json").write_text(json.dumps(fields, indent=1))
@@ -196,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results = train(config, prepared)
-    print(f"finetuned model: {config.output_dir}")
-    for task, metrics in results.items():
-        print(f"  {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"finetuned model: {config.output_dir}")
+        for task, metrics in results.items():
+            print(f"  {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0

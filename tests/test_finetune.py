@@ -407,3 +407,28 @@ def test_overrides_reach_list_entries_by_index():
     assert config.tasks[0].data.train == "data/sentiment_analysis/train.jsonl"
     with pytest.raises(ValueError, match="9 is not an index of a list of 5"):
         load_finetune_config("nlu_multitask", ["tasks.9.data.train=x.jsonl"])
+
+
+def test_accelerate_launch_with_deepspeed_zero3_on_two_processes(workspace, tmp_path):
+    """`accelerate launch --use_deepspeed --zero_stage 3` with 2 CPU processes (gloo): three tasks train,
+    evaluation runs on the gathered model, and the saved folder holds the full weights (predict gives the
+    evaluation's predictions)."""
+    import os
+    import subprocess
+    import sys
+
+    root, files, init = workspace
+    out = tmp_path / "model"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--num_processes", "2", "--use_deepspeed", "--zero_stage", "3",
+           "--main_process_port", "29671", "-m", "finetune", "--config", _config(root, files, ["sentiment", "ner", "qa"]),
+           "--init", str(init), f"output_dir={out}", "train.steps=60"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert done.stdout.count("finetuned model:") == 1
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert set(results) == {"sentiment_analysis", "named_entity_recognition", "reading_comprehension"}
+    written = tmp_path / "ner.jsonl"
+    assert predict_main(["--model", str(out), "--task", "named_entity_recognition", "--input", files["ner"][1],
+                         "--output", str(written)]) == 0
+    assert written.read_text() == (out / "predictions" / "named_entity_recognition.jsonl").read_text()
