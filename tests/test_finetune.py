@@ -432,3 +432,44 @@ def test_accelerate_launch_with_deepspeed_zero3_on_two_processes(workspace, tmp_
     assert predict_main(["--model", str(out), "--task", "named_entity_recognition", "--input", files["ner"][1],
                          "--output", str(written)]) == 0
     assert written.read_text() == (out / "predictions" / "named_entity_recognition.jsonl").read_text()
+
+
+def test_csv_and_parquet_files_and_code_and_audio_retrieval(workspace, tmp_path):
+    """The same rows read from CSV and Parquet train like JSON lines; text-to-code and text-to-audio
+    retrieval read the sample corpus's code and audio shards and rank every held-out candidate. (How well
+    they learn is the business of compare.py; this tokenizer never saw code.)"""
+    from datasets import Dataset
+
+    from data_pipeline.sample_corpus import audio, code
+    from data_pipeline.shards import write_shards
+
+    root, files, init = workspace
+    rows = [json.loads(line) for line in open(files["sentiment"][0])]
+    dev = [json.loads(line) for line in open(files["sentiment"][1])]
+    Dataset.from_list(rows).to_csv(str(tmp_path / "train.csv"), index=False)
+    Dataset.from_list(dev).to_parquet(str(tmp_path / "dev.parquet"))
+    write_shards(code(200), tmp_path / "code", "code", "code", max_samples=40, progress=False)
+    import numpy as np
+
+    write_shards(audio(40, np.random.default_rng(0)), tmp_path / "audio", "audio", "audio", max_samples=20, progress=False)
+    tree = {"tasks": [
+        {"name": "sentiment_analysis", "skills": ["text"], "head": {"type": "classification", "labels": ["negative", "positive"]},
+         "data": {"train": str(tmp_path / "train.csv"), "validation": str(tmp_path / "dev.parquet")}},
+        {"name": "text_to_code", "skills": ["text"], "head": {"type": "retrieval", "candidate_modality": "code"},
+         "data": {"train": f"{tmp_path}/code/code-{{000000..000003}}.tar", "validation": str(tmp_path / "code" / "code-000004.tar"),
+                  "max_length": 48}},
+        {"name": "text_to_audio", "skills": ["text"], "head": {"type": "retrieval", "candidate_modality": "audio",
+                                                              "candidate_task": "audio"},
+         "data": {"train": str(tmp_path / "audio" / "audio-000000.tar"), "validation": str(tmp_path / "audio" / "audio-000001.tar")}},
+    ], "train": {"steps": 300, "batch_size": 16}, "optim": {"lr": 3e-3, "warmup_steps": 10}}
+    path = tmp_path / "mixed.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "model"
+    assert main(["--config", str(path), "--init", str(init), f"output_dir={out}"]) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert results["sentiment_analysis"]["accuracy"] >= 0.9
+    for task, held_out in (("text_to_code", 40), ("text_to_audio", 20)):
+        recall = results[task]
+        assert 0.0 <= recall["recall@1"] <= recall["recall@5"] <= recall["recall@10"] <= 1.0
+        ranked = [json.loads(line)["prediction"] for line in (out / "predictions" / f"{task}.jsonl").read_text().splitlines()]
+        assert len(ranked) == held_out and all(len(r) == 10 and len(set(r)) == 10 for r in ranked)
