@@ -122,9 +122,9 @@ def _partial_sum(chosen: list[nn.Module], x: torch.Tensor, act) -> torch.Tensor:
 
 
 class SkillParallel(nn.Module):
-    """A skill FFN or skill projection (`SkillFFN`, `SkillLinear`) of which this rank holds the skills of
-    its position; tokens are exchanged with the other positions of the
-    skill-parallel group by all-to-all, and the outputs of a token's skills averaged as before."""
+    """A skill FFN or skill projection (`SkillFFN`, `SkillLinear`) of which this rank holds the skills of its
+    position (and the shared ones); tokens are exchanged with the other positions of the skill-parallel
+    group by all-to-all, and the outputs of a token's skills averaged as before."""
 
     def __init__(self, layer: SkillFFN | SkillLinear, placement: Placement, slot: int, group):
         super().__init__()
@@ -132,11 +132,10 @@ class SkillParallel(nn.Module):
         # the same structure at every position: shared skills, this position's, then padding
         held = placement.shared + placement.slots[slot]
         self.skills = nn.ModuleDict({n: layer.skills[n] for n in held})
-        spare = next(iter(layer.skills.values()))
-        self.padding = nn.ModuleList(copy.deepcopy(spare) for _ in range(placement.width - len(placement.slots[slot])))
+        first = next(iter(layer.skills.values()))
+        self.padding = nn.ModuleList(copy.deepcopy(first) for _ in range(placement.width - len(placement.slots[slot])))
         # a plain function, not the activation module: module calls here would differ between ranks
         self.act = layer.act.forward if isinstance(layer, SkillFFN) else None
-        first = next(iter(layer.skills.values()))
         self.out_features = first.out_features if isinstance(first, nn.Linear) else first.fc2.out_features
         self.placement, self.slot, self.group = placement, slot, group
         self.bytes_sent = 0  # sent to other ranks: tokens and their skill codes out, partial sums back, gradients
@@ -232,7 +231,8 @@ def shard_skills(model: nn.Module, placement: Placement, slot: int, group, data_
                 layer = SkillParallel(child, placement, slot, group)
                 setattr(parent, name, layer)
                 layers.append(layer)
-                for param in [*layer.padding.parameters(), *(p for n in placement.slots[slot] for p in layer.skills[n].parameters())]:
+                own = [p for n in placement.slots[slot] for p in layer.skills[n].parameters()]
+                for param in [*own, *layer.padding.parameters()]:
                     param.allreduce = False
                     param.group_name = group_name
                     param.ds_zero_placement_family = "autoep_expert"
