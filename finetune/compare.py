@@ -4,8 +4,9 @@
 
 Rows: task-specific finetuning (a dense model per task), joint dense, joint MoE (a learned top-2 gate over
 7 experts), and the skill model from random initialisation and after sparse pretraining (`--pretrained`,
-an export of `python -m pretrain`). Every row starts from a model of the pretrained one's shape; only the
-last row takes its weights. Columns: each task's main metric and their average; `table.md` and
+an export of `python -m pretrain`). Every row has the pretrained model's shape; all but the random-init
+row start from its weights, the baselines' FFNs, experts and projections from its generic skill (as the
+papers start every system from one pretrained BERT). Columns: each task's main metric and their average; `table.md` and
 `results.json` go to `--out`. New skills, `freeze_old` and prompts of the config apply to no row.
 """
 
@@ -23,10 +24,10 @@ import torch
 from .config import load_finetune_config
 from .train import prepare, train
 
-SYSTEMS = [  # (row, router, one model per task, pretrained weights)
-    ("Task-specific finetuning", "dense", True, False),
-    ("Joint finetuning (dense)", "dense", False, False),
-    ("Joint finetuning (MoE)", "moe", False, False),
+SYSTEMS = [  # (row, router, one model per task, start from the pretrained weights)
+    ("Task-specific finetuning", "dense", True, True),
+    ("Joint finetuning (dense)", "dense", False, True),
+    ("Joint finetuning (MoE)", "moe", False, True),
     ("SkillNet, random init", "skill", False, False),
     ("SkillNet, sparse pretraining", "skill", False, True),
 ]
@@ -34,15 +35,38 @@ MAIN_METRIC = {"classification": "accuracy", "pair_classification": "accuracy", 
                "retrieval": "recall@1", "generation": "rouge_l", "ctc": "cer"}
 
 
-def _fresh(pretrained: Path, router: str, out: Path, seed: int) -> Path:
-    """A randomly initialised model of the pretrained one's shape with `router`, saved with its tokenizer."""
+def _generic(name: str, generic: str) -> list[str]:
+    """The pretrained skill model's names a baseline parameter takes its weights from: itself, or for a
+    dense FFN, an expert or a shared projection, the generic skill's counterpart."""
+    if ".experts." in name:  # ...ffn.experts.3.fc1.weight -> ...ffn.skills.generic.fc1.weight
+        head, _, tail = name.partition(".experts.")
+        return [f"{head}.skills.{generic}.{tail.split('.', 1)[1]}"]
+    parts = name.split(".")  # ffn.fc1.weight -> ffn.skills.generic.fc1.weight; attn.q.weight -> attn.q.skills.generic.weight
+    return [name] + [".".join(parts[:i] + ["skills", generic] + parts[i:]) for i in (len(parts) - 2, len(parts) - 1)]
+
+
+def _init(pretrained: Path, router: str, use_pretrained: bool, out: Path, seed: int) -> Path:
+    """A model of the pretrained one's shape with `router`, saved with its tokenizer: randomly initialised,
+    or with every weight from the pretrained skill model (a dense FFN, each MoE expert and each shared
+    projection from its generic skill, as the papers initialise skills and experts from BERT's FFN); only
+    a MoE gate starts random."""
+    from safetensors.torch import load_file
+
     from skillnet import SkillNetConfig, SkillNetForMultiTask
 
     config = SkillNetConfig.from_pretrained(pretrained)
     config.router, config.task_heads = router, {}
     config.num_experts, config.moe_top_k = 7, 2  # the papers' MoE baseline
     torch.manual_seed(seed)
-    SkillNetForMultiTask(config).save_pretrained(out)
+    model = SkillNetForMultiTask(config)
+    if use_pretrained:
+        weights = {k: v for f in sorted(pretrained.glob("*.safetensors")) for k, v in load_file(f).items()}
+        state = model.state_dict()
+        for name, tensor in state.items():
+            source = next((n for n in _generic(name, config.generic_skill) if n in weights), None)
+            if source is not None and weights[source].shape == tensor.shape:
+                tensor.copy_(weights[source])
+    model.save_pretrained(out)
     for file in pretrained.iterdir():  # the tokenizer's files
         if file.is_file() and file.name != "config.json" and file.suffix != ".safetensors":
             shutil.copy2(file, out / file.name)
@@ -58,7 +82,8 @@ def compare(config, pretrained: Path, out: Path) -> dict:
     table = {}
     for row, router, per_task, use_pretrained in SYSTEMS:
         slug = row.lower().replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
-        init = pretrained if use_pretrained else _fresh(pretrained, router, out / slug / "init", config.train.seed)
+        init = pretrained if router == "skill" and use_pretrained else \
+            _init(pretrained, router, use_pretrained, out / slug / "init", config.train.seed)
         groups = [[t] for t in config.tasks] if per_task else [config.tasks]
         table[row] = {}
         for tasks in groups:

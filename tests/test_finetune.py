@@ -366,7 +366,8 @@ def test_compare_on_the_sample_corpus_sparse_pretraining_beats_random_init(tmp_p
     """Pretrain the tiny skill model (image-caption contrast on five image shards of the sample corpus),
     export it, and run compare.py on text-to-image retrieval with the sixth shard held out: after sparse
     pretraining the skill model retrieves held-out captions' images far above chance and above the same
-    model finetuned from random initialisation; every row of the table is filled."""
+    model finetuned from random initialisation; every row of the table is filled, the baselines from the
+    pretrained weights."""
     import os
     import subprocess
     import sys
@@ -399,6 +400,16 @@ def test_compare_on_the_sample_corpus_sparse_pretraining_beats_random_init(tmp_p
     pretrained, scratch = table["SkillNet, sparse pretraining"]["text_to_image"], table["SkillNet, random init"]["text_to_image"]
     assert pretrained >= 4 / 40 and pretrained > scratch  # recall@1; chance is 1 in 40
     assert (out / "table.md").read_text().count("\n") == len(SYSTEMS) + 2
+    # the baselines start from the pretrained weights: a dense FFN and every MoE expert from the generic skill
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    dense = load_file(out / "joint_finetuning_dense" / "init" / "model.safetensors")
+    moe = load_file(out / "joint_finetuning_moe" / "init" / "model.safetensors")
+    generic = exported["skillnet.encoder.layers.1.ffn.skills.generic.fc1.weight"]
+    assert torch.equal(dense["skillnet.encoder.layers.1.ffn.fc1.weight"], generic)
+    assert all(torch.equal(moe[f"skillnet.encoder.layers.1.ffn.experts.{e}.fc1.weight"], generic) for e in range(7))
+    assert torch.equal(dense["skillnet.frontends.image.patch.weight"], exported["skillnet.frontends.image.patch.weight"])
 
 
 def test_overrides_reach_list_entries_by_index():
