@@ -318,6 +318,16 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
         return SkillNetPreTrainingOutput(loss, prediction_logits, pair_logits, embeddings, scale, hidden, out.aux_loss)
 
 
+def _add_decoder(model: nn.Module, config: SkillNetConfig) -> None:
+    """The skill-routed decoder (positions, its embedding norm, cross-attending layers, output bias; the
+    output projection is tied to the token embedding)."""
+    h = config.hidden_size
+    model.decoder_positions = nn.Embedding(config.max_position_embeddings, h)
+    model.decoder_embed_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+    model.decoder = SkillNetEncoder(config, config.num_decoder_layers, decoder=True)
+    model.lm_bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+
 class PromptEncoder(nn.Module):
     """Prompt tuning: `length` trained vectors given to the trunk with every input of a task. Instance-wise,
     a small network adds to them vectors computed from the input's own (mean) embedding, so each input
@@ -357,11 +367,7 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel):
                                               for m in config.modalities})
             self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         if config.num_decoder_layers:  # generation tasks: the decoder of SkillNetForConditionalGeneration, same names
-            h = config.hidden_size
-            self.decoder_positions = nn.Embedding(config.max_position_embeddings, h)
-            self.decoder_embed_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
-            self.decoder = SkillNetEncoder(config, config.num_decoder_layers, decoder=True)
-            self.lm_bias = nn.Parameter(torch.zeros(config.vocab_size))
+            _add_decoder(self, config)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -451,11 +457,7 @@ class SkillNetForConditionalGeneration(SkillNetPreTrainedModel):
         if config.num_decoder_layers < 1:
             raise ValueError("SkillNetForConditionalGeneration needs num_decoder_layers >= 1")
         self.skillnet = SkillNetModel(config, add_pooling_layer=False)
-        h = config.hidden_size
-        self.decoder_positions = nn.Embedding(config.max_position_embeddings, h)
-        self.decoder_embed_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
-        self.decoder = SkillNetEncoder(config, config.num_decoder_layers, decoder=True)
-        self.lm_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        _add_decoder(self, config)
         self.post_init()
 
     def get_input_embeddings(self):
