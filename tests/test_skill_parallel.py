@@ -108,3 +108,34 @@ def test_data_local_placement_trains_resumes_exactly_and_exports(sample, tmp_pat
 
     # resuming with another placement is refused before training
     assert main(["--config", "tiny", *_overrides(sample, second, "train.steps=8", "distributed.skill_parallel_size=1")]) == 2
+
+
+def test_four_ranks_two_positions_partition_each_skill_over_two_ranks(sample, tmp_path):  # noqa: F811
+    """World 4, P=2: each skill is held by two ranks and ZeRO-3-partitioned between them (the 2-rank tests
+    have one holder per skill); training and the merged export match P=1 on 4 ranks."""
+    import os
+    import subprocess
+    import sys
+
+    from test_pretrain import ROOT
+
+    def run(folder, port, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port", str(port),
+               "-m", "pretrain", "--config", "tiny", *_overrides(sample, folder, "train.steps=4", "checkpoint.every=4",
+                                                                "data.num_workers=0", *extra)]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run(whole, 29655)
+    run(split, 29656, "distributed.skill_parallel_size=2")
+    for a, b in zip(_records(split), _records(whole)):
+        assert a["tasks"] == b["tasks"] and math.isclose(a["loss"], b["loss"], rel_tol=1e-5)
+    optim = torch.load(split / "checkpoints" / "step00000004" / "zero_pp_rank_2_mp_rank_00_optim_states.pt",
+                       weights_only=False)["optimizer_state_dict"]
+    assert {tuple(g["partition_ranks"]) for g in optim["ds_zero_partition_groups"]} == {(0, 1, 2, 3), (0, 2)}
+    assert export_main([str(split), str(tmp_path / "hf")]) == 0
+    model = SkillNetForPreTraining.from_pretrained(tmp_path / "hf")
+    reference = _weights(whole / "checkpoints" / "step00000004")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-5, msg=name)
