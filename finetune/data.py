@@ -81,11 +81,13 @@ class TaskData:
                                  f"an .index.json), got {path}")
             self.examples = self._read_shards(path)
         else:
-            self.rows = load_rows(path)
-            if not self.rows:
+            rows = load_rows(path)
+            if not rows:
                 raise ValueError(f"task {task!r}: {path} holds no examples")
-            self.examples = [self._encode(row, f"task {task!r}, {path} row {i}") for i, row in enumerate(self.rows)]
+            self.examples = [self._encode(row, f"task {task!r}, {path} row {i}") for i, row in enumerate(rows)]
             self.examples = [e for e in self.examples if e is not None]
+            if not self.examples:
+                raise ValueError(f"task {task!r}: every example of {path} is cut off by data.max_length={files.max_length}")
 
     def _read_shards(self, pattern: str) -> list[dict]:
         """Decoded samples of the shards (corrupt ones skipped and counted, as in pretraining)."""
@@ -182,6 +184,8 @@ class TaskData:
     def _encode_span(self, row: dict, where: str) -> dict | None:
         f = self.files
         question, context = _get(row, f.question, where), _get(row, f.context, where)
+        if len(self.tokenizer(question, add_special_tokens=False)["input_ids"]) + 4 > f.max_length:
+            raise ValueError(f"{where}: the question leaves no room for the passage in data.max_length={f.max_length}")
         if not self.labelled:
             enc = self.tokenizer(question, context, truncation="only_second", max_length=f.max_length,
                                  return_offsets_mapping=True)

@@ -202,7 +202,12 @@ def train(config: FinetuneConfig, prepared) -> dict:
         tokenizer.save_pretrained(out)
         fields = {t.name: dataclasses.asdict(t.data) for t in config.tasks}
         (out / "task_data.json").write_text(json.dumps(fields, indent=1))
-        (out / "results.json").write_text(json.dumps({"step": steps, "results": results}, indent=1))
+        # examples left out: cut off by max_length (tagging, spans) or corrupt media, per task and split
+        dropped = {f"{t}/{split}": d.dropped for split, datas in (("train", train_data), ("validation", evaluation))
+                   for t, d in datas.items() if d.dropped}
+        for name, n in dropped.items():
+            print(f"warning: {name}: {n} examples left out (cut off by data.max_length, or undecodable)", file=sys.stderr)
+        (out / "results.json").write_text(json.dumps({"step": steps, "results": results, "dropped": dropped}, indent=1))
         writer.close()
     return results
 

@@ -92,7 +92,9 @@ def test_four_heads_in_one_model_learn_and_predict_reproduces_evaluation(workspa
     out = tmp_path / "model"
     config = _config(root, files, ["sentiment", "pairs", "ner", "qa"])
     assert main(["--config", config, "--init", str(init), f"output_dir={out}", "train.steps=400"]) == 0
-    results = json.loads((out / "results.json").read_text())["results"]
+    saved = json.loads((out / "results.json").read_text())
+    results = saved["results"]
+    assert saved["dropped"] == {}  # every example fits max_length
     assert results["sentiment_analysis"]["accuracy"] >= 0.9  # one keyword decides
     assert results["named_entity_recognition"]["f1"] >= 0.9  # a closed list of city names
     assert results["reading_comprehension"]["f1"] >= 0.5  # the word after "is"
@@ -484,3 +486,16 @@ def test_csv_and_parquet_files_and_code_and_audio_retrieval(workspace, tmp_path)
         assert 0.0 <= recall["recall@1"] <= recall["recall@5"] <= recall["recall@10"] <= 1.0
         ranked = [json.loads(line)["prediction"] for line in (out / "predictions" / f"{task}.jsonl").read_text().splitlines()]
         assert len(ranked) == held_out and all(len(r) == 10 and len(set(r)) == 10 for r in ranked)
+
+
+def test_examples_cut_off_by_max_length_are_counted_and_reported(workspace, tmp_path, capsys):
+    root, files, init = workspace
+    tree = yaml.safe_load(open(_config(root, files, ["qa"])))
+    tree["tasks"][0]["data"]["max_length"] = 28  # the answer sits past the 28th token in many passages
+    path = tmp_path / "short.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "model"
+    assert main(["--config", str(path), "--init", str(init), f"output_dir={out}", "train.steps=2"]) == 0
+    dropped = json.loads((out / "results.json").read_text())["dropped"]
+    assert dropped["reading_comprehension/train"] > 0 and dropped["reading_comprehension/validation"] > 0
+    assert "warning: reading_comprehension/train:" in capsys.readouterr().err
