@@ -6,6 +6,9 @@ Prints, in one run:
   - step time (forward, backward, optimizer step) at world size 1: the ZeRO-3 engine as the trainer builds
     it against a plain PyTorch loop (AdamW) on the same model and batch; target overhead at most 15%;
   - tokens per second with 1 and with 2 ranks (ZeRO-3, gloo on CPU, NCCL on GPUs), same per-rank batch;
+  - at 2 ranks with every parameter partitioned (persistence threshold 0): ZeRO-3 step time against ZeRO-2's,
+    and the bytes ZeRO-3 all-gathers per step (DeepSpeed's comms logger) over the bytes of the parameters
+    the step's task calls (forward hooks on a plain model), target at most 1.1 per pass;
   - MFU (6 x activated parameters x tokens per second over the accelerator's peak) when a GPU is present;
   - skill parallelism (P=2 on 2 ranks): bytes the skill exchanges send per step and per token, with the
     balanced and the data-local placement, from real training runs (`python -m pretrain`, tiny config, every
@@ -78,6 +81,16 @@ def plain_step_time(args, device) -> float:
     return _timed(step, args.steps)
 
 
+def called_parameter_bytes(args) -> int:
+    """Bytes of the parameters whose modules a masked-token step calls (what ZeRO-3 must gather)."""
+    model = SkillNetForPreTraining(_config(args))
+    used = {}
+    for module in model.modules():
+        module.register_forward_hook(lambda m, i, o: used.update({id(p): p for p in m.parameters(recurse=False)}))
+    model(**_batch(args, 0, "cpu"))
+    return sum(p.numel() * p.element_size() for p in used.values())
+
+
 def engine_step_time(args) -> dict:
     """Runs in each rank: the engine exactly as pretrain.train builds it."""
     import deepspeed
@@ -92,6 +105,10 @@ def engine_step_time(args) -> dict:
     device = torch.device("cuda", topology.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     config = PretrainConfig()
     config.train.micro_batch_size, config.train.steps, config.optim.warmup_steps = args.batch, 10**6, 1
+    config.distributed.ds_config = str(Path(__file__).resolve().parents[1] / "ds_configs" / f"{args.ds}.json")
+    if args.partition_all:
+        config.distributed.ds_overrides = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+    config.train.profile_comm = args.partition_all
     torch.manual_seed(0)
     model = parallelize(SkillNetForPreTraining(_config(args)), activation_checkpointing=False)
     optimizer, scheduler = _optimizer(model, config, offload=False)
@@ -104,19 +121,39 @@ def engine_step_time(args) -> dict:
         engine.backward(loss)
         engine.step()
 
+    gathered = 0
+    if args.partition_all:
+        from deepspeed import comm
+
+        for _ in range(3):  # past the first steps' set-up gathers
+            step()
+        comm.comms_logger.comms_dict.clear()
+        step()
+        # the logger records each rank's contribution: the gathered tensor is world_size times that
+        gathered = topology.world_size * sum(size * entry[0] for name, sizes in comm.comms_logger.comms_dict.items()
+                                             if name.startswith("all_gather") for size, entry in sizes.items())
+        comm.comms_logger.comms_dict.clear()
     seconds = _timed(step, args.steps)
-    return {"rank": topology.rank, "world": topology.world_size, "seconds": seconds}
+    return {"rank": topology.rank, "world": topology.world_size, "seconds": seconds, "gathered": gathered}
 
 
-def _ranks(args, n: int) -> float:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(29700 + n),
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ranks(args, n: int, ds: str = "zero3", partition_all: bool = False) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(_free_port()),
            __file__, "--worker", "--hidden", str(args.hidden), "--layers", str(args.layers), "--batch", str(args.batch),
-           "--tokens", str(args.tokens), "--steps", str(args.steps)]
+           "--tokens", str(args.tokens), "--steps", str(args.steps), "--ds", ds] + ["--partition-all"] * partition_all
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // n))})
     if out.returncode:
         raise RuntimeError(out.stdout[-2000:] + out.stderr[-2000:])
     results = [json.loads(m) for m in re.findall(r"RESULT (\{[^}]*\})", out.stdout)]  # ranks print concurrently
-    return max(r["seconds"] for r in results)
+    return {"seconds": max(r["seconds"] for r in results), "gathered": max(r["gathered"] for r in results)}
 
 
 def placements(args) -> dict[str, tuple[float, float]]:
@@ -129,7 +166,7 @@ def placements(args) -> dict[str, tuple[float, float]]:
         result = {}
         for placement in ("balanced", "data_local"):
             run = Path(tmp) / placement
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29709",
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
                    "-m", "pretrain", "--config", "tiny", f"data_root={sample}", f"run_dir={run}",
                    f"train.steps={args.placement_steps}", f"checkpoint.every={args.placement_steps}",
                    "distributed.skill_parallel_size=2", f"distributed.skill_placement={placement}"]
@@ -151,6 +188,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--placement-steps", type=int, default=40, help="training steps per skill placement")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ds", default="zero3", help=argparse.SUPPRESS)
+    parser.add_argument("--partition-all", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print("RESULT " + json.dumps(engine_step_time(args)), flush=True)
@@ -159,8 +198,11 @@ def main(argv=None) -> int:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     tokens = args.batch * args.tokens
     plain = plain_step_time(args, device)
-    one = _ranks(args, 1)
-    two = _ranks(args, 2)
+    one = _ranks(args, 1)["seconds"]
+    two = _ranks(args, 2)["seconds"]
+    z3 = _ranks(args, 2, "zero3", partition_all=True)
+    z2 = _ranks(args, 2, "zero2")["seconds"]
+    needed = called_parameter_bytes(args)
     print(f"masked-token prediction, hidden {args.hidden}, {args.layers} layers, {args.batch} x {args.tokens} tokens "
           f"per rank, median of {args.steps} steps, {'GPU ' + torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
     print(f"  plain PyTorch step        {plain * 1e3:9.1f} ms")
@@ -168,6 +210,12 @@ def main(argv=None) -> int:
           f"{'met' if one / plain <= 1.15 else 'NOT met'})")
     print(f"  DeepSpeed ZeRO-3, 2 ranks {two * 1e3:9.1f} ms")
     print(f"  tokens/s: 1 rank {tokens / one:,.0f}, 2 ranks {2 * tokens / two:,.0f} ({2 * one / two:.2f}x)")
+    print("  2 ranks, every parameter partitioned:")
+    print(f"    ZeRO-3 {z3['seconds'] * 1e3:9.1f} ms, ZeRO-2 {z2 * 1e3:9.1f} ms: ZeRO-3 / ZeRO-2 = {z3['seconds'] / z2:.3f}, "
+          f"ZeRO-3 / plain 1 rank = {z3['seconds'] / plain:.3f}")
+    passes = max(1, round(z3["gathered"] / needed))
+    print(f"    all-gathered per step {z3['gathered'] / 2**20:.2f} MiB, parameters the task calls {needed / 2**20:.2f} MiB: "
+          f"{passes} pass(es), {z3['gathered'] / (passes * needed):.3f} per pass (target <= 1.1)")
     if device.type == "cuda":
         model = SkillNetForPreTraining(_config(args))
         active = activated_parameters(model.skillnet, set(model.registry.skill_names("masked_lm")))

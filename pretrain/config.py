@@ -49,8 +49,10 @@ class TrainConfig:
     """The task whose skills encode captions on the text side of contrastive pairs."""
     activation_checkpointing: bool = False
     """Recompute each layer in the backward pass instead of keeping its activations."""
-    bf16: str = "auto"
-    """"auto": bf16 where the accelerator supports it (not on CPU), "true" or "false"."""
+    bf16: str | bool = "auto"
+    """"auto": bf16 where the accelerator supports it (not on CPU), true or false. Gradients are
+    accumulated and reduced in fp32 either way (the shipped DeepSpeed configs' `data_types` and
+    `communication_data_type`)."""
     log_every: int = 10
     profile_comm: bool = False
     """Time every collective (DeepSpeed's comms logger) to split step time into compute and
@@ -74,6 +76,9 @@ class DistributedConfig:
     """Split each skill layer's skills over this many ranks."""
     skill_placement: str = "balanced"
     """"balanced" or "data_local" (ranks get the tasks whose skills they hold)."""
+    ds_overrides: dict = field(default_factory=dict)
+    """DeepSpeed config entries merged over the file, nested dicts merged key by key, e.g.
+    `distributed.ds_overrides.zero_optimization.stage3_param_persistence_threshold=0`."""
 
 
 @dataclass
@@ -105,6 +110,8 @@ class PretrainConfig:
             raise ValueError("train.steps, checkpoint.every and checkpoint.keep_last must be >= 1")
         if self.distributed.skill_placement not in ("balanced", "data_local"):
             raise ValueError(f"distributed.skill_placement must be 'balanced' or 'data_local', got {self.distributed.skill_placement!r}")
+        if isinstance(self.train.bf16, bool):  # YAML's true/false
+            self.train.bf16 = str(self.train.bf16).lower()
         if self.train.bf16 not in ("auto", "true", "false"):
             raise ValueError(f"train.bf16 must be auto, true or false, got {self.train.bf16!r}")
 

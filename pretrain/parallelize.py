@@ -1,5 +1,7 @@
-"""What the training process applies to a model from outside: ZeRO-3 parameter registration and
-activation checkpointing. The model package knows nothing of either."""
+"""What the training process applies to a model from outside: ZeRO-3 external parameters for skill
+parallelism, and activation checkpointing. (Otherwise ZeRO-3 needs nothing here: every parameter, skills included, is
+used by the module that holds it, so DeepSpeed's module hooks gather exactly the skills a step calls.)
+The model package knows nothing of either."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import functools
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from skillnet.layers import SkillFFN, SkillLinear, SkillNetLayer
+from skillnet.layers import SkillNetLayer
 
 from .skill_parallel import SkillParallel
 
@@ -16,12 +18,11 @@ from .skill_parallel import SkillParallel
 def parallelize(model: nn.Module, activation_checkpointing: bool) -> nn.Module:
     import deepspeed
 
-    # A skill layer reads the weights of the skills it runs (one wide matmul) without calling their
-    # modules; ZeRO-3 must gather those weights when the skill layer runs, so they are registered as
-    # its external parameters. (Leaf modules would also do, but their backward hook fires once per call,
-    # and a contrastive step calls every layer twice before one backward.)
     for module in model.modules():
-        if isinstance(module, (SkillFFN, SkillLinear, SkillParallel)):
+        if isinstance(module, SkillParallel):
+            # Each rank holds other skills, but ZeRO-3 demands the same module calls on every rank: a
+            # skill-parallel layer reads its skills' weights, registered as its external parameters
+            # (its padding is empty: gathering it costs nothing).
             for param in module.parameters():
                 deepspeed.zero.register_external_parameter(module, param)
     if activation_checkpointing:

@@ -14,8 +14,8 @@ Two placements:
   parameter, as MoE models hold shared experts.
 
 ZeRO-3 needs the same module and parameter structure on every rank, so a position holding fewer skills
-than the others holds unused padding skills to make up the count; they are never run, never get a
-gradient and are left out of the export.
+than the others holds padding to make up the count: empty parameters in a skill's slots, never run, never
+given a gradient, costing nothing to gather, and left out of the export.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.nn.functional import all_to_all_single
 
-from skillnet.layers import SkillFFN, SkillLinear, skill_sum
+from skillnet.layers import FFN, SkillFFN, SkillLinear
 
 
 @dataclass
@@ -112,19 +112,42 @@ def data_local(skills: list[str], task_skills: dict[str, list[str]], weights: di
                      [[t for t in tasks if where[t] == s] for s in range(size)], shared)
 
 
+def _skill_sum(chosen: list[FFN], x: torch.Tensor, act) -> torch.Tensor:
+    """sum_k(W2_k act(W1_k x + b1_k) + b2_k) as one wide FFN: [W2_1 .. W2_k] act([W1_1; ..; W1_k] x + [b1]) + sum(b2)."""
+    w1 = torch.cat([e.fc1.weight for e in chosen])  # (k*F, H)
+    b1 = torch.cat([e.fc1.bias for e in chosen])
+    w2 = torch.cat([e.fc2.weight for e in chosen], dim=1)  # (H, k*F)
+    b2 = torch.stack([e.fc2.bias for e in chosen]).sum(0)
+    h = act(torch.addmm(b1, x.reshape(-1, x.shape[-1]), w1.t()))
+    return torch.addmm(b2, h, w2.t()).view(*x.shape[:-1], w2.shape[0])
+
+
 def _partial_sum(chosen: list[nn.Module], x: torch.Tensor, act) -> torch.Tensor:
     """The sum of the outputs of `chosen` skills: FFNs as one wide FFN, linear maps as one linear map."""
     # the skills' weights are read, their modules never called: ZeRO-3 then sees the same module calls on
     # every rank of the group, whichever skills each holds
     if isinstance(chosen[0], nn.Linear):
         return F.linear(x, torch.stack([m.weight for m in chosen]).sum(0), torch.stack([m.bias for m in chosen]).sum(0))
-    return skill_sum(chosen, x, act)
+    return _skill_sum(chosen, x, act)
+
+
+def _empty_like(skill: nn.Module) -> nn.Module:
+    """A padding skill: the modules and parameter slots of `skill` (ZeRO-3 checks that every rank traces the
+    same modules and parameters) holding empty tensors, so gathering it costs nothing."""
+    pad = copy.deepcopy(skill)
+    for module in pad.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, nn.Parameter(param.new_empty(0)))
+    return pad
 
 
 class SkillParallel(nn.Module):
     """A skill FFN or skill projection (`SkillFFN`, `SkillLinear`) of which this rank holds the skills of its
     position (and the shared ones); tokens are exchanged with the other positions of the skill-parallel
-    group by all-to-all, and the outputs of a token's skills averaged as before."""
+    group by all-to-all, and the outputs of a token's skills averaged as before. Unlike the model's skill
+    layers it reads its skills' weights instead of calling them (ZeRO-3 demands the same module calls on
+    every rank, and each rank holds other skills), so they are registered as its external parameters
+    (`pretrain/parallelize.py`) and gathered together when the layer runs."""
 
     def __init__(self, layer: SkillFFN | SkillLinear, placement: Placement, slot: int, group):
         super().__init__()
@@ -133,9 +156,9 @@ class SkillParallel(nn.Module):
         held = placement.shared + placement.slots[slot]
         self.skills = nn.ModuleDict({n: layer.skills[n] for n in held})
         first = next(iter(layer.skills.values()))
-        self.padding = nn.ModuleList(copy.deepcopy(first) for _ in range(placement.width - len(placement.slots[slot])))
+        self.padding = nn.ModuleList(_empty_like(first) for _ in range(placement.width - len(placement.slots[slot])))
         # a plain function, not the activation module: module calls here would differ between ranks
-        self.act = layer.act.forward if isinstance(layer, SkillFFN) else None
+        self.act = first.act.forward if isinstance(layer, SkillFFN) else None
         self.out_features = first.out_features if isinstance(first, nn.Linear) else first.fc2.out_features
         self.placement, self.slot, self.group = placement, slot, group
         self.bytes_sent = 0  # sent to other ranks: tokens and their skill codes out, partial sums back, gradients

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -132,30 +133,50 @@ def _ds_config(config: PretrainConfig, world_size: int) -> dict:
               gradient_clipping=config.train.grad_clip,
               bf16={"enabled": bf16})
     ds.pop("train_batch_size", None)
+    _merge(ds, config.distributed.ds_overrides)
     if config.train.profile_comm:
         ds["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True, "debug": False}
     return ds
 
 
+def _merge(base: dict, over: dict) -> dict:
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
 class CommClock:
-    """Seconds spent in collectives between calls, from DeepSpeed's comms logger. Its timer per
-    collective is cumulative (each record holds the running total), so the newest record of each
-    collective is kept and the records are cleared, bounding their memory."""
+    """Seconds spent in collectives, and bytes all-gathered, between calls, from DeepSpeed's comms logger.
+    Its timer per collective is cumulative (each record holds the running total), so the newest record of
+    each collective is kept; message counts are per record. The records are cleared on every read,
+    bounding their memory."""
 
     def __init__(self):
         self.totals: dict[str, float] = {}
         self.last = 0.0
+        self.seconds = 0.0
 
-    def seconds(self) -> float:
+    def read(self) -> int:
+        """Bytes all-gathered since the last read (ZeRO-3's parameter gathers); seconds accumulate in
+        `seconds` until `take_seconds`."""
         from deepspeed import comm
 
-        records = comm.comms_logger.comms_dict
+        records, gathered = comm.comms_logger.comms_dict, 0
         for name, sizes in records.items():
             self.totals[name] = max([self.totals.get(name, 0.0)] + [max(entry[1]) for entry in sizes.values()])
+            if name.startswith("all_gather"):
+                gathered += sum(size * entry[0] for size, entry in sizes.items())
         records.clear()
         total = sum(self.totals.values()) / 1000.0
-        delta, self.last = total - self.last, total
-        return delta
+        self.seconds, self.last = self.seconds + total - self.last, total
+        return gathered
+
+    def take_seconds(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
 
 
 def _optimizer(model, config: PretrainConfig, offload: bool):
@@ -187,11 +208,14 @@ def _optimizer(model, config: PretrainConfig, offload: bool):
 
 class Metrics:
     """TensorBoard scalars, a tqdm bar and `steps.jsonl` (each step's loss, tasks, gradient norm and
-    skill-exchange bytes) on rank 0."""
+    skill-exchange bytes) on rank 0. Step records may hold device tensors: they are read (one host sync)
+    and written when `flush` is called, at logging steps and before every checkpoint, so `steps.jsonl`
+    always covers the newest checkpoint."""
 
     def __init__(self, run_dir: Path, main: bool, total: int, start: int):
         self.main = main
         self.writer = self.bar = self.steps = None
+        self.pending: list[dict] = []
         if main:
             from torch.utils.tensorboard import SummaryWriter
             from tqdm import tqdm
@@ -210,10 +234,17 @@ class Metrics:
     def advance(self, step: int, record: dict) -> None:
         if self.main:
             self.bar.update(1)
-            self.steps.write(json.dumps({"step": step, **record}) + "\n")
+            self.pending.append({"step": step, **record})
+
+    def flush(self) -> None:
+        if self.main and self.pending:
+            for record in self.pending:
+                self.steps.write(json.dumps({k: float(v) if torch.is_tensor(v) else v for k, v in record.items()}) + "\n")
             self.steps.flush()
+            self.pending.clear()
 
     def close(self) -> None:
+        self.flush()
         if self.main:
             self.writer.close()
             self.bar.close()
@@ -223,6 +254,9 @@ class Metrics:
 def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
     import deepspeed
     import torch.distributed as dist
+
+    # DeepSpeed calls torch collectives that torch deprecates: say so once, not at every step
+    warnings.filterwarnings("once", message=r".* is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
     from skillnet import SkillNetForPreTraining
 
@@ -265,7 +299,7 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
     stop = Stop()
     metrics = Metrics(run_dir, topology.is_main, config.train.steps, state["step"])
     accumulation = config.train.gradient_accumulation
-    task_losses, task_counts, skill_counts = Counter(), Counter(), Counter()
+    task_losses, task_counts, skill_counts = {}, Counter(), Counter()
     micro, wait, compute, last_log, step_loss, step_tasks = 0, 0.0, 0.0, time.perf_counter(), 0.0, []
     step_tokens = step_samples = 0
     signalled = False
@@ -311,9 +345,9 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
         t2 = time.perf_counter()
         wait, compute = wait + t1 - t0, compute + t2 - t1
         micro += 1
-        step_loss += loss.item()
+        step_loss = step_loss + loss.detach()  # on the device: read at logging steps
         step_tasks.append(batch["task"] if not data_local else batch["group_tasks"])
-        task_losses[batch["task"]] += loss.item()
+        task_losses[batch["task"]] = task_losses.get(batch["task"], 0.0) + loss.detach()
         task_counts[batch["task"]] += 1
         for skill in batch["skills"]:
             skill_counts[skill] += 1
@@ -331,20 +365,22 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
         micro, step_tokens, step_samples = 0, 0, 0
         state["step"] += 1
         step = state["step"]
-        metrics.advance(step, {"loss": step_loss / accumulation, "tasks": step_tasks,
-                               "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens": tokens,
-                               "skill_bytes": sent})
+        record = {"loss": step_loss / accumulation, "tasks": step_tasks,
+                  "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens": tokens, "skill_bytes": sent}
+        if config.train.profile_comm:
+            record["gathered_bytes"] = comm_clock.read()  # this rank's
+        metrics.advance(step, record)
         step_loss, step_tasks = 0.0, []
         if step % config.train.log_every == 0 or step == config.train.steps:
             elapsed = time.perf_counter() - last_log
-            scalars = {f"loss/{t}": task_losses[t] / task_counts[t] for t in task_counts}
-            scalars["loss"] = sum(task_losses.values()) / max(1, sum(task_counts.values()))
+            scalars = {f"loss/{t}": float(task_losses[t]) / task_counts[t] for t in task_counts}
+            scalars["loss"] = sum(map(float, task_losses.values())) / max(1, sum(task_counts.values()))
             scalars.update({"lr": scheduler.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                             "throughput/tokens_per_s": (state["tokens_seen"] - tokens_at_log) / elapsed,
                             "throughput/samples_per_s": (state["samples_seen"] - samples_at_log) / elapsed,
                             "time/data_wait_s": wait, "time/compute_s": compute})
             if config.train.profile_comm:
-                scalars["time/communication_s"] = comm_clock.seconds()
+                scalars["time/communication_s"] = comm_clock.take_seconds()
                 scalars["time/compute_s"] = compute - scalars["time/communication_s"]
             scalars.update({f"skills/activations/{s}": n for s, n in skill_counts.items()})
             if placement is not None:
@@ -356,10 +392,12 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
             if torch.cuda.is_available():
                 scalars["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
             metrics.log(step, scalars)
+            metrics.flush()
             task_losses.clear(), task_counts.clear()
             wait, compute, last_log = 0.0, 0.0, time.perf_counter()
             tokens_at_log, samples_at_log = state["tokens_seen"], state["samples_seen"]
         if step % config.checkpoint.every == 0 or step == config.train.steps or signalled:
+            metrics.flush()
             saved = save()
         if signalled:
             if topology.is_main and "SLURM_JOB_ID" in os.environ:

@@ -78,7 +78,8 @@ class ImageEmbedding(nn.Module):
         if (c, h, w) != (self.channels, self.image_size, self.image_size):
             raise ValueError(f"pixel_values must be (batch, {self.channels}, {self.image_size}, {self.image_size}), got {tuple(pixels.shape)}")
         x = self.patch(pixels).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1) + self.position_embeddings.weight
+        positions = torch.arange(x.shape[1] + 1, device=x.device)
+        x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1) + self.position_embeddings(positions)
         return x, torch.ones(b, x.shape[1], dtype=torch.long, device=x.device)
 
 
@@ -111,7 +112,7 @@ class AudioEmbedding(nn.Module):
             raise ValueError(f"input_features has {frames} frames, more than max_audio_frames={self.max_frames}")
         x = F.gelu(self.conv2(F.gelu(self.conv1(input_features.to(self.conv1.weight.dtype))))).transpose(1, 2)
         n = x.shape[1]
-        x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1) + self.position_embeddings.weight[: n + 1]
+        x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1) + self.position_embeddings(torch.arange(n + 1, device=x.device))
         if feature_attention_mask is None:
             mask = torch.ones(b, n + 1, dtype=torch.long, device=x.device)
         else:
@@ -146,7 +147,9 @@ class VideoEmbedding(nn.Module):
             raise ValueError(f"pixel_values_videos must be (batch, {', '.join(map(str, want))}), got {tuple(pixels.shape)}")
         x = self.tubelet(pixels.transpose(1, 2))  # (b, h, t', h', w')
         x = x.flatten(3).permute(0, 2, 3, 1)  # (b, t', space, hidden)
-        x = x + self.space_embeddings.weight[None, None] + self.time_embeddings.weight[None, :, None]
+        space = self.space_embeddings(torch.arange(x.shape[2], device=x.device))
+        time = self.time_embeddings(torch.arange(x.shape[1], device=x.device))
+        x = x + space[None, None] + time[None, :, None]
         x = torch.cat([self.cls.expand(b, -1, -1), x.flatten(1, 2)], dim=1)
         return x, torch.ones(b, x.shape[1], dtype=torch.long, device=x.device)
 

@@ -29,79 +29,52 @@ class FFN(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def _by_group(x: torch.Tensor, route: Route, fn) -> torch.Tensor:
-    """Apply `fn(x_group, skill_indices)` to each group of samples that share a skill set."""
-    if len(route.groups) == 1:
-        return fn(x, route.groups[0][1])
+def mean_of_skills(skills: list[nn.Module], x: torch.Tensor, route: Route) -> torch.Tensor:
+    """Each sample's mean over its active skills of `skill(x)`. Every active skill module is called once, on
+    the samples that activate it; an inactive one is not called at all (no compute, no gradient, and
+    nothing for ZeRO-3 to gather or for an adapter or offload hook to see)."""
+    per_skill = route.per_skill()
+    if per_skill[0][1] is None:  # one skill set for the whole batch
+        out = None
+        for index, _, _ in per_skill:
+            y = skills[index](x)
+            out = y if out is None else out + y
+        return out / len(per_skill) if len(per_skill) > 1 else out
     out = None
-    for samples, skills in route.groups:
-        y = fn(x.index_select(0, samples), skills)
+    for index, rows, weight in per_skill:
+        y = skills[index](x.index_select(0, rows))
+        y = y * weight.to(y.dtype).view(-1, *(1,) * (y.dim() - 1))
         if out is None:
             out = y.new_zeros((x.shape[0],) + y.shape[1:])
-        out = out.index_copy(0, samples, y)
+        out = out.index_add(0, rows, y)
     return out
 
 
-def skill_sum(chosen: list[FFN], x: torch.Tensor, act) -> torch.Tensor:
-    """sum_k(W2_k act(W1_k x + b1_k) + b2_k) as one wide FFN: [W2_1 .. W2_k] act([W1_1; ..; W1_k] x + [b1]) + sum(b2)."""
-    w1 = torch.cat([e.fc1.weight for e in chosen])  # (k*F, H)
-    b1 = torch.cat([e.fc1.bias for e in chosen])
-    w2 = torch.cat([e.fc2.weight for e in chosen], dim=1)  # (H, k*F)
-    b2 = torch.stack([e.fc2.bias for e in chosen]).sum(0)
-    flat = x.reshape(-1, x.shape[-1])
-    h = act(torch.addmm(b1, flat, w1.t()))
-    return torch.addmm(b2, h, w2.t()).view(*x.shape[:-1], w2.shape[0])
-
-
 class SkillFFN(nn.Module):
-    """Parallel skill FFNs; the activated ones run as one wide FFN and their outputs are averaged.
-
-    mean_k(W2_k act(W1_k x + b1_k) + b2_k) = (1/k) [W2_1 .. W2_k] act([W1_1; ..; W1_k] x + [b1]) + mean(b2),
-    so k skills cost one matmul pair of width k * intermediate_size, and a skill that is not active is not
-    touched at all (no compute, no gradient).
-    """
+    """Parallel skill FFNs: each sample gets the mean of the outputs of its active skills. k active skills
+    cost k FFNs, however many the layer holds."""
 
     def __init__(self, skill_names: list[str], hidden_size: int, intermediate_size: int, act: str):
         super().__init__()
         self.skills = nn.ModuleDict({n: FFN(hidden_size, intermediate_size, act) for n in skill_names})
-        self.act = ACT2FN[act]
 
     def forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
-        return _by_group(x, route, self._wide)
-
-    def _wide(self, x: torch.Tensor, skill_indices: tuple[int, ...]) -> torch.Tensor:
-        experts = list(self.skills.values())
-        chosen = [experts[i] for i in skill_indices]
-        if len(chosen) == 1:
-            return chosen[0](x)
-        # (sum of biases + sum of skill outputs) / k; dividing the narrow output keeps the wide grads unscaled
-        return skill_sum(chosen, x, self.act).div_(len(chosen))
+        return mean_of_skills(list(self.skills.values()), x, route)
 
     def add_skill(self, name: str, init_from: str) -> None:
         self.skills[name] = copy.deepcopy(self.skills[init_from])
 
 
 class SkillLinear(nn.Module):
-    """A linear projection per skill; the activated ones are averaged.
-
-    The mean of linear maps is the linear map of the mean weights, so k skills cost one projection.
-    """
+    """A linear projection per skill (skill-specific attention); each sample gets the mean of its active
+    skills' projections."""
 
     def __init__(self, skill_names: list[str], in_features: int, out_features: int):
         super().__init__()
         self.skills = nn.ModuleDict({n: nn.Linear(in_features, out_features) for n in skill_names})
 
     def forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
-        return _by_group(x, route, self._mean)
-
-    def _mean(self, x: torch.Tensor, skill_indices: tuple[int, ...]) -> torch.Tensor:
-        layers = list(self.skills.values())
-        chosen = [layers[i] for i in skill_indices]
-        if len(chosen) == 1:
-            return chosen[0](x)
-        weight = torch.stack([m.weight for m in chosen]).mean(0)
-        bias = torch.stack([m.bias for m in chosen]).mean(0)
-        return F.linear(x, weight, bias)
+        return mean_of_skills(list(self.skills.values()), x, route)
 
     def add_skill(self, name: str, init_from: str) -> None:
         self.skills[name] = copy.deepcopy(self.skills[init_from])
@@ -243,10 +216,14 @@ class Attention(nn.Module):
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             if cache is not None:
                 cache["k"], cache["v"] = k, v
-        if is_causal:
+        # no mask at all where every key is valid, and SDPA's own causal flag, so that its efficient and flash
+        # kernels stay eligible; an explicit mask only with padding (or a cache offsetting the queries)
+        causal_flag = is_causal and mask is None and q.shape[2] == k.shape[2]
+        if is_causal and not causal_flag and q.shape[2] > 1:
             causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - q.shape[2])
             mask = causal if mask is None else mask & causal
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                             is_causal=causal_flag)
         b, _, n, d = out.shape
         return self.o(out.transpose(1, 2).reshape(b, n, self.num_heads * d), route)
 
@@ -279,7 +256,8 @@ class SkillNetLayer(nn.Module):
         return self.ffn_norm(x + self.dropout(self.ffn(x, route)))
 
 
-def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(batch, keys) 0/1 mask -> bool (batch, 1, 1, keys) for scaled_dot_product_attention."""
-    return attention_mask.bool()[:, None, None, :]
+def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(batch, keys) 0/1 mask -> bool (batch, 1, 1, keys) for scaled_dot_product_attention; None (every
+    key valid) stays None."""
+    return None if attention_mask is None else attention_mask.bool()[:, None, None, :]
 

@@ -233,7 +233,8 @@ class SkillNetModel(SkillNetPreTrainedModel):
             x, mask = self.frontends["audio"](input_features, feature_attention_mask)
         else:
             x, mask = self.frontends[front](inputs[front])
-        x = x + self.modality_embeddings.weight[self.config.modalities.index(modality)]
+        index = torch.full((1, 1), self.config.modalities.index(modality), dtype=torch.long, device=x.device)
+        x = x + self.modality_embeddings(index)
         return self.embed_dropout(self.embed_norm(x)), mask, modality
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None,
@@ -252,7 +253,12 @@ class SkillNetModel(SkillNetPreTrainedModel):
             n = extra.shape[1]
             x = torch.cat([x[:, :1], extra.to(x.dtype), x[:, 1:]], dim=1)
             mask = torch.cat([mask[:, :1], mask.new_ones(mask.shape[0], n), mask[:, 1:]], dim=1)
-        hidden, all_hidden = self.encoder(x, padding_mask(mask), route, output_hidden_states=output_hidden_states)
+        # inputs without padding by construction (images, video, text or audio given no mask) attend
+        # without a mask, which keeps SDPA's efficient kernels eligible (checking a given mask would sync)
+        unpadded = pixel_values is not None or pixel_values_videos is not None or (
+            input_ids is not None and attention_mask is None) or (input_features is not None and feature_attention_mask is None)
+        hidden, all_hidden = self.encoder(x, None if unpadded else padding_mask(mask), route,
+                                          output_hidden_states=output_hidden_states)
         if n:
             hidden, mask = (torch.cat([t[:, :1], t[:, 1 + n:]], dim=1) for t in (hidden, mask))
         pooled = torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None
@@ -270,7 +276,10 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
         h = config.hidden_size
         self.mlm_transform = nn.Linear(h, h) if "text" in self.skillnet.frontends else None
         self.mlm_norm = nn.LayerNorm(h, eps=config.layer_norm_eps) if self.mlm_transform is not None else None
-        self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size)) if self.mlm_transform is not None else None
+        # the vocabulary projection, its weight tied to the token embedding (a module call, as Hugging Face ties)
+        self.mlm_decoder = nn.Linear(h, config.vocab_size) if self.mlm_transform is not None else None
+        if self.mlm_decoder is not None:
+            self._tied_weights_keys = {"mlm_decoder.weight": "skillnet.frontends.text.word_embeddings.weight"}
         self.pair_head = nn.Linear(h, 2)
         self.projections = None
         self.logit_scale = None
@@ -282,11 +291,16 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
     def get_input_embeddings(self):
         return self.skillnet.get_input_embeddings()
 
+    def get_output_embeddings(self):
+        return self.mlm_decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        self.mlm_decoder = new_embeddings
+
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.mlm_transform is None:
             raise ValueError("masked-token prediction needs a text or code modality")
-        h = self.mlm_norm(ACT2FN[self.config.hidden_act](self.mlm_transform(hidden)))
-        return F.linear(h, self.get_input_embeddings().weight, self.mlm_bias)
+        return self.mlm_decoder(self.mlm_norm(ACT2FN[self.config.hidden_act](self.mlm_transform(hidden))))
 
     def project(self, pooled: torch.Tensor, modality: str) -> torch.Tensor:
         """L2-normalised contrastive embedding of a pooled vector of `modality` (see `mean_pool`)."""
@@ -295,13 +309,18 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
         return F.normalize(self.projections[modality](pooled), dim=-1)
 
     def forward(self, labels=None, next_sentence_label=None, **inputs) -> SkillNetPreTrainingOutput:
-        """`labels`: token ids at masked positions, -100 elsewhere; the vocabulary logits are computed only
-        then (`mlm_logits(hidden)` gives them on demand). `next_sentence_label`: 0/1 per sample. With
-        `projection_dim`, `embeddings` holds the normalised contrastive embedding of the mean of the
-        output vectors (`mean_pool`)."""
+        """`labels`: token ids at masked positions, -100 elsewhere; the vocabulary logits are then computed
+        at the masked positions only, and `prediction_logits` is (masked positions, vocabulary), in
+        row-major order of the positions (`mlm_logits(hidden)` gives them anywhere on demand).
+        `next_sentence_label`: 0/1 per sample. With `projection_dim`, `embeddings` holds the normalised
+        contrastive embedding of the mean of the output vectors (`mean_pool`)."""
         out = self.skillnet(**inputs)
         hidden, pooled = out.last_hidden_state, out.pooler_output
-        prediction_logits = self.mlm_logits(hidden) if labels is not None else None
+        if labels is not None:
+            predicted = labels != -100
+            prediction_logits, labels = self.mlm_logits(hidden[predicted]), labels[predicted]
+        else:
+            prediction_logits = None
         pair_logits = self.pair_head(pooled)
         embeddings = scale = None
         if self.projections is not None:
@@ -309,7 +328,7 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
             scale = self.logit_scale.exp().clamp(max=100.0)  # CLIP's temperature, returned for the loss
         losses = []
         if labels is not None:
-            losses.append(F.cross_entropy(prediction_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100))
+            losses.append(F.cross_entropy(prediction_logits.float(), labels))
         if next_sentence_label is not None:
             losses.append(F.cross_entropy(pair_logits.float(), next_sentence_label))
         if out.aux_loss is not None and losses:
@@ -319,13 +338,14 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
 
 
 def _add_decoder(model: nn.Module, config: SkillNetConfig) -> None:
-    """The skill-routed decoder (positions, its embedding norm, cross-attending layers, output bias; the
-    output projection is tied to the token embedding)."""
+    """The skill-routed decoder (positions, its embedding norm, cross-attending layers, and the output
+    projection `lm_head`, its weight tied to the token embedding)."""
     h = config.hidden_size
     model.decoder_positions = nn.Embedding(config.max_position_embeddings, h)
     model.decoder_embed_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
     model.decoder = SkillNetEncoder(config, config.num_decoder_layers, decoder=True)
-    model.lm_bias = nn.Parameter(torch.zeros(config.vocab_size))
+    model.lm_head = nn.Linear(h, config.vocab_size)
+    model._tied_weights_keys = {"lm_head.weight": "skillnet.frontends.text.word_embeddings.weight"}
 
 
 class PromptEncoder(nn.Module):
@@ -372,6 +392,9 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel):
 
     def get_input_embeddings(self):
         return self.skillnet.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return getattr(self, "lm_head", None)
 
     def _build_head(self, task: str, spec: dict) -> list[nn.Module]:
         built = []
@@ -463,6 +486,12 @@ class SkillNetForConditionalGeneration(SkillNetPreTrainedModel):
     def get_input_embeddings(self):
         return self.skillnet.get_input_embeddings()
 
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
     def get_encoder(self):
         return self.skillnet
 
@@ -474,7 +503,7 @@ class SkillNetForConditionalGeneration(SkillNetPreTrainedModel):
         x = self.get_input_embeddings()(decoder_input_ids) + self.decoder_positions(positions)
         x = self.skillnet.embed_dropout(self.decoder_embed_norm(x))
         x, _ = self.decoder(x, None, route, encoder_states, padding_mask(encoder_mask), cache)
-        return F.linear(x, self.get_input_embeddings().weight, self.lm_bias)
+        return self.lm_head(x)
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         start = self.config.decoder_start_token_id

@@ -10,7 +10,7 @@ from torch import nn
 _SKILL = re.compile(r"\.skills\.([^.]+)\.")
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 _FRONTEND = re.compile(r"(?:^|\.)frontends\.([^.]+)\.")
-_HEADS = ("mlm_", "pair_head", "projections.", "logit_scale", "lm_bias")
+_HEADS = ("mlm_", "pair_head", "projections.", "logit_scale", "lm_head")
 
 
 @dataclass

@@ -8,7 +8,7 @@ arXiv 2203.03312), NLG (arXiv 2204.12184) and the multimodal model (arXiv 2205.0
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -177,14 +177,17 @@ class SkillRegistry:
 class Route:
     """Which skills each sample of a batch activates, computed once per forward and read by every layer.
 
-    `groups` holds (sample indices or None for the whole batch, skill indices): samples that share a skill
-    set run together as one wide FFN. `task_embedding` (batch, dim) feeds the task-level router baseline. Routing layers
+    `groups` holds (sample indices or None for the whole batch, skill indices): the samples that share a
+    skill set. `task_embedding` (batch, dim) feeds the task-level router baseline. Routing layers
     append their load-balancing losses to `aux_losses`.
     """
 
     groups: list[tuple[torch.Tensor | None, tuple[int, ...]]]
     task_embedding: torch.Tensor | None = None
     aux_losses: list[torch.Tensor] | None = None
+    scratch: dict = field(default_factory=dict, repr=False)
+    """Per-forward state of wrappers applied from outside (e.g. skill parallelism's exchanged counts)."""
+    _per_skill: list | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.aux_losses is None:
@@ -194,6 +197,22 @@ class Route:
     def active(self) -> tuple[int, ...]:
         """Every skill some sample in the batch uses."""
         return tuple(sorted({i for _, idx in self.groups for i in idx}))
+
+    def per_skill(self) -> list[tuple[int, torch.Tensor | None, torch.Tensor | None]]:
+        """(skill, the samples that activate it, each one's weight 1/k) for every active skill, in skill
+        order; samples and weights are None when the whole batch shares one skill set. Computed once per
+        route and reused by every layer."""
+        if self._per_skill is None:
+            if len(self.groups) == 1:
+                self._per_skill = [(i, None, None) for i in self.groups[0][1]]
+            else:
+                self._per_skill = []
+                for skill in self.active:
+                    members = [(rows, len(idx)) for rows, idx in self.groups if skill in idx]
+                    rows = torch.cat([r for r, _ in members])
+                    weight = torch.cat([torch.full((len(r),), 1.0 / k, device=r.device) for r, k in members])
+                    self._per_skill.append((skill, rows, weight))
+        return self._per_skill
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, device: torch.device | str | None = None) -> "Route":

@@ -1,5 +1,6 @@
 import inspect
 import json
+import socket
 
 import pytest
 import torch
@@ -36,3 +37,10 @@ def tokenizer(tmp_path_factory):
         "a low tone followed by a rising chord",
     ] * 20 + [inspect.getsource(json.decoder), inspect.getsource(skillnet.skills)]
     return train_tokenizer(texts, vocab_size=400, out_dir=tmp_path_factory.mktemp("tokenizer"))
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a launcher's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import free_port
 
 from finetune.config import load_finetune_config
 from finetune.predict import main as predict_main
@@ -210,7 +211,7 @@ def test_a_model_exported_by_pretraining_loads_and_finetunes(tmp_path):
     assert prepare_sample(["--out", str(sample), "--vocab-size", "512"]) == 0
     args = [f"data_root={sample}", f"run_dir={run}", "train.steps=2", "checkpoint.every=2"]
     done = subprocess.run([sys.executable, "-m", "pretrain", "--config", "tiny", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "MASTER_PORT": "29641"})
+                          text=True, timeout=600, env={**os.environ, "MASTER_PORT": str(free_port())})
     assert done.returncode == 0, done.stderr[-3000:]
     assert export_main([str(run), str(tmp_path / "export")]) == 0
     rows = [{"text": f"the day was {'good' if i % 2 else 'bad'}", "label": "positive" if i % 2 else "negative"}
@@ -385,7 +386,7 @@ def test_compare_on_the_sample_corpus_sparse_pretraining_beats_random_init(tmp_p
     args = [f"data_root={sample}", f"run_dir={run}", "train.steps=150", "checkpoint.every=150", "optim.warmup_steps=10",
             "train.micro_batch_size=16", f"data.tasks=[{{name: image, modality: image, sources: [{images}]}}]"]
     done = subprocess.run([sys.executable, "-m", "pretrain", "--config", "tiny", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "MASTER_PORT": "29642"})
+                          text=True, timeout=900, env={**os.environ, "MASTER_PORT": str(free_port())})
     assert done.returncode == 0, done.stderr[-3000:]
     assert export_main([str(run), str(tmp_path / "export")]) == 0
     out = tmp_path / "compare"
@@ -434,7 +435,7 @@ def test_accelerate_launch_with_deepspeed_zero3_on_two_processes(workspace, tmp_
     out = tmp_path / "model"
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--num_processes", "2", "--use_deepspeed", "--zero_stage", "3",
-           "--main_process_port", "29671", "-m", "finetune", "--config", _config(root, files, ["sentiment", "ner", "qa"]),
+           "--main_process_port", str(free_port()), "-m", "finetune", "--config", _config(root, files, ["sentiment", "ner", "qa"]),
            "--init", str(init), f"output_dir={out}", "train.steps=60"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,7 +28,7 @@ def test_readme_main_job_runs(tmp_path):
     main_job, _ = _readme_commands()
     job = main_job.split("&& ", 1)[1]
     env = {**os.environ, "PYTHON": sys.executable, "SAMPLE": str(tmp_path / "sample"), "RUN_DIR": str(tmp_path / "run"),
-           "MASTER_PORT": "29631", "ARGS": "train.steps=6 checkpoint.every=3"}
+           "MASTER_PORT": str(free_port()), "ARGS": "train.steps=6 checkpoint.every=3"}
     out = subprocess.run(job, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "trained to step 6" in out.stdout

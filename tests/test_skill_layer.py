@@ -112,3 +112,40 @@ def test_bad_routing_is_refused(kwargs, message):
     model = SkillNetModel(nlu_config())
     with pytest.raises(ValueError, match=message):
         model(input_ids=torch.randint(1, 128, (2, 5)), **kwargs)
+
+
+def test_mlm_logits_only_at_masked_positions():
+    from skillnet import SkillNetForPreTraining
+
+    model = SkillNetForPreTraining(nlu_config(vocab_size=4096))
+    ids = torch.randint(1, 4096, (4, 32))
+
+    def step(fraction):
+        labels = ids.masked_fill(torch.arange(32) >= int(32 * fraction), -100)
+        return _flops(lambda: model(input_ids=ids, task="masked_lm", labels=labels).loss.backward())
+
+    assert step(0.15) < 0.6 * step(1.0)
+
+
+def test_attention_gets_no_mask_without_padding(monkeypatch):
+    """Unpadded inputs (images, text given no attention mask) and the decoder's causal attention pass no
+    mask to SDPA, so its efficient kernels stay eligible; padded text passes one."""
+    import torch.nn.functional as F
+
+    from skillnet import SkillNetForConditionalGeneration, SkillNetModel, load_config
+
+    seen, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **k: seen.append((k["attn_mask"] is None, k["is_causal"])) or sdpa(*a, **k))
+    model = SkillNetModel(load_config("tiny"))
+    model(pixel_values=torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8), task="image")
+    model(input_ids=torch.randint(5, 500, (2, 7)), task="text")
+    assert seen == [(True, False)] * 4
+    seen.clear()
+    model(input_ids=torch.randint(5, 500, (2, 7)), attention_mask=torch.tensor([[1] * 7, [1] * 5 + [0] * 2]), task="text")
+    assert seen == [(False, False)] * 2
+    seen.clear()
+    gen = SkillNetForConditionalGeneration(nlu_config(num_decoder_layers=1, decoder_start_token_id=1))
+    gen(input_ids=torch.randint(1, 128, (2, 5)), labels=torch.randint(1, 128, (2, 4)), task="summarization"
+        if "summarization" in gen.config.tasks else "sentiment_analysis")
+    assert (True, True) in seen  # the decoder's self-attention
