@@ -10,6 +10,10 @@ Prints, in one run:
     and the bytes ZeRO-3 all-gathers per step (DeepSpeed's comms logger) over the bytes of the parameters
     the step's task calls (forward hooks on a plain model), target at most 1.1 per pass;
   - MFU (6 x activated parameters x tokens per second over the accelerator's peak) when a GPU is present;
+  - ZeRO-3 prefetch: the share of model calls that ran along a complete ZeRO-3 trace (so DeepSpeed
+    prefetched), one trace per kind of call against DeepSpeed's single trace, tiny config, every objective;
+  - peak resident memory per rank while building `multimodal-base` at world size 2, over the full fp32
+    model's bytes: built whole on every rank, and partitioned (`deepspeed.zero.Init`), target at most 0.6;
   - skill parallelism (P=2 on 2 ranks): bytes the skill exchanges send per step and per token, with the
     balanced and the data-local placement, from real training runs (`python -m pretrain`, tiny config, every
     objective of the multimodal set on the sample corpus).
@@ -137,6 +141,72 @@ def engine_step_time(args) -> dict:
     return {"rank": topology.rank, "world": topology.world_size, "seconds": seconds, "gathered": gathered}
 
 
+def build_worker(mode: str) -> dict:
+    """Runs in each rank: build multimodal-base as the trainer does; memory above the process before."""
+    import resource
+
+    import psutil
+
+    from pretrain import distributed
+    from pretrain.config import PretrainConfig
+    from pretrain.train import _ds_config, build_model
+    from skillnet import load_config
+
+    topology = distributed.detect()
+    distributed.init(topology)
+    config = PretrainConfig()
+    config.distributed.ds_config = str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero3.json")
+    before = psutil.Process().memory_info().rss
+    model = build_model(load_config("multimodal-base"), 0, _ds_config(config, topology.world_size) if mode == "partitioned" else None)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) * 4
+    return {"rank": topology.rank, "peak_above": peak - before, "model_bytes": full}
+
+
+def build_memory() -> dict[str, float]:
+    result = {}
+    for mode in ("whole", "partitioned"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+               __file__, "--build-worker", mode]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if out.returncode:
+            raise RuntimeError(out.stdout[-2000:] + out.stderr[-2000:])
+        ranks = [json.loads(m) for m in re.findall(r"RESULT (\{[^}]*\})", out.stdout)]
+        result[mode] = max(r["peak_above"] / r["model_bytes"] for r in ranks)
+        result["model_bytes"] = ranks[0]["model_bytes"]
+    return result
+
+
+def traced_calls(args) -> dict[str, float]:
+    """Share of model calls along a complete ZeRO-3 trace, per-call traces against DeepSpeed's single one."""
+    partition_all = "distributed.ds_overrides.zero_optimization.stage3_param_persistence_threshold=0"
+    runs = _pretrain_runs(args, {per_call: [f"distributed.trace_per_call={per_call}", partition_all]
+                                 for per_call in ("true", "false")})
+    return {name: sum(r["zero3_traced"] for r in records) / sum(r["zero3_calls"] for r in records)
+            for name, records in runs.items()}
+
+
+def _pretrain_runs(args, variants: dict[str, list[str]]) -> dict[str, list[dict]]:
+    """`steps.jsonl` records of a 2-rank `python -m pretrain` run of the tiny config on the sample corpus per
+    variant (its overrides)."""
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        sample = Path(tmp) / "sample"
+        subprocess.run([sys.executable, "-m", "pretrain.prepare_sample", "--out", str(sample)], cwd=root, check=True,
+                       capture_output=True)
+        result = {}
+        for name, overrides in variants.items():
+            run = Path(tmp) / name
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                   "-m", "pretrain", "--config", "tiny", f"data_root={sample}", f"run_dir={run}",
+                   f"train.steps={args.placement_steps}", f"checkpoint.every={args.placement_steps}", *overrides]
+            out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if out.returncode:
+                raise RuntimeError(out.stdout[-2000:] + out.stderr[-2000:])
+            result[name] = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    return result
+
+
 def _free_port() -> int:
     import socket
 
@@ -158,24 +228,12 @@ def _ranks(args, n: int, ds: str = "zero3", partition_all: bool = False) -> dict
 
 def placements(args) -> dict[str, tuple[float, float]]:
     """Mean skill-exchange bytes per step and per token (all ranks, forward and backward) of each placement."""
-    root = Path(__file__).resolve().parents[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        sample = Path(tmp) / "sample"
-        subprocess.run([sys.executable, "-m", "pretrain.prepare_sample", "--out", str(sample)], cwd=root, check=True,
-                       capture_output=True)
-        result = {}
-        for placement in ("balanced", "data_local"):
-            run = Path(tmp) / placement
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                   "-m", "pretrain", "--config", "tiny", f"data_root={sample}", f"run_dir={run}",
-                   f"train.steps={args.placement_steps}", f"checkpoint.every={args.placement_steps}",
-                   "distributed.skill_parallel_size=2", f"distributed.skill_placement={placement}"]
-            out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            if out.returncode:
-                raise RuntimeError(out.stdout[-2000:] + out.stderr[-2000:])
-            records = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
-            sent = sum(r["skill_bytes"] for r in records)
-            result[placement] = (sent / len(records), sent / sum(r["tokens"] for r in records))
+    runs = _pretrain_runs(args, {p: ["distributed.skill_parallel_size=2", f"distributed.skill_placement={p}"]
+                                 for p in ("balanced", "data_local")})
+    result = {}
+    for placement, records in runs.items():
+        sent = sum(r["skill_bytes"] for r in records)
+        result[placement] = (sent / len(records), sent / sum(r["tokens"] for r in records))
     return result
 
 
@@ -190,9 +248,26 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ds", default="zero3", help=argparse.SUPPRESS)
     parser.add_argument("--partition-all", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--build-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=["build", "traces"], help="run one part only")
     args = parser.parse_args(argv)
     if args.worker:
         print("RESULT " + json.dumps(engine_step_time(args)), flush=True)
+        return 0
+    if args.build_worker:
+        print("RESULT " + json.dumps(build_worker(args.build_worker)), flush=True)
+        return 0
+    if args.only in (None, "build"):
+        memory = build_memory()
+        print(f"building multimodal-base ({memory['model_bytes'] / 2**30:.2f} GiB in fp32) at world size 2, peak "
+              f"resident memory per rank over the fp32 model: whole {memory['whole']:.2f}, partitioned "
+              f"{memory['partitioned']:.2f} (target <= 0.6)")
+    if args.only in (None, "traces"):
+        share = traced_calls(args)
+        print(f"model calls along a complete ZeRO-3 trace (prefetching), tiny config, every objective, "
+              f"{args.placement_steps} steps: one trace per kind of call {share['true']:.0%}, DeepSpeed's single "
+              f"trace {share['false']:.0%}")
+    if args.only:
         return 0
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

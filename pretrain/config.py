@@ -76,6 +76,9 @@ class DistributedConfig:
     """Split each skill layer's skills over this many ranks."""
     skill_placement: str = "balanced"
     """"balanced" or "data_local" (ranks get the tasks whose skills they hold)."""
+    trace_per_call: bool = True
+    """ZeRO-3 records one module trace per kind of model call (task and call in the step) and prefetches
+    along it; false: DeepSpeed's single trace, which a change of task breaks."""
     ds_overrides: dict = field(default_factory=dict)
     """DeepSpeed config entries merged over the file, nested dicts merged key by key, e.g.
     `distributed.ds_overrides.zero_optimization.stage3_param_persistence_threshold=0`."""

@@ -68,8 +68,11 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, group=
 class Objectives:
     """Turns a loader batch into the loss of its task's objective."""
 
-    def __init__(self, config, tokenizer, model_config, negatives_group=None):
+    def __init__(self, config, tokenizer, model_config, negatives_group=None, before_call=None):
+        """`before_call(key)` is told before every model call what kind of call comes: (task, i) for the
+        i-th call of a task's objective, (task, "idle", i) for an idle one (see `TraceSwitch`)."""
         self.config, self.tokenizer, self.model_config = config, tokenizer, model_config
+        self.before_call = before_call or (lambda key: None)
         self.vocab_size = model_config.vocab_size
         self.special_ids = torch.tensor(sorted(tokenizer.all_special_ids))
         self.modality = {t.name: t.modality for t in config.data.tasks}
@@ -88,6 +91,7 @@ class Objectives:
             special = torch.isin(ids, self.special_ids)
             inputs, labels = mask_tokens(ids, special, self.tokenizer.mask_token_id, self.vocab_size,
                                          self.config.train.mlm_probability, generator)
+            self.before_call((task, 0))
             out = model(input_ids=inputs.to(device), attention_mask=batch["attention_mask"].to(device),
                         modality=batch["modality"], task=task, labels=labels.to(device))
             stats["tokens"] = int(batch["attention_mask"].sum())
@@ -95,6 +99,7 @@ class Objectives:
             first, second, labels = sentence_pairs(batch["texts"], generator)
             enc = self.tokenizer(first, second, padding=True, truncation=True,
                                  max_length=self.config.data.max_text_tokens, return_tensors="pt")
+            self.before_call((task, 0))
             out = model(**{k: v.to(device) for k, v in enc.items()}, task=task, next_sentence_label=labels.to(device))
             stats["tokens"] = int(enc["attention_mask"].sum())
         else:
@@ -103,7 +108,9 @@ class Objectives:
             if batch["modality"] == "code":
                 media = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
                          "modality": "code"}
+            self.before_call((task, 0))
             side = model(**media, task=task)
+            self.before_call((task, 1))
             caption = model(input_ids=batch["caption_input_ids"].to(device),
                             attention_mask=batch["caption_attention_mask"].to(device), task=self.config.train.caption_task)
             loss = info_nce(side.embeddings, caption.embeddings, side.logit_scale, self.negatives_group)
@@ -122,6 +129,7 @@ class Objectives:
         kind, modality, cfg = self.config.objective(task), self.modality[task], self.model_config
         tokens = {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
                   "attention_mask": torch.ones(1, 2, dtype=torch.long, device=device)}
+        self.before_call((task, "idle", 0))
         if kind == "mlm":
             out = model(**tokens, modality=modality, task=task, labels=torch.zeros(1, 2, dtype=torch.long, device=device))
             return 0.0 * out.prediction_logits.sum()
@@ -135,5 +143,6 @@ class Objectives:
                  "video": {"pixel_values_videos": torch.zeros(1, cfg.num_frames, channels, size, size, dtype=torch.uint8)},
                  "code": {**tokens, "modality": "code"}}[modality]
         side = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in media.items()}, task=task)
+        self.before_call((task, "idle", 1))
         caption = model(**tokens, task=self.config.train.caption_task)
         return 0.0 * (side.embeddings.sum() + caption.embeddings.sum() + side.logit_scale.sum())

@@ -28,6 +28,7 @@ import torch
 from . import checkpoint
 from .config import PretrainConfig, dump, load_pretrain_config
 from .distributed import Topology, detect
+from .zero_traces import TraceSwitch
 
 
 class Stop:
@@ -66,6 +67,9 @@ def prepare(config: PretrainConfig, topology: Topology):
     from data_pipeline.media import MediaConfig
     from skillnet.tokenizer import load_tokenizer
 
+    from .distributed import check_accelerator
+
+    check_accelerator()
     model_config = _model_config(config)
     registry = model_config.registry
     for t in config.data.tasks:
@@ -258,7 +262,6 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
     # DeepSpeed calls torch collectives that torch deprecates: say so once, not at every step
     warnings.filterwarnings("once", message=r".* is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
-    from skillnet import SkillNetForPreTraining
 
     from . import distributed
     from .objectives import Objectives
@@ -274,17 +277,17 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
         dump(config, run_dir / "config.yaml")
         model_config.save_pretrained(run_dir)
         tokenizer.save_pretrained(run_dir / "tokenizer")
-    device = torch.device("cuda", topology.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = distributed.device(topology)
 
-    torch.manual_seed(config.train.seed)  # every rank builds the same initial weights
-    model = SkillNetForPreTraining(model_config)
+    ds_config = _ds_config(config, topology.world_size)
+    model = build_model(model_config, config.train.seed, ds_config if placement is None else None)
+    torch.manual_seed(config.train.seed + topology.rank)  # dropout differs per rank; the weights do not
     skill_layers, data_group = [], None
     if placement is not None:
         skill_layers, data_group = split_skills(model, placement)
         if topology.is_main:
             (run_dir / "skill_placement.json").write_text(json.dumps(placement.to_dict(), indent=1))
     model = parallelize(model, config.train.activation_checkpointing)
-    ds_config = _ds_config(config, topology.world_size)
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
     optimizer, scheduler = _optimizer(model, config, offload)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -295,7 +298,8 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
         loader.load_state_dict(state["loader"])
     data_local = placement is not None and placement.task_slots is not None
     # data-local: the ranks at one position share a task, so contrastive negatives come from them
-    objectives = Objectives(config, tokenizer, model_config, data_group if data_local else None)
+    traces = TraceSwitch(engine, config.distributed.trace_per_call)
+    objectives = Objectives(config, tokenizer, model_config, data_group if data_local else None, traces.select)
     stop = Stop()
     metrics = Metrics(run_dir, topology.is_main, config.train.steps, state["step"])
     accumulation = config.train.gradient_accumulation
@@ -307,6 +311,7 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
     comm_clock = CommClock()
     tokens_at_log, samples_at_log, saved = state["tokens_seen"], state["samples_seen"], None
     exchanged, logged_step = 0, state["step"]  # skill-exchange bytes (all ranks) since the last log
+    traced_calls = [0, 0]
 
     def save() -> Path:
         state["loader"] = loader.state_dict()
@@ -369,6 +374,8 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
                   "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens": tokens, "skill_bytes": sent}
         if config.train.profile_comm:
             record["gathered_bytes"] = comm_clock.read()  # this rank's
+        record["zero3_calls"], record["zero3_traced"] = traces.take()
+        traced_calls = [traced_calls[0] + record["zero3_calls"], traced_calls[1] + record["zero3_traced"]]
         metrics.advance(step, record)
         step_loss, step_tasks = 0.0, []
         if step % config.train.log_every == 0 or step == config.train.steps:
@@ -389,6 +396,9 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
             scalars.update({f"skills/grad_norm/{s}": n for s, n in skill_norms.items()})
             scalars.update({f"data/skipped/{r}": n for r, n in loader.skipped.items()})
             scalars["memory/rss_gb"] = _rss_gb()
+            if traced_calls[0]:  # model calls along a complete ZeRO-3 trace, which prefetch
+                scalars["zero3/traced_call_share"] = traced_calls[1] / traced_calls[0]
+            traced_calls = [0, 0]
             if torch.cuda.is_available():
                 scalars["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
             metrics.log(step, scalars)
@@ -406,6 +416,51 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
     metrics.close()
     dist.barrier()
     return {"step": state["step"], "checkpoint": saved, "run_dir": run_dir, "stopped": signalled}
+
+
+def build_model(model_config, seed: int, ds_config: dict | None = None):
+    """The pretraining model as every rank builds it: the modules' own default initialisation skipped, then
+    each module's parameters initialised from `seed`, children first, on rank 0 and broadcast, so every
+    rank starts from the same weights. Under ZeRO-3 (`ds_config` given) the model is built partitioned
+    (`deepspeed.zero.Init`): each module's parameters are split over the ranks as soon as it exists and
+    gathered only while they are initialised, so no rank ever holds the whole model. Both ways give the
+    same weights. (Skill parallelism moves skills after building, so it builds whole.)"""
+    import contextlib
+
+    import deepspeed
+    import torch.distributed as dist
+    from transformers import initialization as init
+    from transformers.integrations.deepspeed import initialize_weights_zero3
+
+    from skillnet import SkillNetForPreTraining
+
+    partitioned = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
+    zero_init = deepspeed.zero.Init(config_dict_or_path=ds_config) if partitioned else contextlib.nullcontext()
+    _mmap_threshold(1 << 20)  # the full tensors gathered one module at a time go back to the OS when freed
+    with init.no_init_weights(), zero_init:
+        model = SkillNetForPreTraining(model_config)
+    torch.manual_seed(seed)
+    initialize_weights_zero3(model)  # module by module: gathered (when partitioned), initialised on rank 0
+    _mmap_threshold(32 << 20)  # glibc's own upper bound for the threshold it adapts by default
+    if not partitioned:  # the other ranks hold what no_init_weights left: rank 0's weights replace it
+        with torch.no_grad():
+            for param in model.parameters():
+                dist.broadcast(param.data, 0)
+    model.tie_weights()
+    return model
+
+
+def _mmap_threshold(size: int) -> None:
+    """Serve allocations of at least `size` bytes from their own mappings (glibc), which are returned to the
+    OS when freed; by default glibc raises its threshold as large blocks are freed and then keeps the
+    gathered-and-freed tensors of a partitioned build in its heap."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, size)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def split_skills(model, placement) -> tuple[list, object]:

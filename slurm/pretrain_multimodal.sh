@@ -11,6 +11,10 @@
 # overrides), PYTHON; without Slurm also NPROC (local ranks, default 2), MASTER_PORT, SAMPLE (where the
 # sample corpus is written when DATA is not given).
 #
+# `--mem=0` asks for each node's whole memory. With --gpus-per-node every rank sees the node's GPUs and takes
+# the one of its local rank; with --gpus-per-task or --gpu-bind it sees one and takes that. A job given GPUs
+# whose torch has no CUDA stops with an error instead of training on the CPU.
+#
 # Slurm sends SIGUSR1 five minutes before the time limit; every rank checkpoints, rank 0 requeues the job,
 # and the requeued job resumes from that checkpoint by itself (checkpoint.resume=auto).
 #SBATCH --job-name=skillnet-pretrain
@@ -18,6 +22,7 @@
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=8
+#SBATCH --mem=0
 #SBATCH --time=24:00:00
 #SBATCH --signal=USR1@300
 #SBATCH --requeue
@@ -44,6 +49,8 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
   first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
   MASTER_ADDR=$(scontrol show node "$first" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')  # the address Slurm reaches it at
   export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+  # srun does not inherit sbatch's --cpus-per-task (Slurm 22.05+): pass it on, or each rank gets one CPU
+  if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
   srun --kill-on-bad-exit=1 "$PYTHON" -m pretrain --config "$CONFIG" "${OVERRIDES[@]}"
 else
   "$PYTHON" -m torch.distributed.run --nproc_per_node "${NPROC:-2}" --master_port "${MASTER_PORT:-29500}" \

@@ -138,8 +138,14 @@ def test_two_ranks_zero3_killed_and_resumed_matches_uninterrupted(sample, tmp_pa
     assert export_main([str(tmp_path / "hf"), str(tmp_path / "nope")]) == 2  # not a checkpoint
 
     losses = _losses(straight)
-    assert set(json.loads(l)["tasks"][0] for l in (straight / "steps.jsonl").read_text().splitlines()) > {"image", "masked_lm"}
+    records = [json.loads(line) for line in (straight / "steps.jsonl").read_text().splitlines()]
+    assert set(r["tasks"][0] for r in records) > {"image", "masked_lm"}
     assert list(losses) == list(range(1, 25))
+    # one ZeRO-3 trace per kind of model call: every call of a task seen before runs along its trace
+    seen = set()
+    for r in records:
+        assert r["zero3_traced"] == (r["zero3_calls"] if r["tasks"][0] in seen else 0), r
+        seen.add(r["tasks"][0])
 
 
 @pytest.mark.parametrize(
@@ -226,3 +232,19 @@ def test_bf16_trains_resumes_exactly_and_exports(sample, tmp_path, ds_config):
     model = SkillNetForPreTraining.from_pretrained(tmp_path / "hf")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
+
+
+def test_partitioned_build_gives_the_same_initial_weights(tmp_path):
+    """Under ZeRO-3 every rank builds its share of the model only (`deepspeed.zero.Init`), with the same
+    initial weights as a whole build."""
+    out = tmp_path / "weights.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests" / "build_worker.py"), str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    saved = torch.load(out, weights_only=False)
+    assert saved["whole"].keys() == saved["partitioned"].keys()
+    for name, tensor in saved["whole"].items():
+        assert torch.equal(saved["partitioned"][name], tensor), name
+        assert saved["held"][name] <= -(-saved["full"][name] // 2)  # each rank held its half at most
+    assert saved["whole"]["skillnet.encoder.layers.0.ffn.skills.text.fc1.weight"].std() > 0.01  # initialised
