@@ -149,7 +149,7 @@ class SkillParallel(nn.Module):
     every rank, and each rank holds other skills), so they are registered as its external parameters
     (`pretrain/parallelize.py`) and gathered together when the layer runs."""
 
-    def __init__(self, layer: SkillFFN | SkillLinear, placement: Placement, slot: int, group):
+    def __init__(self, layer: SkillFFN | SkillLinear, placement: Placement, slot: int, group, stage: str = "encoder"):
         super().__init__()
         self.names = list(layer.skills)  # every skill, in table order: the route's indices
         # the same structure at every position: shared skills, this position's, then padding
@@ -161,6 +161,9 @@ class SkillParallel(nn.Module):
         self.act = first.act.forward if isinstance(layer, SkillFFN) else None
         self.out_features = first.out_features if isinstance(first, nn.Linear) else first.fc2.out_features
         self.placement, self.slot, self.group = placement, slot, group
+        self.stage = stage
+        """Which tokens the layer sees ("encoder", or the decoder's own): every layer of a stage exchanges the
+        same counts and skill codes, so they cross the group once per stage and forward (`Route.scratch`)."""
         self.bytes_sent = 0  # sent to other ranks: tokens and their skill codes out, partial sums back, gradients
 
     def _count_backward(self, n: int) -> None:
@@ -191,21 +194,18 @@ class SkillParallel(nn.Module):
         send_counts = [sum(t.shape[0] for t in sends[s]) for s in range(size)]
         send = torch.cat([flat[:0]] + [t for s in range(size) for t in sends[s]])  # [:0] keeps the graph
         send_codes = torch.cat([torch.zeros(0, dtype=torch.int64, device=x.device)] + [c for s in range(size) for c in codes[s]])
-        recv_counts = torch.zeros(size, dtype=torch.int64, device=x.device)  # NCCL exchanges device tensors only
-        dist.all_to_all_single(recv_counts, torch.tensor(send_counts, dtype=torch.int64, device=x.device), group=self.group)
-        recv_counts = recv_counts.tolist()
+        plan, first = self._exchange_plan(route, send_counts, send_codes)
+        recv_counts = plan["recv_counts"]
         recv = all_to_all_single(send.new_empty(sum(recv_counts), hidden), send, recv_counts, send_counts, self.group)
-        recv_codes = torch.empty(sum(recv_counts), dtype=torch.int64, device=x.device)
-        dist.all_to_all_single(recv_codes, send_codes, recv_counts, send_counts, group=self.group)
 
-        result = self._run_local(recv, recv_codes)
+        result = self._run_local(recv, plan)
         back = all_to_all_single(result.new_empty(send.shape[0], self.out_features), result, send_counts, recv_counts, self.group)
         # bytes this rank sends to the others: tokens and codes out, partial sums back; the backward
         # sends as many gradient rows the other way
         out_rows = sum(send_counts) - send_counts[self.slot]
         back_rows = sum(recv_counts) - recv_counts[self.slot]
         sent = out_rows * hidden + back_rows * self.out_features
-        self.bytes_sent += sent * x.element_size() + out_rows * send_codes.element_size()
+        self.bytes_sent += sent * x.element_size() + (out_rows * send_codes.element_size() if first else 0)
         if back.requires_grad:
             back.register_hook(lambda grad: self._count_backward(sent * grad.element_size()))
 
@@ -229,17 +229,36 @@ class SkillParallel(nn.Module):
             out = out.index_copy(0, samples, y)
         return out
 
-    def _run_local(self, recv: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def _exchange_plan(self, route, send_counts: list[int], send_codes: torch.Tensor) -> tuple[dict, bool]:
+        """The counts and skill codes this rank receives, and how its tokens group by code: the same for every
+        layer of a stage, so exchanged (and read on the host) once per stage and forward. Returns the plan and
+        whether this call made it."""
+        key = ("skill_parallel", id(self.group), self.stage)
+        if key in route.scratch:
+            return route.scratch[key], False
+        size, device = self.placement.size, send_codes.device
+        recv_counts = torch.zeros(size, dtype=torch.int64, device=device)  # NCCL exchanges device tensors only
+        dist.all_to_all_single(recv_counts, torch.tensor(send_counts, dtype=torch.int64, device=device), group=self.group)
+        recv_counts = recv_counts.tolist()
+        codes = torch.empty(sum(recv_counts), dtype=torch.int64, device=device)
+        dist.all_to_all_single(codes, send_codes, recv_counts, send_counts, group=self.group)
+        order = torch.argsort(codes, stable=True)
+        values, counts = torch.unique_consecutive(codes[order], return_counts=True)
+        plan = {"recv_counts": recv_counts, "order": order, "restore": torch.argsort(order),
+                "groups": list(zip(values.tolist(), counts.tolist()))}
+        route.scratch[key] = plan
+        return plan, True
+
+    def _run_local(self, recv: torch.Tensor, plan: dict) -> torch.Tensor:
         """Sum of this position's skills named by each received token's code, computed code by code."""
         held = [self.skills[n] for n in self.placement.slots[self.slot]]
-        order = torch.argsort(codes, stable=True)
-        ordered, sorted_codes = recv.index_select(0, order), codes[order]
+        ordered = recv.index_select(0, plan["order"])
         parts, start = [ordered[:0, :1].expand(0, self.out_features)], 0
-        for code, count in zip(*torch.unique_consecutive(sorted_codes, return_counts=True)):
-            chosen = [m for i, m in enumerate(held) if int(code) >> i & 1]
-            parts.append(_partial_sum(chosen, ordered[start:start + int(count)], self.act))
-            start += int(count)
-        return torch.cat(parts).index_select(0, torch.argsort(order))
+        for code, count in plan["groups"]:
+            chosen = [m for i, m in enumerate(held) if code >> i & 1]
+            parts.append(_partial_sum(chosen, ordered[start:start + count], self.act))
+            start += count
+        return torch.cat(parts).index_select(0, plan["restore"])
 
 
 def shard_skills(model: nn.Module, placement: Placement, slot: int, group, data_group, group_name: str) -> list:
@@ -248,10 +267,14 @@ def shard_skills(model: nn.Module, placement: Placement, slot: int, group, data_
     partitioned over `data_group` (the ranks at the same position), gradients averaged over every rank.
     Shared skills stay ordinary parameters."""
     layers = []
+    names = {module: name for name, module in model.named_modules()}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, (SkillFFN, SkillLinear)):
-                layer = SkillParallel(child, placement, slot, group)
+                qualified = f".{names[parent]}.{name}"
+                # the decoder's own tokens, or (cross-attention keys and values) the encoder's
+                decoder = ".decoder." in qualified and not qualified.endswith((".cross_attn.k", ".cross_attn.v"))
+                layer = SkillParallel(child, placement, slot, group, "decoder" if decoder else "encoder")
                 setattr(parent, name, layer)
                 layers.append(layer)
                 own = [p for n in placement.slots[slot] for p in layer.skills[n].parameters()]
