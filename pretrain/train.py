@@ -262,7 +262,6 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
     # DeepSpeed calls torch collectives that torch deprecates: say so once, not at every step
     warnings.filterwarnings("once", message=r".* is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
-
     from . import distributed
     from .objectives import Objectives
     from .parallelize import parallelize
