@@ -256,8 +256,7 @@ class SkillNetLayer(nn.Module):
         return self.ffn_norm(x + self.dropout(self.ffn(x, route)))
 
 
-def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(batch, keys) 0/1 mask -> bool (batch, 1, 1, keys) for scaled_dot_product_attention; None (every
-    key valid) stays None."""
-    return None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, keys) 0/1 mask -> bool (batch, 1, 1, keys) for scaled_dot_product_attention."""
+    return attention_mask.bool()[:, None, None, :]
 
