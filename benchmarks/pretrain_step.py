@@ -8,7 +8,8 @@ Prints, in one run:
   - tokens per second with 1 and with 2 ranks (ZeRO-3, gloo on CPU, NCCL on GPUs), same per-rank batch;
   - at 2 ranks with every parameter partitioned (persistence threshold 0): ZeRO-3 step time against ZeRO-2's,
     and the bytes ZeRO-3 all-gathers per step (DeepSpeed's comms logger) over the bytes of the parameters
-    the step's task calls (forward hooks on a plain model), target at most 1.1 per pass;
+    the step calls (forward hooks on a plain model), target at most 1.1 per pass: masked-token prediction,
+    and image-caption pairs whose two sides run in one model call (against one call per side);
   - MFU (6 x activated parameters x tokens per second over the accelerator's peak) when a GPU is present;
   - ZeRO-3 prefetch: the share of model calls that ran along a complete ZeRO-3 trace (so DeepSpeed
     prefetched), one trace per kind of call against DeepSpeed's single trace, tiny config, every objective;
@@ -17,7 +18,7 @@ Prints, in one run:
   - skill parallelism (P=2 on 2 ranks): bytes the skill exchanges send per step and per token, with the
     balanced and the data-local placement, from real training runs (`python -m pretrain`, tiny config, every
     objective of the multimodal set on the sample corpus).
-The first three use masked-token prediction with the `masked_lm` skills of the multimodal set.
+The first three (gathers excepted) use masked-token prediction with the `masked_lm` skills of the multimodal set.
 """
 
 from __future__ import annotations
@@ -43,17 +44,38 @@ PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def _config(args) -> SkillNetConfig:
+    pair = args.objective != "mlm"
     return SkillNetConfig(skill_set="multimodal", vocab_size=8000, hidden_size=args.hidden, num_hidden_layers=args.layers,
                           num_attention_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden,
                           max_position_embeddings=max(512, args.tokens), hidden_dropout_prob=0.0,
-                          attention_probs_dropout_prob=0.0, modalities=["text"])
+                          attention_probs_dropout_prob=0.0, modalities=["text", "image"] if pair else ["text"],
+                          image_size=128, patch_size=16, projection_dim=64 if pair else 0)
 
 
 def _batch(args, rank: int, device) -> dict:
+    """Masked-token prediction, or (contrastive) images and their 64-token captions in one call."""
     g = torch.Generator().manual_seed(rank)
+    if args.objective != "mlm":
+        ids = torch.randint(7, 8000, (args.batch, 64), generator=g)
+        return {"pixel_values": torch.randint(0, 256, (args.batch, 3, 128, 128), dtype=torch.uint8, generator=g).to(device),
+                "task": "image", "pair": {"input_ids": ids.to(device), "task": "text"}}
     ids = torch.randint(7, 8000, (args.batch, args.tokens), generator=g)
     labels = ids.masked_fill(torch.rand(ids.shape, generator=g) > 0.15, -100)
     return {"input_ids": ids.to(device), "labels": labels.to(device), "task": "masked_lm"}
+
+
+def _loss(model, batch: dict, objective: str) -> torch.Tensor:
+    """The step's loss; `separate`: the two sides of a pair in two model calls (as before they shared one)."""
+    if "pair" not in batch:
+        return model(**batch).loss
+    if objective == "separate":
+        side, other = model(**{k: v for k, v in batch.items() if k != "pair"}), model(**batch["pair"])
+        a, b, scale = side.embeddings, other.embeddings, side.logit_scale
+    else:
+        out = model(**batch)
+        a, b, scale = out.embeddings, out.pair_embeddings, out.logit_scale
+    logits = scale * a @ b.T
+    return torch.nn.functional.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
 
 def _timed(step, steps: int) -> float:
@@ -76,7 +98,7 @@ def plain_step_time(args, device) -> float:
     batch = _batch(args, 0, device)
 
     def step():
-        loss = model(**batch).loss
+        loss = _loss(model, batch, args.objective)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -86,12 +108,12 @@ def plain_step_time(args, device) -> float:
 
 
 def called_parameter_bytes(args) -> int:
-    """Bytes of the parameters whose modules a masked-token step calls (what ZeRO-3 must gather)."""
+    """Bytes of the parameters whose modules a step calls (what ZeRO-3 must gather once per pass)."""
     model = SkillNetForPreTraining(_config(args))
     used = {}
     for module in model.modules():
         module.register_forward_hook(lambda m, i, o: used.update({id(p): p for p in m.parameters(recurse=False)}))
-    model(**_batch(args, 0, "cpu"))
+    _loss(model, _batch(args, 0, "cpu"), args.objective)
     return sum(p.numel() * p.element_size() for p in used.values())
 
 
@@ -121,7 +143,7 @@ def engine_step_time(args) -> dict:
     batch = _batch(args, topology.rank, device)
 
     def step():
-        loss = engine(**batch).loss
+        loss = _loss(engine, batch, args.objective)
         engine.backward(loss)
         engine.step()
 
@@ -145,7 +167,9 @@ def build_worker(mode: str) -> dict:
     """Runs in each rank: build multimodal-base as the trainer does; memory above the process before."""
     import resource
 
+    import deepspeed  # noqa: F401  (libraries loaded before: their code is not the model's memory)
     import psutil
+    import transformers.integrations.deepspeed  # noqa: F401
 
     from pretrain import distributed
     from pretrain.config import PretrainConfig
@@ -218,7 +242,8 @@ def _free_port() -> int:
 def _ranks(args, n: int, ds: str = "zero3", partition_all: bool = False) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(_free_port()),
            __file__, "--worker", "--hidden", str(args.hidden), "--layers", str(args.layers), "--batch", str(args.batch),
-           "--tokens", str(args.tokens), "--steps", str(args.steps), "--ds", ds] + ["--partition-all"] * partition_all
+           "--tokens", str(args.tokens), "--steps", str(args.steps), "--ds", ds, "--objective", args.objective,
+           ] + ["--partition-all"] * partition_all
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // n))})
     if out.returncode:
         raise RuntimeError(out.stdout[-2000:] + out.stderr[-2000:])
@@ -249,7 +274,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ds", default="zero3", help=argparse.SUPPRESS)
     parser.add_argument("--partition-all", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--build-worker", help=argparse.SUPPRESS)
-    parser.add_argument("--only", choices=["build", "traces"], help="run one part only")
+    parser.add_argument("--objective", choices=["mlm", "contrastive", "separate"], default="mlm", help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=["build", "traces", "gather"], help="run one part only")
     args = parser.parse_args(argv)
     if args.worker:
         print("RESULT " + json.dumps(engine_step_time(args)), flush=True)
@@ -267,6 +293,17 @@ def main(argv=None) -> int:
         print(f"model calls along a complete ZeRO-3 trace (prefetching), tiny config, every objective, "
               f"{args.placement_steps} steps: one trace per kind of call {share['true']:.0%}, DeepSpeed's single "
               f"trace {share['false']:.0%}")
+    if args.only in (None, "gather"):
+        print("bytes all-gathered per step over (passes x bytes of the parameters the step calls), 2 ranks, every "
+              "parameter partitioned (target <= 1.1 per pass):")
+        for objective, what in (("mlm", "masked-token prediction"), ("contrastive", "image-caption pairs, one call"),
+                                ("separate", "image-caption pairs, one call per side")):
+            args.objective = objective
+            gathered, needed = _ranks(args, 2, "zero3", partition_all=True)["gathered"], called_parameter_bytes(args)
+            passes = max(1, round(gathered / needed)) if objective != "separate" else 1
+            print(f"  {what}: {gathered / 2**20:.2f} MiB gathered, {needed / 2**20:.2f} MiB called, {passes} pass(es), "
+                  f"{gathered / (passes * needed):.3f} per pass")
+        args.objective = "mlm"
     if args.only:
         return 0
 
@@ -277,7 +314,6 @@ def main(argv=None) -> int:
     two = _ranks(args, 2)["seconds"]
     z3 = _ranks(args, 2, "zero3", partition_all=True)
     z2 = _ranks(args, 2, "zero2")["seconds"]
-    needed = called_parameter_bytes(args)
     print(f"masked-token prediction, hidden {args.hidden}, {args.layers} layers, {args.batch} x {args.tokens} tokens "
           f"per rank, median of {args.steps} steps, {'GPU ' + torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
     print(f"  plain PyTorch step        {plain * 1e3:9.1f} ms")
@@ -288,9 +324,6 @@ def main(argv=None) -> int:
     print("  2 ranks, every parameter partitioned:")
     print(f"    ZeRO-3 {z3['seconds'] * 1e3:9.1f} ms, ZeRO-2 {z2 * 1e3:9.1f} ms: ZeRO-3 / ZeRO-2 = {z3['seconds'] / z2:.3f}, "
           f"ZeRO-3 / plain 1 rank = {z3['seconds'] / plain:.3f}")
-    passes = max(1, round(z3["gathered"] / needed))
-    print(f"    all-gathered per step {z3['gathered'] / 2**20:.2f} MiB, parameters the task calls {needed / 2**20:.2f} MiB: "
-          f"{passes} pass(es), {z3['gathered'] / (passes * needed):.3f} per pass (target <= 1.1)")
     if device.type == "cuda":
         model = SkillNetForPreTraining(_config(args))
         active = activated_parameters(model.skillnet, set(model.registry.skill_names("masked_lm")))

@@ -69,8 +69,8 @@ class Objectives:
     """Turns a loader batch into the loss of its task's objective."""
 
     def __init__(self, config, tokenizer, model_config, negatives_group=None, before_call=None):
-        """`before_call(key)` is told before every model call what kind of call comes: (task, i) for the
-        i-th call of a task's objective, (task, "idle", i) for an idle one (see `TraceSwitch`)."""
+        """`before_call(key)` is told before every model call what kind of call comes: the task, or under
+        data-local skill parallelism the tasks of the group's positions (see `TraceSwitch`)."""
         self.config, self.tokenizer, self.model_config = config, tokenizer, model_config
         self.before_call = before_call or (lambda key: None)
         self.vocab_size = model_config.vocab_size
@@ -82,67 +82,80 @@ class Objectives:
         # masking depends on (seed, step, rank) alone, so a resumed run masks exactly as before
         return torch.Generator().manual_seed(hash((self.config.train.seed, step, rank)) & 0x7FFFFFFF)
 
-    def loss(self, model, batch: dict, step: int, rank: int, device) -> tuple[torch.Tensor, dict]:
+    def loss(self, model, batch: dict, step: int, rank: int, device, group_tasks: list[str] | None = None,
+             position: int | None = None) -> tuple[torch.Tensor, dict]:
+        """The loss of `batch`'s objective, from one model call. Under skill parallelism's data-local
+        placement (`group_tasks`: the task of every position of the group, this rank's at `position`), the
+        ranks at the other positions train on their tasks in the same step: the same call also runs each
+        of those tasks on one blank sample, with zero weight (see `_idle`), so that every rank's ZeRO-3
+        gathers, skill exchanges and gradient reductions line up."""
+        entry, finish, stats = self._entry(batch, self._generator(step, rank), device)
+        if group_tasks is None:
+            self.before_call(batch["task"])
+            out = model(**entry)
+            loss = finish(out)
+            # the model adds its routing loss to the losses it computes; the contrastive loss is computed here
+            return loss if out.aux_loss is None or out.loss is not None else loss + out.aux_loss, stats
+        entries, finishes = [], []
+        for g, task in enumerate(group_tasks):
+            e, f = (entry, finish) if g == position else self._idle(task, device)
+            entries.append(e)
+            finishes.append(f)
+        self.before_call(tuple(group_tasks))
+        outs = model(packed=entries)  # the whole call's routing loss comes with the first output, in no loss
+        loss = sum(f(o) for f, o in zip(finishes, outs))
+        return loss if outs[0].aux_loss is None else loss + outs[0].aux_loss, stats
+
+    def _entry(self, batch: dict, generator: torch.Generator, device):
+        """(the model inputs of `batch`'s objective, their loss from the model's output, stats)."""
         task, kind = batch["task"], self.config.objective(batch["task"])
-        generator = self._generator(step, rank)
-        stats = {}
         if kind == "mlm":
             ids = batch["input_ids"]
             special = torch.isin(ids, self.special_ids)
             inputs, labels = mask_tokens(ids, special, self.tokenizer.mask_token_id, self.vocab_size,
                                          self.config.train.mlm_probability, generator)
-            self.before_call((task, 0))
-            out = model(input_ids=inputs.to(device), attention_mask=batch["attention_mask"].to(device),
-                        modality=batch["modality"], task=task, labels=labels.to(device))
-            stats["tokens"] = int(batch["attention_mask"].sum())
-        elif kind == "nsp":
+            entry = {"input_ids": inputs.to(device), "attention_mask": batch["attention_mask"].to(device),
+                     "modality": batch["modality"], "task": task, "labels": labels.to(device)}
+            return entry, lambda out: out.loss, {"tokens": int(batch["attention_mask"].sum())}
+        if kind == "nsp":
             first, second, labels = sentence_pairs(batch["texts"], generator)
             enc = self.tokenizer(first, second, padding=True, truncation=True,
                                  max_length=self.config.data.max_text_tokens, return_tensors="pt")
-            self.before_call((task, 0))
-            out = model(**{k: v.to(device) for k, v in enc.items()}, task=task, next_sentence_label=labels.to(device))
-            stats["tokens"] = int(enc["attention_mask"].sum())
-        else:
-            media = {k: batch[k].to(device) for k in ("pixel_values", "input_features", "feature_attention_mask",
-                                                      "pixel_values_videos") if k in batch}
-            if batch["modality"] == "code":
-                media = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
-                         "modality": "code"}
-            self.before_call((task, 0))
-            side = model(**media, task=task)
-            self.before_call((task, 1))
-            caption = model(input_ids=batch["caption_input_ids"].to(device),
-                            attention_mask=batch["caption_attention_mask"].to(device), task=self.config.train.caption_task)
-            loss = info_nce(side.embeddings, caption.embeddings, side.logit_scale, self.negatives_group)
-            aux = [o.aux_loss for o in (side, caption) if o.aux_loss is not None]
-            stats["tokens"] = int(batch["caption_attention_mask"].sum())
-            return loss + sum(aux) if aux else loss, stats
-        return out.loss, stats
+            entry = {**{k: v.to(device) for k, v in enc.items()}, "task": task, "next_sentence_label": labels.to(device)}
+            return entry, lambda out: out.loss, {"tokens": int(enc["attention_mask"].sum())}
+        media = {k: batch[k].to(device) for k in ("pixel_values", "input_features", "feature_attention_mask",
+                                                  "pixel_values_videos") if k in batch}
+        if batch["modality"] == "code":
+            media = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
+                     "modality": "code"}
+        caption = {"input_ids": batch["caption_input_ids"].to(device),
+                   "attention_mask": batch["caption_attention_mask"].to(device), "task": self.config.train.caption_task}
+        entry = {**media, "task": task, "pair": caption}  # both sides in one call
 
-    def idle_loss(self, model, task: str, device) -> torch.Tensor:
-        """Zero times the outputs that `task`'s loss uses (no others: the ranks' backward passes must reach
-        the same modules), on one blank sample. Under skill parallelism's
-        data-local placement the ranks at other positions train on other tasks in the same step; running
-        their modules here, with gradients of zero, keeps every rank's ZeRO-3 gathers, skill exchanges and
-        gradient reductions in step with theirs. (An empty batch would not do: some layers give no
-        gradient at all for no input, and the ranks would reduce different parameter lists.)"""
+        def finish(out):
+            return info_nce(out.embeddings, out.pair_embeddings, out.logit_scale, self.negatives_group)
+        return entry, finish, {"tokens": int(batch["caption_attention_mask"].sum())}
+
+    def _idle(self, task: str, device):
+        """The inputs of `task`'s objective on one blank sample, and zero times the outputs its loss uses
+        (no others: the ranks' backward passes must reach the same modules). (An empty batch would not do:
+        some layers give no gradient at all for no input, and the ranks would reduce different parameter
+        lists.)"""
         kind, modality, cfg = self.config.objective(task), self.modality[task], self.model_config
         tokens = {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
                   "attention_mask": torch.ones(1, 2, dtype=torch.long, device=device)}
-        self.before_call((task, "idle", 0))
         if kind == "mlm":
-            out = model(**tokens, modality=modality, task=task, labels=torch.zeros(1, 2, dtype=torch.long, device=device))
-            return 0.0 * out.prediction_logits.sum()
+            return ({**tokens, "modality": modality, "task": task, "labels": torch.zeros(1, 2, dtype=torch.long, device=device)},
+                    lambda out: 0.0 * out.prediction_logits.sum())
         if kind == "nsp":
-            out = model(**tokens, token_type_ids=torch.zeros(1, 2, dtype=torch.long, device=device), task=task)
-            return 0.0 * out.seq_relationship_logits.sum()
+            return ({**tokens, "token_type_ids": torch.zeros(1, 2, dtype=torch.long, device=device), "task": task},
+                    lambda out: 0.0 * out.seq_relationship_logits.sum())
         size, channels = cfg.image_size, cfg.num_channels
         media = {"image": {"pixel_values": torch.zeros(1, channels, size, size, dtype=torch.uint8)},
                  "audio": {"input_features": torch.zeros(1, cfg.num_mel_bins, 16),
                            "feature_attention_mask": torch.ones(1, 16, dtype=torch.long)},
                  "video": {"pixel_values_videos": torch.zeros(1, cfg.num_frames, channels, size, size, dtype=torch.uint8)},
                  "code": {**tokens, "modality": "code"}}[modality]
-        side = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in media.items()}, task=task)
-        self.before_call((task, "idle", 1))
-        caption = model(**tokens, task=self.config.train.caption_task)
-        return 0.0 * (side.embeddings.sum() + caption.embeddings.sum() + side.logit_scale.sum())
+        entry = {**{k: v.to(device) if torch.is_tensor(v) else v for k, v in media.items()}, "task": task,
+                 "pair": {**tokens, "task": self.config.train.caption_task}}
+        return entry, lambda out: 0.0 * (out.embeddings.sum() + out.pair_embeddings.sum() + out.logit_scale.sum())

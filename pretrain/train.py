@@ -327,17 +327,10 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
         if placement is not None and micro == 0:
             reduction = engine.coalesce_grad_reduction()  # see _ds_config: one reduction per optimizer step
             reduction.__enter__()
-        if data_local:  # every position's task runs on every rank, in position order; on nothing elsewhere
-            idle = 0.0
-            for g, task in enumerate(batch["group_tasks"]):
-                if g == loader.group:
-                    loss, stats = objectives.loss(engine, batch, index, topology.rank, device)
-                else:
-                    idle = idle + objectives.idle_loss(engine, task, device)
-            engine.backward((loss + idle) / accumulation)
-        else:
-            loss, stats = objectives.loss(engine, batch, index, topology.rank, device)
-            engine.backward(loss / accumulation if placement is not None else loss)
+        # data-local: every position's task runs on every rank, in position order, on a blank sample elsewhere
+        loss, stats = objectives.loss(engine, batch, index, topology.rank, device,
+                                      *((batch["group_tasks"], loader.group) if data_local else ()))
+        engine.backward(loss / accumulation if placement is not None else loss)
         if placement is not None and micro + 1 == accumulation:
             reduction.__exit__(None, None, None)
         if micro + 1 == accumulation and (state["step"] + 1) % config.train.log_every == 0:

@@ -2,10 +2,11 @@
 
 ZeRO-3 records the order in which modules run between two calls of the model (a forward and whatever
 backward follows before the next call) and, once that order repeats, gathers the parameters of the next
-modules while the current one computes. A skill model runs other modules for every task, and a
-contrastive step calls it once per side, so DeepSpeed's single trace breaks at almost every call and it
-never prefetches. The route is known before every call, so `TraceSwitch` keeps one trace per key (the
-task and the call's place in the step) and hands DeepSpeed the right one before each call.
+modules while the current one computes. A skill model runs other modules for every task (and
+under data-local skill parallelism for every combination of the positions' tasks), so DeepSpeed's single
+trace breaks whenever the task changes and it rarely prefetches. The route is known before every call, so
+`TraceSwitch` keeps one trace per key (the task, or the positions' tasks) and hands DeepSpeed the right
+one before each call.
 
 This reaches into DeepSpeed internals (`DeepSpeedZeRoOffload.param_coordinator` and the settings of
 `PartitionedParameterCoordinator`); tested with DeepSpeed 0.19.

@@ -7,6 +7,7 @@ process groups, no DeepSpeed. Parallelism is applied from outside (see `pretrain
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -163,10 +164,12 @@ class TaskRouterFFN(nn.Module):
         else:
             one_hot = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
         choice = one_hot.argmax(-1)
+        if route.samples is not None:  # packed inputs: the rows are tokens, each follows its sample's choice
+            one_hot, choice = one_hot[route.samples], choice[route.samples]
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             samples = torch.nonzero(choice == e).flatten()
-            y = expert(x.index_select(0, samples)) * one_hot[samples, e].view(-1, 1, 1)
+            y = expert(x.index_select(0, samples)) * one_hot[samples, e].view(-1, *(1,) * (x.dim() - 1))
             out = out.index_copy(0, samples, y)
         return out
 
@@ -183,6 +186,18 @@ def make_ffn(config, carries_skills: bool) -> nn.Module:
     if config.router == "prototype":
         return PrototypeFFN(config.num_experts, config.prototype_groups, h, f, act, config.router_aux_loss_coef)
     return TaskRouterFFN(config.num_experts, config.task_embedding_size, config.router_hidden_size, h, f, act, config.gumbel_temperature)
+
+
+@dataclass
+class Packed:
+    """Several inputs run through the layers by one call (e.g. both sides of a contrastive pair): the rows
+    of the hidden states are their tokens laid end to end, input by input, so every projection and skill
+    runs once on all of them; attention stays within each input. Passed to the layers in place of the mask."""
+
+    shapes: list[tuple[int, int]]
+    """(batch, length) of each input."""
+    masks: list[torch.Tensor | None]
+    """Each input's attention mask (see `padding_mask`), None where it has no padding."""
 
 
 class Attention(nn.Module):
@@ -205,8 +220,13 @@ class Attention(nn.Module):
         return self._heads(self.k(states, route)), self._heads(self.v(states, route))
 
     def forward(self, x, mask, route, kv_states=None, cache=None, is_causal=False):
-        """`mask`: bool (batch, 1, q or 1, keys), True where attending. `kv_states`: the encoder states for
-        cross-attention. `cache`: a dict holding this layer's keys/values from earlier decoding steps."""
+        """`mask`: bool (batch, 1, q or 1, keys), True where attending, or `Packed` (self-attention within
+        each packed input). `kv_states`: the encoder states for cross-attention. `cache`: a dict holding
+        this layer's keys/values from earlier decoding steps."""
+        if isinstance(mask, Packed):
+            if kv_states is not None or cache is not None or is_causal:
+                raise ValueError("packed inputs run an encoder's self-attention only")
+            return self._packed(x, mask, route)
         q = self._heads(self.q(x, route))
         if cache is not None and "k" in cache and kv_states is not None:
             k, v = cache["k"], cache["v"]  # cross-attention keys are fixed for the whole generation
@@ -222,10 +242,23 @@ class Attention(nn.Module):
         if is_causal and not causal_flag and q.shape[2] > 1:
             causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - q.shape[2])
             mask = causal if mask is None else mask & causal
+        return self.o(self._attend(q, k, v, mask, causal_flag), route)
+
+    def _attend(self, q, k, v, mask, is_causal=False) -> torch.Tensor:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                                             is_causal=causal_flag)
+                                             is_causal=is_causal)
         b, _, n, d = out.shape
-        return self.o(out.transpose(1, 2).reshape(b, n, self.num_heads * d), route)
+        return out.transpose(1, 2).reshape(b, n, self.num_heads * d)
+
+    def _packed(self, x: torch.Tensor, packed: Packed, route: Route) -> torch.Tensor:
+        q, k, v = self.q(x, route), self.k(x, route), self.v(x, route)
+        out, start = [], 0
+        for (batch, length), mask in zip(packed.shapes, packed.masks):
+            end = start + batch * length
+            heads = [self._heads(t[start:end].view(batch, length, -1)) for t in (q, k, v)]
+            out.append(self._attend(*heads, mask).flatten(0, 1))
+            start = end
+        return self.o(torch.cat(out), route)
 
 
 class SkillNetLayer(nn.Module):

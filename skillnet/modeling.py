@@ -3,6 +3,7 @@ the encoder-decoder for generation. Imports neither deepspeed nor torch.distribu
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from transformers.utils import ModelOutput
 from .configuration import SkillNetConfig
 from .frontends import FRONTENDS, INPUT_NAMES
 from .heads import check_head, make_head
-from .layers import SkillFFN, SkillLinear, SkillNetLayer, padding_mask
+from .layers import Packed, SkillFFN, SkillLinear, SkillNetLayer, padding_mask
 from .skills import Route, SkillRegistry
 
 
@@ -40,6 +41,7 @@ class SkillNetPreTrainingOutput(ModelOutput):
     logit_scale: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    pair_embeddings: torch.Tensor | None = None
 
 
 @dataclass
@@ -240,9 +242,27 @@ class SkillNetModel(SkillNetPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None,
                 input_features=None, feature_attention_mask=None, pixel_values_videos=None, modality=None,
                 task=None, skills=None, skill_mask=None, route: Route | None = None, prompts: nn.Module | None = None,
-                output_hidden_states: bool = False, return_dict: bool | None = None, **kwargs) -> SkillNetModelOutput:
+                packed: list[dict] | None = None, output_hidden_states: bool = False, return_dict: bool | None = None,
+                **kwargs) -> SkillNetModelOutput | tuple[SkillNetModelOutput, ...]:
         """`prompts`: a `PromptEncoder` whose vectors are inserted after the first position ([CLS]) for
-        the trunk to attend to; they are taken out of the outputs again, which stay aligned with the inputs."""
+        the trunk to attend to; they are taken out of the outputs again, which stay aligned with the inputs.
+
+        `packed`: instead of one input, several (each a dict of the arguments above, with its own modality,
+        task or skills, prompts), run through the trunk together: their tokens are laid end to end, so each
+        projection and skill module is called once for all of them, and attention stays within each input.
+        Returns one output per input; the whole call's `aux_loss` is on the first."""
+        if packed is not None:
+            return self._forward_packed(packed, output_hidden_states)
+        x, mask, attention, route, n, modality = self._prepare(
+            input_ids, attention_mask, token_type_ids, pixel_values, input_features, feature_attention_mask,
+            pixel_values_videos, modality, task, skills, skill_mask, route, prompts)
+        hidden, all_hidden = self.encoder(x, attention, route, output_hidden_states=output_hidden_states)
+        return self._output(hidden, mask, n, all_hidden, route, modality)
+
+    def _prepare(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None,
+                 input_features=None, feature_attention_mask=None, pixel_values_videos=None, modality=None,
+                 task=None, skills=None, skill_mask=None, route=None, prompts=None):
+        """Embeddings, their mask, the mask attention gets, route, number of prompt vectors, modality."""
         x, mask, modality = self.embed(modality, input_ids, attention_mask, token_type_ids, pixel_values,
                                        input_features, feature_attention_mask, pixel_values_videos)
         if route is None:
@@ -257,13 +277,34 @@ class SkillNetModel(SkillNetPreTrainedModel):
         # without a mask, which keeps SDPA's efficient kernels eligible (checking a given mask would sync)
         unpadded = pixel_values is not None or pixel_values_videos is not None or (
             input_ids is not None and attention_mask is None) or (input_features is not None and feature_attention_mask is None)
-        hidden, all_hidden = self.encoder(x, None if unpadded else padding_mask(mask), route,
-                                          output_hidden_states=output_hidden_states)
+        return x, mask, None if unpadded else padding_mask(mask), route, n, modality
+
+    def _output(self, hidden, mask, n, all_hidden, route, modality) -> SkillNetModelOutput:
         if n:
             hidden, mask = (torch.cat([t[:, :1], t[:, 1 + n:]], dim=1) for t in (hidden, mask))
         pooled = torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None
-        aux = torch.stack(route.aux_losses).sum() if route.aux_losses else None
+        aux = torch.stack(route.aux_losses).sum() if route is not None and route.aux_losses else None
         return SkillNetModelOutput(hidden, pooled, mask, all_hidden, aux, modality)
+
+    def _forward_packed(self, packed: list[dict], output_hidden_states: bool) -> tuple[SkillNetModelOutput, ...]:
+        accepted = set(inspect.signature(self._prepare).parameters) - {"route"}
+        for i, inputs in enumerate(packed):
+            if unknown := sorted(set(inputs) - accepted):
+                raise ValueError(f"packed input {i}: unknown arguments {unknown}; accepted: {sorted(accepted)}")
+        prepared = [self._prepare(**inputs) for inputs in packed]
+        shapes = [tuple(p[0].shape[:2]) for p in prepared]
+        rows = torch.cat([p[0].flatten(0, 1) for p in prepared])
+        route = Route.packed([p[3] for p in prepared], shapes, rows.device)
+        hidden, all_hidden = self.encoder(rows, Packed(shapes, [p[2] for p in prepared]), route,
+                                          output_hidden_states=output_hidden_states)
+        outputs, start = [], 0
+        for i, ((_, mask, _, _, n, modality), (batch, length)) in enumerate(zip(prepared, shapes)):
+            def part(t, start=start):
+                return t[start:start + batch * length].view(batch, length, -1)
+            states = tuple(part(h) for h in all_hidden) if all_hidden is not None else None
+            outputs.append(self._output(part(hidden), mask, n, states, route if i == 0 else None, modality))
+            start += batch * length
+        return tuple(outputs)
 
 
 class SkillNetForPreTraining(SkillNetPreTrainedModel):
@@ -308,13 +349,38 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
             raise ValueError("contrastive embeddings need projection_dim > 0 in the config")
         return F.normalize(self.projections[modality](pooled), dim=-1)
 
-    def forward(self, labels=None, next_sentence_label=None, **inputs) -> SkillNetPreTrainingOutput:
+    def forward(self, labels=None, next_sentence_label=None, pair: dict | None = None, packed: list[dict] | None = None,
+                **inputs) -> SkillNetPreTrainingOutput | tuple[SkillNetPreTrainingOutput, ...]:
         """`labels`: token ids at masked positions, -100 elsewhere; the vocabulary logits are then computed
         at the masked positions only, and `prediction_logits` is (masked positions, vocabulary), in
         row-major order of the positions (`mlm_logits(hidden)` gives them anywhere on demand).
         `next_sentence_label`: 0/1 per sample. With `projection_dim`, `embeddings` holds the normalised
-        contrastive embedding of the mean of the output vectors (`mean_pool`)."""
-        out = self.skillnet(**inputs)
+        contrastive embedding of the mean of the output vectors (`mean_pool`).
+        `pair`: the inputs (and task) of the other side of a contrastive pair, e.g. the captions of images,
+        run in the same call; `pair_embeddings` holds its embeddings.
+        `packed`: several inputs, each a dict of the arguments above, run in one call (`SkillNetModel`'s
+        `packed`); returns one output per input, the whole call's `aux_loss` with the first (and, unlike
+        a single input's, in no output's `loss`)."""
+        single = packed is None
+        if single:
+            packed = [dict(inputs, labels=labels, next_sentence_label=next_sentence_label, pair=pair)]
+        elif inputs or labels is not None or next_sentence_label is not None or pair is not None:
+            raise ValueError("pass the inputs either as packed= or as arguments, not both")
+        streams, heads = [], []
+        for entry in packed:
+            entry = dict(entry)
+            heads.append([entry.pop(k, None) for k in ("labels", "next_sentence_label", "pair")])
+            streams.append(entry)
+            if heads[-1][2] is not None:
+                if self.projections is None:
+                    raise ValueError("contrastive pairs need projection_dim > 0 in the config")
+                streams.append(heads[-1][2])
+        encoded = iter(self.skillnet(packed=streams) if len(streams) > 1 else [self.skillnet(**streams[0])])
+        results = tuple(self._heads(next(encoded), mlm, nsp, next(encoded) if other is not None else None, single)
+                        for mlm, nsp, other in heads)
+        return results[0] if single else results
+
+    def _heads(self, out: SkillNetModelOutput, labels, next_sentence_label, pair, add_aux: bool) -> SkillNetPreTrainingOutput:
         hidden, pooled = out.last_hidden_state, out.pooler_output
         if labels is not None:
             predicted = labels != -100
@@ -322,19 +388,22 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
         else:
             prediction_logits = None
         pair_logits = self.pair_head(pooled)
-        embeddings = scale = None
+        embeddings = scale = pair_embeddings = None
         if self.projections is not None:
             embeddings = self.project(mean_pool(hidden, out.attention_mask), out.modality)
             scale = self.logit_scale.exp().clamp(max=100.0)  # CLIP's temperature, returned for the loss
+        if pair is not None:
+            pair_embeddings = self.project(mean_pool(pair.last_hidden_state, pair.attention_mask), pair.modality)
         losses = []
         if labels is not None:
             losses.append(F.cross_entropy(prediction_logits.float(), labels))
         if next_sentence_label is not None:
             losses.append(F.cross_entropy(pair_logits.float(), next_sentence_label))
-        if out.aux_loss is not None and losses:
+        if add_aux and out.aux_loss is not None and losses:
             losses.append(out.aux_loss)
         loss = torch.stack(losses).sum() if losses else None
-        return SkillNetPreTrainingOutput(loss, prediction_logits, pair_logits, embeddings, scale, hidden, out.aux_loss)
+        return SkillNetPreTrainingOutput(loss, prediction_logits, pair_logits, embeddings, scale, hidden, out.aux_loss,
+                                         pair_embeddings)
 
 
 def _add_decoder(model: nn.Module, config: SkillNetConfig) -> None:
@@ -443,10 +512,14 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel):
 
     def embed(self, modality: str, task: str, **inputs) -> torch.Tensor:
         """The L2-normalised contrastive embedding of one side, run with `task`'s skills."""
-        prompts = self.prompts[task] if task in self.prompts else None
-        encoded = self.skillnet(**inputs, modality=modality, task=task, prompts=prompts)
+        return self._project(self.skillnet(**self._side(modality, task, inputs)))
+
+    def _side(self, modality: str, task: str, inputs: dict) -> dict:
+        return {**inputs, "modality": modality, "task": task, "prompts": self.prompts[task] if task in self.prompts else None}
+
+    def _project(self, encoded: SkillNetModelOutput) -> torch.Tensor:
         pooled = mean_pool(encoded.last_hidden_state, encoded.attention_mask)
-        return F.normalize(self.projections[modality](pooled), dim=-1)
+        return F.normalize(self.projections[encoded.modality](pooled), dim=-1)
 
     def _generation(self, task, labels, inputs) -> SkillNetMultiTaskOutput:
         """Teacher-forced decoding of `labels` (target ids, -100 on padding) with the task's skills."""
@@ -463,8 +536,9 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel):
         if candidate is None:
             raise ValueError(f"retrieval task {task!r} needs candidate= (the inputs of the other side)")
         modality = spec["candidate_modality"]
-        queries = self.embed("text", task, **inputs)
-        candidates = self.embed(modality, spec.get("candidate_task", modality), **candidate)
+        # both sides in one call (`SkillNetModel`'s `packed`)
+        queries, candidates = (self._project(out) for out in self.skillnet(packed=[
+            self._side("text", task, inputs), self._side(modality, spec.get("candidate_task", modality), candidate)]))
         logits = self.logit_scale.exp().clamp(max=100.0) * queries @ candidates.T
         targets = torch.arange(len(logits), device=logits.device)
         loss = (F.cross_entropy(logits.float(), targets) + F.cross_entropy(logits.T.float(), targets)) / 2

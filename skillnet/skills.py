@@ -185,6 +185,9 @@ class Route:
     groups: list[tuple[torch.Tensor | None, tuple[int, ...]]]
     task_embedding: torch.Tensor | None = None
     aux_losses: list[torch.Tensor] | None = None
+    samples: torch.Tensor | None = None
+    """For packed inputs (`Route.packed`), whose rows are tokens: the sample of every row; None when the
+    rows are the samples."""
     scratch: dict = field(default_factory=dict, repr=False)
     """Per-forward state of wrappers applied from outside (e.g. skill parallelism's exchanged counts)."""
     _per_skill: list | None = field(default=None, repr=False)
@@ -213,6 +216,27 @@ class Route:
                     weight = torch.cat([torch.full((len(r),), 1.0 / k, device=r.device) for r, k in members])
                     self._per_skill.append((skill, rows, weight))
         return self._per_skill
+
+    @classmethod
+    def packed(cls, routes: list["Route"], shapes: list[tuple[int, int]], device=None) -> "Route":
+        """The route of several inputs run by one call, their tokens laid end to end as the rows of one
+        (tokens, hidden) tensor: input by input, sample by sample, position by position (`shapes`: each
+        input's (batch, length)). Groups hold token rows; samples are numbered across the inputs in order."""
+        by_skills: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        samples, offset, first_sample = [], 0, 0
+        for route, (batch, length) in zip(routes, shapes):
+            positions = torch.arange(length, device=device)
+            for rows, skills in route.groups:
+                rows = torch.arange(batch, device=device) if rows is None else rows.to(device)
+                by_skills.setdefault(skills, []).append((offset + rows[:, None] * length + positions).flatten())
+            samples.append(torch.arange(first_sample, first_sample + batch, device=device).repeat_interleave(length))
+            offset, first_sample = offset + batch * length, first_sample + batch
+        if len(by_skills) == 1 and all(len(r.groups) == 1 and r.groups[0][0] is None for r in routes):
+            groups = [(None, next(iter(by_skills)))]
+        else:
+            groups = [(torch.cat(rows), skills) for skills, rows in by_skills.items()]
+        embeddings = [r.task_embedding for r in routes if r.task_embedding is not None]
+        return cls(groups, torch.cat(embeddings) if embeddings else None, samples=torch.cat(samples))
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, device: torch.device | str | None = None) -> "Route":
