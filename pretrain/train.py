@@ -415,7 +415,7 @@ def build_model(model_config, seed: int, ds_config: dict | None = None):
     each module's parameters initialised from `seed`, children first, on rank 0 and broadcast, so every
     rank starts from the same weights. Under ZeRO-3 (`ds_config` given) the model is built partitioned
     (`deepspeed.zero.Init`): each module's parameters are split over the ranks as soon as it exists and
-    gathered only while they are initialised, so no rank ever holds the whole model. Both ways give the
+    gathered on rank 0 only while they are initialised, so no rank ever holds the whole model. Both ways give the
     same weights. (Skill parallelism moves skills after building, so it builds whole.)"""
     import contextlib
 
@@ -432,7 +432,8 @@ def build_model(model_config, seed: int, ds_config: dict | None = None):
     with init.no_init_weights(), zero_init:
         model = SkillNetForPreTraining(model_config)
     torch.manual_seed(seed)
-    initialize_weights_zero3(model)  # module by module: gathered (when partitioned), initialised on rank 0
+    # module by module, initialised on rank 0 (as `initialize_weights_zero3` does, without its all-gathers)
+    (_initialise_partitioned if partitioned else initialize_weights_zero3)(model)
     _mmap_threshold(32 << 20)  # glibc's own upper bound for the threshold it adapts by default
     if not partitioned:  # the other ranks hold what no_init_weights left: rank 0's weights replace it
         with torch.no_grad():
@@ -440,6 +441,60 @@ def build_model(model_config, seed: int, ds_config: dict | None = None):
                 dist.broadcast(param.data, 0)
     model.tie_weights()
     return model
+
+
+def _initialise_partitioned(model) -> None:
+    """Hugging Face's `initialize_weights_zero3` (the same modules in the same order, so the same weights as
+    a whole build), except that each module's parameters (with its direct children's, which `_init_weights`
+    may touch) are gathered on rank 0 alone, initialised there on the CPU and scattered back as partitions:
+    the other ranks never hold a whole tensor, rank 0 one module's. Reads DeepSpeed's partition layout: the
+    flattened tensor, padded to a multiple of the ranks, split in rank order (`ds_tensor`)."""
+    import contextlib
+
+    import torch.distributed as dist
+    from transformers import PreTrainedModel
+    from transformers.initialization import guard_torch_init_functions
+
+    rank, world, remote = dist.get_rank(), dist.get_world_size(), model.is_remote_code()
+
+    def pieces(p, flat):  # (this rank's slice of its partition, every rank's in `flat`), 1M elements at a time
+        size = p.ds_tensor.numel()
+        for start in range(0, size, 1 << 20):
+            end = min(size, start + (1 << 20))  # gloo stages a collective's whole buffer: keep it small
+            yield p.ds_tensor[start:end], [flat[r * size + start:r * size + end] for r in range(world)] if rank == 0 else None
+
+    @contextlib.contextmanager
+    def whole_on_rank0(params):
+        flats = []
+        for p in params:
+            flat = p.ds_tensor.new_empty(p.ds_tensor.numel() * world) if rank == 0 else None
+            for mine, every in pieces(p, flat):
+                dist.gather(mine, every, dst=0)
+            if rank == 0:
+                p.data = flat[:p.ds_numel].view(p.ds_shape).cpu()
+            flats.append(flat)
+        yield
+        for p, flat in zip(params, flats):
+            if rank == 0:
+                flat[:p.ds_numel].copy_(p.data.flatten())
+                p.data = torch.empty(0, dtype=p.dtype, device=p.ds_tensor.device)
+            for mine, every in pieces(p, flat):
+                dist.scatter(mine, every, src=0)
+
+    def visit(module, fn):
+        for child in module.children():
+            visit(child, child._initialize_weights if isinstance(child, PreTrainedModel) else fn)
+        params = [*module.parameters(recurse=False), *(p for c in module.children() if not isinstance(c, PreTrainedModel)
+                                                       for p in c.parameters(recurse=False))]
+        if not params:
+            fn(module, remote)
+            return
+        with whole_on_rank0(list({id(p): p for p in params}.values())):
+            if rank == 0:
+                fn(module, remote)
+
+    with torch.no_grad(), guard_torch_init_functions():
+        visit(model, model._initialize_weights)
 
 
 def _mmap_threshold(size: int) -> None:
