@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import COMPLETE, complete_checkpoints
+from .skill_parallel import PADDING
 
 DTYPES = {"fp32": (torch.float32, "F32"), "bf16": (torch.bfloat16, "BF16")}
 BATCH_BYTES = 256 * 2**20  # fp32 bytes of partitions mapped at once
@@ -56,8 +57,8 @@ def _layout(folder: Path) -> tuple[list[tuple[str, torch.Size, Pieces]], dict[st
     for rank in range(world):
         states = torch.load(folder / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", map_location="cpu",
                             weights_only=False, mmap=True)
-        # the empty padding of skill parallelism is all DeepSpeed finds frozen (no optimizer holds it)
-        if [name for name in states.get("frozen_param_shapes") or {} if ".padding." not in name]:
+        # the padding of skill parallelism is all DeepSpeed finds frozen (no optimizer holds it)
+        if [name for name in states.get("frozen_param_shapes") or {} if f".{PADDING}" not in name]:
             raise ValueError(f"{folder} holds frozen parameters; pretraining checkpoints have none")
         optim = torch.load(_optim_file(folder, rank), map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
         placement = optim.get("ds_zero_partition_groups")
@@ -66,7 +67,7 @@ def _layout(folder: Path) -> tuple[list[tuple[str, torch.Size, Pieces]], dict[st
             offset = 0
             for name, shape in group.items():
                 per_rank = math.ceil(shape.numel() / len(ranks))
-                if name not in seen and ".padding." not in name:  # skill parallelism's unused padding
+                if name not in seen and f".{PADDING}" not in name:  # skill parallelism's unused padding
                     seen.add(name)
                     layout.append((name, shape, [(r, i, offset, offset + per_rank) for r in ranks]))
                 offset += per_rank

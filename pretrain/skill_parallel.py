@@ -13,9 +13,9 @@ Two placements:
   every task activates (the generic skill) is shared: every rank holds it as an ordinary data-parallel
   parameter, as MoE models hold shared experts.
 
-ZeRO-3 needs the same module and parameter structure on every rank, so a position holding fewer skills
-than the others holds padding to make up the count: empty parameters in a skill's slots, never run, never
-given a gradient, costing nothing to gather, and left out of the export.
+ZeRO-3 needs the same module calls on every rank, so a position holding fewer skills than the others holds
+padding to make up the count: modules with a skill's parameter slots (frozen, one element each), called as
+the skills are (on no tokens), computing zeros, costing next to nothing to gather, left out of the export.
 """
 
 from __future__ import annotations
@@ -26,11 +26,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.nn.functional import all_to_all_single
 
-from skillnet.layers import FFN, SkillFFN, SkillLinear
+from skillnet.layers import SkillFFN, SkillLinear
 
 
 @dataclass
@@ -112,53 +111,54 @@ def data_local(skills: list[str], task_skills: dict[str, list[str]], weights: di
                      [[t for t in tasks if where[t] == s] for s in range(size)], shared)
 
 
-def _skill_sum(chosen: list[FFN], x: torch.Tensor, act) -> torch.Tensor:
-    """sum_k(W2_k act(W1_k x + b1_k) + b2_k) as one wide FFN: [W2_1 .. W2_k] act([W1_1; ..; W1_k] x + [b1]) + sum(b2)."""
-    w1 = torch.cat([e.fc1.weight for e in chosen])  # (k*F, H)
-    b1 = torch.cat([e.fc1.bias for e in chosen])
-    w2 = torch.cat([e.fc2.weight for e in chosen], dim=1)  # (H, k*F)
-    b2 = torch.stack([e.fc2.bias for e in chosen]).sum(0)
-    h = act(torch.addmm(b1, x.reshape(-1, x.shape[-1]), w1.t()))
-    return torch.addmm(b2, h, w2.t()).view(*x.shape[:-1], w2.shape[0])
+PADDING = "_padding"
+"""The name prefix of padding skills."""
 
 
-def _partial_sum(chosen: list[nn.Module], x: torch.Tensor, act) -> torch.Tensor:
-    """The sum of the outputs of `chosen` skills: FFNs as one wide FFN, linear maps as one linear map."""
-    # the skills' weights are read, their modules never called: ZeRO-3 then sees the same module calls on
-    # every rank of the group, whichever skills each holds
-    if isinstance(chosen[0], nn.Linear):
-        return F.linear(x, torch.stack([m.weight for m in chosen]).sum(0), torch.stack([m.bias for m in chosen]).sum(0))
-    return _skill_sum(chosen, x, act)
+class _PaddingLinear(nn.Module):
+    """A stand-in for a linear map: the parameter slots of one (frozen, one element each: ZeRO-3 never marks
+    an empty parameter gathered), and zeros as its output, which still depend on the input so that the
+    backward pass reaches this module on every rank as it reaches a skill."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.out_features = linear.out_features
+        self.weight = nn.Parameter(linear.weight.new_zeros(1), requires_grad=False)
+        self.bias = nn.Parameter(linear.bias.new_zeros(1), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., :1].expand(*x.shape[:-1], self.out_features) * 0
 
 
-def _empty_like(skill: nn.Module) -> nn.Module:
-    """A padding skill: the modules and parameter slots of `skill` (ZeRO-3 checks that every rank traces the
-    same modules and parameters) holding empty tensors, so gathering it costs nothing."""
-    pad = copy.deepcopy(skill)
-    for module in pad.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            setattr(module, name, nn.Parameter(param.new_empty(0)))
+def _padding_like(skill: nn.Module) -> nn.Module:
+    """A padding skill: `skill`'s modules and parameter slots (ZeRO-3 checks that every rank calls the same
+    modules with the same parameters), of one element each, computing zeros."""
+    if isinstance(skill, nn.Linear):
+        return _PaddingLinear(skill)
+    pad = copy.deepcopy(skill)  # an FFN: fc1, act, fc2
+    for name, child in list(pad.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(pad, name, _PaddingLinear(child))
     return pad
 
 
 class SkillParallel(nn.Module):
     """A skill FFN or skill projection (`SkillFFN`, `SkillLinear`) of which this rank holds the skills of its
     position (and the shared ones); tokens are exchanged with the other positions of the skill-parallel
-    group by all-to-all, and the outputs of a token's skills averaged as before. Unlike the model's skill
-    layers it reads its skills' weights instead of calling them (ZeRO-3 demands the same module calls on
-    every rank, and each rank holds other skills), so they are registered as its external parameters
-    (`pretrain/parallelize.py`) and gathered together when the layer runs."""
+    group by all-to-all, and the outputs of a token's skills averaged as before. Every skill it holds, and
+    its padding, is called once per forward on every rank, on the tokens that need it (possibly none): so
+    each rank makes the same module calls, as ZeRO-3 demands, whichever skills it holds."""
 
     def __init__(self, layer: SkillFFN | SkillLinear, placement: Placement, slot: int, group, stage: str = "encoder"):
         super().__init__()
         self.names = list(layer.skills)  # every skill, in table order: the route's indices
-        # the same structure at every position: shared skills, this position's, then padding
-        held = placement.shared + placement.slots[slot]
-        self.skills = nn.ModuleDict({n: layer.skills[n] for n in held})
+        # the same structure at every position: shared skills, this position's, then padding (named so that
+        # no skill can be: skill names start with a letter)
         first = next(iter(layer.skills.values()))
-        self.padding = nn.ModuleList(_empty_like(first) for _ in range(placement.width - len(placement.slots[slot])))
-        # a plain function, not the activation module: module calls here would differ between ranks
-        self.act = first.act.forward if isinstance(layer, SkillFFN) else None
+        padding = {f"{PADDING}{i}": _padding_like(first) for i in range(placement.width - len(placement.slots[slot]))}
+        self.skills = nn.ModuleDict({**{n: layer.skills[n] for n in placement.shared + placement.slots[slot]}, **padding})
+        self.slots = [*placement.slots[slot], *padding]
+        """The names of this position's skills and padding, in the order of their bits in a token's skill code."""
         self.out_features = first.out_features if isinstance(first, nn.Linear) else first.fc2.out_features
         self.placement, self.slot, self.group = placement, slot, group
         self.stage = stage
@@ -170,69 +170,71 @@ class SkillParallel(nn.Module):
         self.bytes_sent += n
 
     def forward(self, x: torch.Tensor, route) -> torch.Tensor:
-        hidden, size = x.shape[-1], self.placement.size
-        sends: list[list[torch.Tensor]] = [[] for _ in range(size)]
-        codes: list[list[torch.Tensor]] = [[] for _ in range(size)]
-        pieces = []  # per route group: its inputs' shape, its skill count, shared skills' sum, [(slot, rows)]
-        for samples, indices in route.groups:
-            inputs = x if samples is None else x.index_select(0, samples)
-            tokens = inputs.reshape(-1, hidden)
-            names = [self.names[i] for i in indices]
-            shared = [self.skills[n] for n in names if n in self.placement.shared]
-            partial = _partial_sum(shared, tokens, self.act) if shared else None
-            remote = []
-            for slot in range(size):
-                held = self.placement.slots[slot]
-                mask = sum(1 << held.index(n) for n in names if n in held)
-                if mask:
-                    sends[slot].append(tokens)
-                    codes[slot].append(torch.full((tokens.shape[0],), mask, dtype=torch.int64, device=x.device))
-                    remote.append((slot, tokens.shape[0]))
-            pieces.append((inputs.shape, len(names), partial, remote))
-
+        hidden = x.shape[-1]
         flat = x.reshape(-1, hidden)
-        send_counts = [sum(t.shape[0] for t in sends[s]) for s in range(size)]
-        send = torch.cat([flat[:0]] + [t for s in range(size) for t in sends[s]])  # [:0] keeps the graph
-        send_codes = torch.cat([torch.zeros(0, dtype=torch.int64, device=x.device)] + [c for s in range(size) for c in codes[s]])
-        plan, first = self._exchange_plan(route, send_counts, send_codes)
+        tokens = self._tokens(route, x.shape[0], flat.shape[0] // max(1, x.shape[0]), x.device)
+        # shared skills, here: one call each on the tokens whose skills include it
+        out = flat.new_zeros(flat.shape[0], self.out_features)
+        for name in self.placement.shared:
+            rows = tokens["shared"][name]
+            out = out.index_add(0, rows, self.skills[name](flat.index_select(0, rows)))
+        # the others where they are held: tokens out, partial sums back, position by position
+        send_rows = tokens["send"]
+        send = flat.index_select(0, torch.cat(send_rows))
+        send_counts = [len(r) for r in send_rows]
+        plan, first = self._exchange_plan(route, send_counts, tokens["codes"])
         recv_counts = plan["recv_counts"]
         recv = all_to_all_single(send.new_empty(sum(recv_counts), hidden), send, recv_counts, send_counts, self.group)
-
-        result = self._run_local(recv, plan)
+        result = recv.new_zeros(recv.shape[0], self.out_features)
+        for name, rows in zip(self.slots, plan["slot_rows"]):
+            result = result.index_add(0, rows, self.skills[name](recv.index_select(0, rows)))
         back = all_to_all_single(result.new_empty(send.shape[0], self.out_features), result, send_counts, recv_counts, self.group)
+        out = out.index_add(0, torch.cat(send_rows), back)
         # bytes this rank sends to the others: tokens and codes out, partial sums back; the backward
         # sends as many gradient rows the other way
         out_rows = sum(send_counts) - send_counts[self.slot]
         back_rows = sum(recv_counts) - recv_counts[self.slot]
         sent = out_rows * hidden + back_rows * self.out_features
-        self.bytes_sent += sent * x.element_size() + (out_rows * send_codes.element_size() if first else 0)
+        self.bytes_sent += sent * x.element_size() + (out_rows * tokens["codes"].element_size() if first else 0)
         if back.requires_grad:
             back.register_hook(lambda grad: self._count_backward(sent * grad.element_size()))
+        return (out / tokens["k"].to(out.dtype)).view(*x.shape[:-1], self.out_features)
 
-        # the partial sums come back in the order they were sent: position by position, group by group
-        starts, offset = [], 0
-        for s in range(size):
-            starts.append(offset)
-            offset += send_counts[s]
-        out = None
-        for g, (shape, k, partial, remote) in enumerate(pieces):
-            total = partial
-            for slot, rows in remote:
-                part = back[starts[slot]:starts[slot] + rows]
-                starts[slot] += rows
-                total = part if total is None else total + part
-            y = (total / k).view(*shape[:-1], self.out_features)
-            samples = route.groups[g][0]
-            if samples is None:
-                return y
-            out = y.new_zeros(*x.shape[:-1], self.out_features) if out is None else out
-            out = out.index_copy(0, samples, y)
-        return out
+    def _tokens(self, route, rows: int, per_row: int, device) -> dict:
+        """Which tokens (rows of the flattened input) go where: per shared skill the tokens using it; per
+        position the tokens to send there and each one's skill code there (bit i: the position's i-th
+        skill); every token's skill count. The same for every layer of a stage: made once per forward."""
+        key = ("skill_parallel_tokens", self.stage)
+        if key in route.scratch:
+            return route.scratch[key]
+        size, slots = self.placement.size, self.placement.slots
+        shared = {n: [] for n in self.placement.shared}
+        send, codes = [[] for _ in range(size)], [[] for _ in range(size)]
+        k = torch.empty(rows * per_row, device=device)
+        positions = torch.arange(per_row, device=device)
+        for samples, indices in route.groups:
+            samples = torch.arange(rows, device=device) if samples is None else samples
+            group = (samples[:, None] * per_row + positions).flatten()
+            names = [self.names[i] for i in indices]
+            k[group] = len(names)
+            for n in names:
+                if n in shared:
+                    shared[n].append(group)
+            for s in range(size):
+                if mask := sum(1 << slots[s].index(n) for n in names if n in slots[s]):
+                    send[s].append(group)
+                    codes[s].append(torch.full((len(group),), mask, dtype=torch.int64, device=device))
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        plan = {"shared": {n: torch.cat([empty, *g]) for n, g in shared.items()},
+                "send": [torch.cat([empty, *g]) for g in send], "codes": torch.cat([empty, *(c for s in codes for c in s)]),
+                "k": k.unsqueeze(-1)}
+        route.scratch[key] = plan
+        return plan
 
     def _exchange_plan(self, route, send_counts: list[int], send_codes: torch.Tensor) -> tuple[dict, bool]:
-        """The counts and skill codes this rank receives, and how its tokens group by code: the same for every
-        layer of a stage, so exchanged (and read on the host) once per stage and forward. Returns the plan and
-        whether this call made it."""
+        """The counts this rank receives and, per skill slot it holds (padding included), the received tokens
+        that need it: the same for every layer of a stage, so exchanged (and read on the host) once per
+        stage and forward. Returns the plan and whether this call made it."""
         key = ("skill_parallel", id(self.group), self.stage)
         if key in route.scratch:
             return route.scratch[key], False
@@ -242,23 +244,10 @@ class SkillParallel(nn.Module):
         recv_counts = recv_counts.tolist()
         codes = torch.empty(sum(recv_counts), dtype=torch.int64, device=device)
         dist.all_to_all_single(codes, send_codes, recv_counts, send_counts, group=self.group)
-        order = torch.argsort(codes, stable=True)
-        values, counts = torch.unique_consecutive(codes[order], return_counts=True)
-        plan = {"recv_counts": recv_counts, "order": order, "restore": torch.argsort(order),
-                "groups": list(zip(values.tolist(), counts.tolist()))}
+        plan = {"recv_counts": recv_counts,
+                "slot_rows": [torch.nonzero(codes >> i & 1).flatten() for i in range(self.placement.width)]}
         route.scratch[key] = plan
         return plan, True
-
-    def _run_local(self, recv: torch.Tensor, plan: dict) -> torch.Tensor:
-        """Sum of this position's skills named by each received token's code, computed code by code."""
-        held = [self.skills[n] for n in self.placement.slots[self.slot]]
-        ordered = recv.index_select(0, plan["order"])
-        parts, start = [ordered[:0, :1].expand(0, self.out_features)], 0
-        for code, count in plan["groups"]:
-            chosen = [m for i, m in enumerate(held) if code >> i & 1]
-            parts.append(_partial_sum(chosen, ordered[start:start + count], self.act))
-            start += count
-        return torch.cat(parts).index_select(0, plan["restore"])
 
 
 def shard_skills(model: nn.Module, placement: Placement, slot: int, group, data_group, group_name: str) -> list:
@@ -278,7 +267,8 @@ def shard_skills(model: nn.Module, placement: Placement, slot: int, group, data_
                 setattr(parent, name, layer)
                 layers.append(layer)
                 own = [p for n in placement.slots[slot] for p in layer.skills[n].parameters()]
-                for param in [*own, *layer.padding.parameters()]:
+                padding = [p for n in layer.slots if n.startswith(PADDING) for p in layer.skills[n].parameters()]
+                for param in [*own, *padding]:
                     param.allreduce = False
                     param.group_name = group_name
                     param.ds_zero_placement_family = "autoep_expert"

@@ -88,9 +88,16 @@ def test_data_local_placement_trains_resumes_exactly_and_exports(sample, tmp_pat
     placement = json.loads((first / "skill_placement.json").read_text())
     assert placement["shared"] == ["generic"] and len(placement["slots"][0]) != len(placement["slots"][1])
     records = _records(first)
+    seen = set()
     for r in records:  # each micro-batch: one task per position, each from that position's tasks
         assert len(r["tasks"]) == 2 and all(t in placement["task_slots"][g] for pair in r["tasks"] for g, t in enumerate(pair))
         assert r["skill_bytes"] > 0 and math.isfinite(r["loss"])
+        # every rank calls the same modules (its own batch and the other positions' blank samples in one call,
+        # each held skill called once), so a ZeRO-3 trace per combination of tasks holds from its second use
+        pairs = [tuple(pair) for pair in r["tasks"]]
+        assert r["zero3_calls"] == 2 and r["zero3_traced"] >= sum(pair in seen for pair in pairs), r
+        seen.update(pairs)
+    assert sum(r["zero3_traced"] for r in records) > 0
 
     shutil.copytree(first / "checkpoints" / "step00000003", second / "checkpoints" / "step00000003")
     _finish(_torchrun(_overrides(sample, second, *args)))
