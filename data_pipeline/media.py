@@ -1,11 +1,19 @@
-"""Decoders from raw shard members to model inputs: Pillow images, soundfile audio as log-mel frames,
-PyAV video as sampled frames, and UTF-8 text. A decoder raises `BadSample` naming what is wrong."""
+"""Decoders from raw shard members to model inputs: Pillow images, soundfile (or PyAV) audio as log-mel
+frames, PyAV video as sampled frames, and UTF-8 text. A decoder raises `BadSample` naming what is wrong.
+
+Scraped data holds files crafted or broken in every way, so a decode costs what the model's input size
+needs, not what a header claims: images are checked for pixels and aspect ratio before decoding, decoded
+at a reduced scale where the format allows (JPEG) and cropped before they are resized; audio is read only
+as far as the model's frames reach, and resampled with filters of bounded size; video keeps only the frames
+it samples, each shrunk as soon as it is decoded. Running out of memory skips the sample like any failure."""
 
 from __future__ import annotations
 
 import io
 import math
+import warnings
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import lru_cache
 
 import numpy as np
@@ -42,18 +50,40 @@ class MediaConfig:
                    max_audio_frames=config.max_audio_frames)
 
 
+MAX_PIXELS = 40_000_000
+"""Images and video frames with more pixels are skipped (PNG cannot decode at a reduced scale: 40M pixels
+hold 160 MB as RGBA while decoding)."""
+MAX_ASPECT = 20.0
+"""Images and video frames longer than this many times their width (or wider) are skipped."""
+MAX_VIDEO_FRAMES = 20_000
+"""Frames decoded per video at most (11 minutes at 30 frames per second): a longer one is sampled from
+its beginning."""
+
+
 def _media_member(sample: dict, modality: str) -> bytes:
     for ext in MEDIA_FIELDS[modality]:
         if ext in sample:
             return sample[ext]
-    raise BadSample("missing_member", f"no {modality} member ({'/'.join(MEDIA_FIELDS[modality])})")
+    found = sorted(k for k in sample if not k.startswith("__") and k != "txt")
+    raise BadSample("missing_member", f"no {modality} member ({'/'.join(MEDIA_FIELDS[modality])})"
+                    + (f"; found {', '.join(found)}" if found else ""))
+
+
+def _check_size(width: int, height: int, what: str) -> None:
+    """Refuse, before decoding, a picture whose header claims a size no model input needs."""
+    if width <= 0 or height <= 0:
+        raise BadSample(f"undecodable_{what}", f"size {width}x{height}")
+    if width * height > MAX_PIXELS:
+        raise BadSample(f"{what}_too_large", f"{width}x{height} pixels, more than {MAX_PIXELS:,}")
+    if max(width / height, height / width) > MAX_ASPECT:
+        raise BadSample(f"{what}_aspect_ratio", f"{width}x{height}, more than {MAX_ASPECT:g} to 1")
 
 
 def decode_text(data: bytes | None, what: str = "txt") -> str:
     if data is None:
         raise BadSample("missing_member", f"no {what} member")
     try:
-        text = data.decode("utf-8").strip()
+        text = data.decode("utf-8").replace("\x00", "").strip()  # NUL padding is no text
     except UnicodeDecodeError as e:
         raise BadSample("undecodable_text", str(e)) from None
     if not text:
@@ -61,29 +91,51 @@ def decode_text(data: bytes | None, what: str = "txt") -> str:
     return text
 
 
-def _image_tensor(image, size: int) -> torch.Tensor:
-    """Resize the short side to `size` and centre-crop: (3, size, size) uint8. The model's front-end
-    normalises, so batches cross processes and reach the device at a quarter of float32's bytes."""
+def _rgb(image):
+    """RGB of any Pillow mode: 16- and 32-bit grey scaled to 8 bits (not clipped to white), palettes and
+    transparency composited onto white."""
     from PIL import Image
 
-    image = image.convert("RGB")
+    if image.mode.startswith("I"):  # I;16* (16-bit PNG, TIFF) and I (32-bit integers, 0..65535 from 16-bit PNG)
+        grey = np.asarray(image).astype(np.float32) / 257.0
+        image = Image.fromarray(grey.clip(0, 255).astype(np.uint8), "L")
+    if image.mode in ("P", "PA") or "A" in image.mode or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
+def _image_tensor(image, size: int) -> torch.Tensor:
+    """The central square resized to `size`: (3, size, size) uint8. The model's front-end normalises, so
+    batches cross processes and reach the device at a quarter of float32's bytes."""
+    from PIL import Image
+
+    image = _rgb(image)
     w, h = image.size
-    scale = size / min(w, h)
-    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
-    image = image.crop((left, top, left + size, top + size))
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    image = image.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side), reducing_gap=3.0)
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def decode_image(data: bytes, cfg: MediaConfig) -> torch.Tensor:
-    from PIL import Image
+    """The first frame of any image Pillow reads (JPEG, PNG, WebP, GIF, ...), turned by its EXIF orientation."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with warnings.catch_warnings():  # the size is checked here, below Pillow's own bomb limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        with image:
+            _check_size(*image.size, "image")
+            image.draft("RGB", (cfg.image_size, cfg.image_size))  # JPEG: decode at 1/2..1/8 scale, still covering it
             image.load()
-            return _image_tensor(image, cfg.image_size)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return _image_tensor(ImageOps.exif_transpose(image), cfg.image_size)
+    except UnidentifiedImageError:
+        raise BadSample("undecodable_image", f"not an image Pillow reads ({len(data)} bytes starting {data[:12]!r})") from None
+    except MemoryError:
+        raise BadSample("out_of_memory", "decoding the image") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadSample("undecodable_image", f"{type(e).__name__}: {e}") from None
 
 
@@ -102,11 +154,13 @@ def _sinc_kernel(orig: int, new: int, zeros: int = 6, rolloff: float = 0.99) -> 
 
 
 def resample(wave: torch.Tensor, orig: int, new: int) -> torch.Tensor:
-    """Band-limited resampling of a mono waveform (windowed sinc, as in torchaudio's default)."""
+    """Band-limited resampling of a mono waveform (windowed sinc, as in torchaudio's default). The rate ratio
+    is taken as the nearest fraction with a denominator of at most 1000, which is exact for every common rate
+    and keeps the filter bank small for odd ones (44101 Hz: a pitch error of 0.0006%)."""
+    ratio = Fraction(new, orig).limit_denominator(1000)
+    orig, new = ratio.denominator, ratio.numerator
     if orig == new:
         return wave
-    g = math.gcd(orig, new)
-    orig, new = orig // g, new // g
     kernel, width = _sinc_kernel(orig, new)
     padded = F.pad(wave.view(1, 1, -1), (width, width + orig))
     out = F.conv1d(padded, kernel, stride=orig).transpose(1, 2).reshape(-1)
@@ -142,33 +196,115 @@ def log_mel(wave: torch.Tensor, cfg: MediaConfig) -> torch.Tensor:
 
 
 def decode_audio(data: bytes, cfg: MediaConfig) -> torch.Tensor:
+    """Log-mel frames of the first `max_audio_frames` of any audio soundfile reads (WAV, FLAC, MP3, Ogg), or
+    else PyAV (AAC/M4A, Opus, audio in MP4 or MOV); only as much is decoded as those frames need."""
+    seconds = (cfg.max_audio_frames * cfg.hop_length + cfg.n_fft) / cfg.sample_rate
+    try:
+        try:
+            wave, rate = _read_soundfile(data, seconds)
+        except BadSample as soundfile_error:
+            try:
+                wave, rate = _read_av_audio(data, seconds, cfg.sample_rate)
+            except BadSample as av_error:
+                raise BadSample("undecodable_audio", f"soundfile: {soundfile_error.detail}; PyAV: {av_error.detail}") from None
+        if wave.numel() < cfg.n_fft * rate / cfg.sample_rate:
+            raise BadSample("undecodable_audio", f"only {wave.numel()} samples at {rate} Hz")
+        return log_mel(resample(wave, rate, cfg.sample_rate), cfg)
+    except MemoryError:
+        raise BadSample("out_of_memory", "decoding the audio") from None
+
+
+def _read_soundfile(data: bytes, seconds: float) -> tuple[torch.Tensor, int]:
     import soundfile
 
     try:
-        wave, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except (RuntimeError, ValueError, soundfile.LibsndfileError) as e:
+        with soundfile.SoundFile(io.BytesIO(data)) as f:
+            rate = f.samplerate
+            if not 1000 <= rate <= 768_000:
+                raise BadSample("undecodable_audio", f"sample rate {rate} Hz")
+            wave = f.read(frames=math.ceil(seconds * rate) + 1, dtype="float32", always_2d=True)
+    except (RuntimeError, ValueError, TypeError, soundfile.LibsndfileError) as e:
         raise BadSample("undecodable_audio", f"{type(e).__name__}: {e}") from None
-    if wave.shape[0] < cfg.n_fft:
-        raise BadSample("undecodable_audio", f"only {wave.shape[0]} samples")
-    mono = torch.from_numpy(wave).mean(dim=1)
-    return log_mel(resample(mono, rate, cfg.sample_rate), cfg)
+    return torch.from_numpy(wave).mean(dim=1), rate
+
+
+def _read_av_audio(data: bytes, seconds: float, rate: int) -> tuple[torch.Tensor, int]:
+    """The first `seconds` of the first audio stream, decoded and resampled to mono `rate` by FFmpeg."""
+    import av
+
+    needed, chunks = math.ceil(seconds * rate), []
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.audio:
+                raise BadSample("undecodable_audio", f"no audio stream in the {container.format.name} container")
+            stream = container.streams.audio[0]
+            stream.thread_count = 1
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            for frame in container.decode(stream):
+                chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
+                if sum(map(len, chunks)) >= needed:
+                    break
+            else:
+                chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+    except (av.error.FFmpegError, ValueError, IndexError) as e:
+        raise BadSample("undecodable_audio", f"{type(e).__name__}: {e}") from None
+    if not chunks:
+        raise BadSample("undecodable_audio", "no audio frames")
+    return torch.from_numpy(np.concatenate(chunks)[:needed].copy()), rate
+
+
+_IMAGE_CONTAINERS = ("image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe")
 
 
 def decode_video(data: bytes, cfg: MediaConfig) -> torch.Tensor:
-    """(num_frames, 3, size, size): frames sampled evenly over the clip."""
+    """(num_frames, 3, size, size): frames sampled evenly over the clip (MP4, MOV, WebM, MKV, AVI, GIF...).
+    Each frame is shrunk as soon as it is decoded and only the sampled ones are kept; frames are picked
+    from the stream's frame count (or its duration), and decoding stops after the last one."""
     import av
 
     try:
         with av.open(io.BytesIO(data)) as container:
+            if container.format.name in _IMAGE_CONTAINERS or not container.streams.video:
+                raise BadSample("undecodable_video", f"no video stream (a {container.format.name} file)")
             stream = container.streams.video[0]
             stream.thread_count = 1  # a loader worker is one core: FFmpeg's own threads would oversubscribe
-            frames = [frame.to_image() for frame in container.decode(stream)]
-    except (av.error.FFmpegError, ValueError, IndexError) as e:
+            _check_size(stream.codec_context.width, stream.codec_context.height, "video")
+            total = stream.frames
+            if not total and stream.duration and stream.average_rate:
+                total = int(stream.duration * stream.time_base * stream.average_rate)
+            frames = _sample_frames(container.decode(stream), total, cfg.num_frames,
+                                    lambda frame: _image_tensor(frame.to_image(), cfg.image_size))
+    except BadSample:
+        raise
+    except MemoryError:
+        raise BadSample("out_of_memory", "decoding the video") from None
+    except (av.error.FFmpegError, ValueError, IndexError, OSError) as e:
         raise BadSample("undecodable_video", f"{type(e).__name__}: {e}") from None
     if not frames:
         raise BadSample("undecodable_video", "no frames")
-    picks = np.linspace(0, len(frames) - 1, cfg.num_frames).round().astype(int)
-    return torch.stack([_image_tensor(frames[i], cfg.image_size) for i in picks])
+    return torch.stack(frames)
+
+
+def _sample_frames(frames, total: int, n: int, shrink) -> list[torch.Tensor]:
+    """`n` frames evenly spaced over the stream, each shrunk when decoded. With a frame count, those at the
+    evenly spaced indices (decoding stops after the last); without one, or where the count was wrong, every
+    stride-th frame is kept, the stride doubling whenever more than 2n are held, and n picked from them."""
+    wanted = set(np.linspace(0, total - 1, n).round().astype(int).tolist()) if total else set()
+    kept, stride = {}, 1
+    for i, frame in enumerate(frames):
+        if i >= MAX_VIDEO_FRAMES:
+            break
+        if i in wanted or (not wanted and i % stride == 0):
+            kept[i] = shrink(frame)
+        if wanted and i >= max(wanted):
+            break
+        if not wanted and len(kept) > 2 * n:
+            stride *= 2
+            kept = {j: t for j, t in kept.items() if j % stride == 0}
+    order = sorted(kept)
+    if not order:
+        return []
+    return [kept[order[j]] for j in np.linspace(0, len(order) - 1, n).round().astype(int)]
 
 
 def decode_sample(sample: dict, modality: str, cfg: MediaConfig) -> dict:

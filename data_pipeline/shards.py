@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 
 MODALITIES = ("text", "code", "image", "audio", "video")
 # The member a sample of each modality must carry (besides its caption, `txt`, for the paired ones).
-MEDIA_FIELDS = {"image": ("jpg", "jpeg", "png", "webp"), "audio": ("wav", "flac", "mp3", "ogg"),
-                "video": ("mp4", "webm", "mkv", "avi"), "code": ("py", "code", "js", "c", "cpp", "java", "go", "rs")}
+MEDIA_FIELDS = {"image": ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"),
+                "audio": ("wav", "flac", "mp3", "ogg", "opus", "m4a", "aac"),
+                "video": ("mp4", "webm", "mkv", "avi", "mov", "gif"),
+                "code": ("py", "code", "js", "c", "cpp", "java", "go", "rs")}
 
 
 def check_modality(modality: str) -> None:

@@ -1,0 +1,225 @@
+"""Hostile and real media, made here: a broken or crafted file costs one counted skip with bounded memory,
+and real files written by Pillow, soundfile and PyAV in several codecs and modes decode correctly."""
+
+import io
+import json
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_pipeline.media import BadSample, MediaConfig, decode_audio, decode_image, decode_sample, decode_video
+
+ROOT = Path(__file__).resolve().parents[1]
+MEDIA = MediaConfig(image_size=32, num_frames=4, num_mel_bins=16, max_audio_frames=256)
+
+
+def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array, mode).save(out, "PNG")
+    return out.getvalue()
+
+
+def _skip_reason(decode, data: bytes) -> str:
+    with pytest.raises(BadSample) as caught:
+        decode(data, MEDIA)
+    return caught.value.reason
+
+
+def _wav(seconds: float, rate: int, freq: float = 440.0) -> bytes:
+    import soundfile
+
+    t = np.arange(int(seconds * rate)) / rate
+    out = io.BytesIO()
+    soundfile.write(out, (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32), rate, format="WAV")
+    return out.getvalue()
+
+
+def _video(codec: str, container: str, frames: int, size: tuple[int, int], rate: int = 10, pix_fmt: str = "yuv420p") -> bytes:
+    """`frames` frames whose mean brightness counts up, so the frames a decoder picks can be told apart."""
+    import av
+
+    out = io.BytesIO()
+    with av.open(out, "w", format=container) as output:
+        stream = output.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], pix_fmt
+        for i in range(frames):
+            pixels = np.full((size[1], size[0], 3), int(255 * i / max(1, frames - 1)), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                output.mux(packet)
+        for packet in stream.encode():
+            output.mux(packet)
+    return out.getvalue()
+
+
+# -- images ------------------------------------------------------------------------------------------------
+
+def test_images_whose_header_claims_a_huge_or_extreme_size_are_refused_before_decoding():
+    line = _png(np.zeros((1, 65535), dtype=np.uint8))  # 65535 x 1: a few hundred bytes
+    assert len(line) < 1000 and _skip_reason(decode_image, line) == "image_aspect_ratio"
+    big = Image.new("L", (13000, 13000))
+    out = io.BytesIO()
+    big.save(out, "PNG")
+    assert _skip_reason(decode_image, out.getvalue()) == "image_too_large"
+    with pytest.raises(BadSample, match=r"not an image Pillow reads \(15 bytes starting b'\\x00not"):
+        decode_image(b"\x00not an image!!", MEDIA)
+
+
+def test_sixteen_bit_grey_palette_transparency_and_exif_orientation():
+    grey = decode_image(_png(np.full((40, 40), 32768, dtype=np.uint16)), MEDIA)  # mode I;16
+    assert grey.shape == (3, 32, 32) and abs(int(grey.float().mean()) - 127) <= 1  # half grey, not white
+
+    palette = Image.new("P", (40, 40), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.paste(1, (0, 0, 40, 20))  # top half red, bottom half index 0: transparent
+    out = io.BytesIO()
+    palette.save(out, "GIF", transparency=0)
+    pixels = decode_image(out.getvalue(), MEDIA)
+    assert pixels[:, 2, 16].tolist() == [255, 0, 0] and pixels[:, 29, 16].tolist() == [255, 255, 255]
+
+    # a photograph taken in portrait: stored 64 wide and 32 high (left red, right blue), EXIF says turn it
+    stored = np.zeros((32, 64, 3), dtype=np.uint8)
+    stored[:, :32, 0] = 255
+    stored[:, 32:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    out = io.BytesIO()
+    Image.fromarray(stored).save(out, "JPEG", exif=exif, quality=95)
+    upright = decode_image(out.getvalue(), MEDIA)
+    top, bottom = upright[:, 2, 16].int(), upright[:, 29, 16].int()
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60  # red above, blue below
+
+
+def test_large_jpeg_decoded_at_a_reduced_scale_gives_the_full_decode_picture():
+    rng = np.random.default_rng(0)
+    photo = np.repeat(np.repeat(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8), 100, 0), 100, 1)  # 4800 x 3200
+    out = io.BytesIO()
+    Image.fromarray(photo).save(out, "JPEG", quality=90)
+    got = decode_image(out.getvalue(), MEDIA).float()
+    full = Image.open(io.BytesIO(out.getvalue())).convert("RGB").resize((32, 32), Image.BICUBIC, box=(800, 0, 4000, 3200))
+    assert (got - torch.from_numpy(np.asarray(full).copy()).permute(2, 0, 1)).abs().mean() < 6
+
+
+# -- audio -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rate", [8000, 16001, 22050, 44101, 48000])
+def test_audio_at_odd_rates_keeps_its_pitch(rate):
+    mel = decode_audio(_wav(3.0, rate, freq=1000.0), MEDIA)
+    assert mel.shape == (16, 256)  # trimmed to the model's frames
+    assert len(set(mel.mean(1).argsort()[-1:].tolist())) == 1
+    assert mel.mean(1).argmax() == decode_audio(_wav(3.0, 16000, freq=1000.0), MEDIA).mean(1).argmax()
+
+
+def test_audio_in_containers_soundfile_cannot_read_decodes_through_pyav():
+    import av
+
+    for codec, container in (("aac", "ipod"), ("libopus", "ogg"), ("aac", "mov")):
+        out = io.BytesIO()
+        with av.open(out, "w", format=container) as output:
+            stream = output.add_stream(codec, rate=48000)
+            stream.layout = "mono"
+            t = np.arange(48000 * 3) / 48000
+            wave = (0.5 * np.sin(2 * np.pi * 1000.0 * t)).astype(np.float32)
+            for start in range(0, len(wave), 960):
+                frame = av.AudioFrame.from_ndarray(wave[None, start:start + 960], format="flt", layout="mono")
+                frame.rate = 48000
+                for packet in stream.encode(frame):
+                    output.mux(packet)
+            for packet in stream.encode():
+                output.mux(packet)
+        mel = decode_audio(out.getvalue(), MEDIA)
+        reference = decode_audio(_wav(3.0, 48000, freq=1000.0), MEDIA)
+        assert mel.shape == (16, 256) and mel.mean(1).argmax() == reference.mean(1).argmax(), (codec, container)
+    assert _skip_reason(decode_audio, b"RIFF....WAVEnot really") == "undecodable_audio"
+
+
+# -- video -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("codec, container", [("libx264", "mp4"), ("hevc", "matroska"), ("libvpx-vp9", "webm"),
+                                              ("mpeg4", "mov"), ("gif", "gif")])
+def test_video_codecs_decode_to_evenly_spaced_frames(codec, container):
+    data = _video(codec, container, 30, (64, 48), pix_fmt="rgb8" if codec == "gif" else "yuv420p")
+    frames = decode_video(data, MEDIA)
+    assert frames.shape == (4, 3, 32, 32)
+    brightness = frames.float().mean((1, 2, 3))
+    assert (brightness.diff() > 40).all() and brightness[0] < 20 and brightness[-1] > 235  # first to last
+
+
+def test_an_image_named_as_a_video_is_not_a_video():
+    sample = {"__key__": "k", "mp4": _png(np.zeros((8, 8), dtype=np.uint8)), "txt": b"a caption"}
+    with pytest.raises(BadSample, match="no video stream"):
+        decode_sample(sample, "video", MEDIA)
+
+
+def test_captions_and_members_say_what_is_wrong():
+    with pytest.raises(BadSample) as caught:
+        decode_sample({"__key__": "k", "xyz": b"?", "txt": b"a caption"}, "audio", MEDIA)
+    assert caught.value.reason == "missing_member" and "found xyz" in str(caught.value)
+    with pytest.raises(BadSample) as caught:
+        decode_sample({"__key__": "k", "png": _png(np.zeros((8, 8), dtype=np.uint8)), "txt": b"\x00\x00 \x00"}, "image", MEDIA)
+    assert caught.value.reason == "empty_caption"
+
+
+# -- memory ------------------------------------------------------------------------------------------------
+
+_MEASURE = """
+import json, resource, sys
+from data_pipeline.media import BadSample, MediaConfig, decode_audio, decode_image, decode_video
+decoders = {"image": decode_image, "audio": decode_audio, "video": decode_video}
+cfg = MediaConfig(image_size=224, num_frames=8)
+kind, path = sys.argv[1], sys.argv[2]
+data = open(path, "rb").read()
+try:
+    decoders[kind](open(sys.argv[3], "rb").read(), cfg)  # a small file of the kind: libraries loaded
+except BadSample:
+    pass
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    decoders[kind](data, cfg)
+    reason = None
+except BadSample as e:
+    reason = e.reason
+print(json.dumps({"reason": reason, "peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+"""
+
+
+def _peak(tmp_path, kind: str, data: bytes, warm: bytes) -> dict:
+    (tmp_path / "in").write_bytes(data)
+    (tmp_path / "warm").write_bytes(warm)
+    done = subprocess.run([sys.executable, "-c", _MEASURE, kind, str(tmp_path / "in"), str(tmp_path / "warm")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_hostile_files_cost_bounded_memory(tmp_path):
+    """Measured in a fresh process: the growth of its peak resident memory while decoding one file."""
+    small_png = _png(np.zeros((16, 16, 3), dtype=np.uint8))
+    wide = _peak(tmp_path, "image", _png(np.zeros((1, 1_000_000), dtype=np.uint8)), small_png)
+    assert wide["reason"] == "image_aspect_ratio" and wide["peak_mb"] < 50
+    out = io.BytesIO()
+    Image.new("RGB", (7000, 5000), (200, 30, 30)).save(out, "JPEG")  # 105 MB decoded in full
+    photo = _peak(tmp_path, "image", out.getvalue(), small_png)
+    assert photo["reason"] is None and photo["peak_mb"] < 40  # decoded at 1/8 scale
+    odd = _peak(tmp_path, "audio", _wav(60.0, 44101), _wav(1.0, 16000))  # a minute at an odd rate
+    assert odd["reason"] is None and odd["peak_mb"] < 200
+    # a static 1080p clip of 20 s: tiny to store, 6 MB per decoded frame
+    still = _video("libx264", "mp4", 200, (1920, 1080), rate=10)
+    assert len(still) < 200_000
+    clip = _peak(tmp_path, "video", still, _video("libx264", "mp4", 4, (64, 48)))
+    assert clip["reason"] is None and clip["peak_mb"] < 400
+
+
+def test_resample_ratio_is_a_small_fraction():
+    from data_pipeline.media import _sinc_kernel, resample
+
+    ratio = Fraction(16000, 44101).limit_denominator(1000)
+    assert ratio.denominator <= 1000
+    resample(torch.zeros(44101), 44101, 16000)
+    kernel, _ = _sinc_kernel(ratio.denominator, ratio.numerator)
+    assert kernel.numel() < 2_000_000
