@@ -8,12 +8,21 @@ For each modality and for the mixed stream (all five tasks, alpha = 1) it prints
   - two bare loops in two processes at once, the most two cores of this machine give;
 and the targets: pipeline overhead per worker at most 15% (1 - pipeline / bare), and two workers at
 least 1.8x one worker. Without --data it writes the sample corpus into a temporary folder first.
+
+    python benchmarks/data_pipeline.py --memory
+
+prints instead the peak memory of one decode (a fresh process's peak resident memory above its size before) at
+`multimodal-base`'s input sizes, for a sample of each medium of the sample corpus and for hostile files:
+tiny files claiming huge or extreme sizes, audio at odd rates, a long static 1080p video, a big photo.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -115,11 +124,119 @@ def pipeline_rate(tasks: list[dict], workers: int, tokenizer, media, skills, bat
     return samples / (time.perf_counter() - start)
 
 
+DECODERS = {"image": "decode_image", "audio": "decode_audio", "video": "decode_video"}
+
+
+def _status_mb(field: str) -> float:
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field)) / 1024
+
+
+def decode_worker(kind: str, path: str, warm: str) -> dict:
+    """In a fresh process: decode `warm` (a small file: libraries loaded), then `path`: the peak resident
+    memory while decoding it above the memory before (Linux: the peak is reset first)."""
+    from data_pipeline import media
+
+    decode, cfg = getattr(media, DECODERS[kind]), MediaConfig.from_model(load_config("multimodal-base"))
+    for file in (warm, path):
+        data = Path(file).read_bytes()
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current size
+        before = _status_mb("VmRSS")
+        try:
+            decode(data, cfg)
+            result = "decoded"
+        except BadSample as e:
+            result = e.reason
+    return {"result": result, "peak_mb": _status_mb("VmHWM") - before}
+
+
+def _hostile() -> tuple[dict[str, bytes], list[tuple[str, str, bytes]]]:
+    """A small file per medium (to load the libraries before measuring), and (medium, description, file)
+    for the inputs that used to take gigabytes or minutes."""
+    import av
+    import numpy as np
+    import soundfile
+    from PIL import Image
+
+    def png(array):
+        out = io.BytesIO()
+        Image.fromarray(array).save(out, "PNG")
+        return out.getvalue()
+
+    def wav(seconds, rate):
+        out = io.BytesIO()
+        soundfile.write(out, np.sin(np.arange(int(seconds * rate)) * 0.1).astype(np.float32), rate, format="WAV")
+        return out.getvalue()
+
+    def still_video(seconds, size=(1920, 1080), rate=25):
+        out = io.BytesIO()
+        with av.open(out, "w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=rate)
+            stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
+            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), 90, dtype=np.uint8), format="rgb24")
+            for _ in range(seconds * rate):
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode())
+        return out.getvalue()
+
+    warm = {"image": png(np.zeros((16, 16, 3), dtype=np.uint8)), "audio": wav(0.5, 16000),
+            "video": still_video(1, (64, 48), 4)}
+    photo, bomb = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (7000, 5000), (200, 40, 40)).save(photo, "JPEG")
+    Image.new("L", (13000, 13000)).save(bomb, "PNG")
+    return warm, [("image", "PNG 1,000,000 x 1", png(np.zeros((1, 1_000_000), dtype=np.uint8))),
+            ("image", "PNG 65535 x 1", png(np.zeros((1, 65535), dtype=np.uint8))),
+            ("image", "PNG 13000 x 13000", bomb.getvalue()),
+            ("image", "JPEG photo 7000 x 5000", photo.getvalue()),
+            ("audio", "WAV 60 s at 44101 Hz", wav(60, 44101)),
+            ("audio", "WAV 60 s at 16001 Hz", wav(60, 16001)),
+            ("video", "H.264 1080p, 20 s still", still_video(20)),
+            ("video", "H.264 1080p, 60 s still", still_video(60))]
+
+
+def decode_memory(data: Path) -> list[tuple[str, str, int, dict]]:
+    """(medium, description, bytes, worker result) for the corpus samples and the hostile files."""
+    from data_pipeline.shards import SkipCounter, read_raw_samples
+
+    cases = []
+    for kind in DECODERS:
+        index = ShardIndex.load(data / kind / f"{kind}.index.json")
+        sample = next(read_raw_samples(str(data / kind / next(iter(index.shards))), SkipCounter()))
+        member = next(v for k, v in sample.items() if not k.startswith("__") and k != "txt")
+        cases.append((kind, "sample corpus", member))
+    warm, hostile = _hostile()
+    cases += hostile
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, what, member in cases:
+            (Path(tmp) / "in").write_bytes(member)
+            (Path(tmp) / "warm").write_bytes(warm[kind])
+            out = subprocess.run([sys.executable, __file__, "--decode-worker", kind, str(Path(tmp) / "in"), str(Path(tmp) / "warm")],
+                                 capture_output=True, text=True, check=True)
+            rows.append((kind, what, len(member), json.loads(out.stdout.strip().splitlines()[-1])))
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", help="a sample corpus folder (default: write one to a temporary folder)")
     parser.add_argument("--seconds", type=float, default=5.0, help="about this long per measurement")
+    parser.add_argument("--memory", action="store_true", help="peak memory per decode, corpus and hostile files")
+    parser.add_argument("--decode-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.decode_worker:
+        print(json.dumps(decode_worker(*args.decode_worker)))
+        return 0
+    if args.memory:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(args.data or tmp)
+            if not args.data:
+                write_corpus(data, seed=0, images_n=8, audio_n=8, video_n=8, code_n=0, text_n=0, max_samples=8,
+                             image_size=IMAGE_SIZE, video_size=VIDEO_SIZE, progress=False)
+            rows = decode_memory(data)
+        print("peak memory of one decode at multimodal-base sizes (fresh process, peak RSS above the RSS before)")
+        for kind, what, size, result in rows:
+            print(f"  {kind:<6}{what:<28}{size:>12,} bytes  {result['result']:<22}{result['peak_mb']:>8.1f} MB")
+        return 0
     model = load_config("multimodal-base")
     media = MediaConfig.from_model(model)
     skills = {t: model.registry.skill_names(t) for t in model.tasks}

@@ -75,6 +75,8 @@ class DataConfig:
     seed: int = 0
     max_text_tokens: int = 128
     """Text, code and captions are truncated to this many tokens."""
+    max_consecutive_skips: int = 1000
+    """A task whose last this-many drawn samples were all unusable stops the run (its data is broken)."""
 
     def __post_init__(self):
         self.tasks = [t if isinstance(t, TaskConfig) else TaskConfig(**t) for t in self.tasks]
@@ -96,6 +98,17 @@ class DataConfig:
             raise ValueError("data.batch_mode 'mixed' needs tasks of one modality (a batch feeds one front-end)")
         if self.batch_size < 1 or self.shuffle_buffer < 1 or self.shards_per_round < 1 or self.num_workers < 0:
             raise ValueError("data: batch_size, shuffle_buffer and shards_per_round must be >= 1, num_workers >= 0")
+        if self.max_consecutive_skips < 1:
+            raise ValueError(f"data.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
+
+
+class DataError(RuntimeError):
+    """The data cannot feed the run (e.g. a task none of whose samples decode). Raised in a DataLoader worker,
+    it reaches the training process wrapped in the worker's traceback: `one_line` recovers the message."""
+
+    @staticmethod
+    def one_line(error: BaseException) -> str:
+        return str(error).rstrip().splitlines()[-1].split("DataError: ", 1)[-1]
 
 
 def sampling_probabilities(sizes: list[int], alpha: float) -> list[float]:
@@ -115,9 +128,6 @@ class SourceStream:
 
     def __init__(self, source: Source, name: str, slot: int, num_slots: int, cfg: DataConfig, skipped: SkipCounter):
         self.source, self.name, self.slot, self.num_slots, self.cfg, self.skipped = source, name, slot, num_slots, cfg, skipped
-        if not cfg.resample and len(source.urls) < num_slots:
-            raise ValueError(f"source {name!r} has {len(source.urls)} shards for {num_slots} slots (ranks x workers): "
-                             "write more, smaller shards, use fewer workers, or set data.resample")
         mine = len(range(slot, len(source.urls), num_slots))
         self.rounds_per_epoch = max(1, math.ceil(mine / cfg.shards_per_round))
         self.round, self.emitted = 0, 0
@@ -125,6 +135,10 @@ class SourceStream:
 
     def state(self) -> dict:
         return {"round": self.round, "emitted": self.emitted}
+
+    def describe(self) -> str:
+        urls = self.source.urls
+        return f"{self.name} ({len(urls)} shard{'s' * (len(urls) > 1)}, e.g. {urls[0]})"
 
     def load_state(self, state: dict) -> None:
         self.round, self.emitted, self._samples = state["round"], state["emitted"], None
@@ -166,7 +180,7 @@ class SourceStream:
                 return sample
             empty_rounds = empty_rounds + 1 if self.emitted == 0 else 0
             if empty_rounds > self.rounds_per_epoch + 10:
-                raise RuntimeError(f"source {self.name!r} yields no readable samples")
+                raise DataError(f"source {self.describe()} yields no readable samples (skipped so far: {dict(self.skipped)})")
             self.round, self.emitted, self._samples = self.round + 1, 0, None
 
 
@@ -263,6 +277,14 @@ class MultiTaskLoader:
             for src, spec in zip(self.sources[t.name], t.sources):
                 if src.index.modality != t.modality:
                     raise ValueError(f"task {t.name!r} is {t.modality} but {spec.shards} holds {src.index.modality}")
+            for i, (src, spec) in enumerate(zip(self.sources[t.name], t.sources)):
+                if src.samples == 0:
+                    raise ValueError(f"task {t.name!r}: source {spec.shards} holds no samples (index {src.index.path})")
+                slots = world_size * max(1, cfg.num_workers)
+                if not cfg.resample and len(src.urls) < slots:
+                    raise ValueError(f"task {t.name!r}: source {spec.shards} has {len(src.urls)} shards for {slots} "
+                                     f"readers ({world_size} ranks x {max(1, cfg.num_workers)} workers): write more, "
+                                     "smaller shards, use fewer workers, or set data.resample")
         self.sizes = [sum(s.samples for s in self.sources[t.name]) for t in cfg.tasks]
         self.probabilities = sampling_probabilities(self.sizes, cfg.alpha)
         self.consumed = 0
@@ -327,7 +349,8 @@ class MultiTaskLoader:
     def _next_sample(self, streams: list[SourceStream], task: str, modality: str, slot: int, draws: Counter,
                      skipped: SkipCounter) -> dict:
         weights = [s.source.weight for s in streams]
-        while True:
+        failed, tried = Counter(), set()
+        while sum(failed.values()) < self.cfg.max_consecutive_skips:
             stream = streams[0]
             if len(streams) > 1:
                 stream = _rng(self.cfg.seed, "source", task, slot, draws[task]).choices(streams, weights)[0]
@@ -337,6 +360,11 @@ class MultiTaskLoader:
                 return decode_sample(raw, modality, self.media)
             except BadSample as e:
                 skipped.skip(e.reason, raw["__url__"], raw["__key__"], e.detail)
+                failed[e.reason] += 1
+                tried.add(stream)
+        reasons = ", ".join(f"{n} {r}" for r, n in failed.most_common())
+        raise DataError(f"task {task!r}: the last {sum(failed.values())} samples drawn were all unusable ({reasons}) "
+                        f"from source {', '.join(s.describe() for s in tried)}; see the warnings above for examples")
 
     # -- in the training process -----------------------------------------------------------------------
 

@@ -172,15 +172,21 @@ def index_existing(shards: str, modality: str, out: str | Path | None = None) ->
 
 
 class SkipCounter(Counter):
-    """Samples skipped, by reason; every skip is logged with its shard and key."""
+    """Samples skipped, by reason. The first skips of each reason are logged with their shard and key, then
+    every 1000th (counts reach TensorBoard and the end of the run), so broken data cannot flood the log."""
 
     _muted = False
+    LOGGED = 10
 
     def skip(self, reason: str, url: str, key: str | None, detail: str = "") -> None:
         if self._muted:
             return
         self[reason] += 1
-        log.warning("skipped %s: %s in %s%s", key or "(shard rest)", reason, url, f" ({detail})" if detail else "")
+        n = self[reason]
+        if n <= self.LOGGED or n % 1000 == 0:
+            more = f"; further {reason} skips are logged every 1000th" if n == self.LOGGED else ""
+            log.warning("skipped %s: %s in %s%s (%d so far%s)", key or "(shard rest)", reason, url,
+                        f" ({detail})" if detail else "", n, more)
 
     @contextmanager
     def muted(self):
@@ -192,33 +198,63 @@ class SkipCounter(Counter):
             self._muted = False
 
 
+class _Tail:
+    """A stream that remembers how many bytes it gave and the last of them (to check how a tar ended)."""
+
+    KEEP = 1 << 16
+
+    def __init__(self, stream):
+        self.stream, self.total, self.tail = stream, 0, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.total += len(data)
+        self.tail = (self.tail + data)[-self.KEEP:]
+        return data
+
+    def ended_at(self, offset: int) -> bool:
+        """Whether an end-of-archive block (512 zero bytes) was read at `offset`."""
+        start = len(self.tail) - (self.total - offset)
+        return self.total >= offset + 512 and start >= 0 and not self.tail[start:start + 512].strip(b"\0")
+
+
 def read_raw_samples(url: str, skipped: SkipCounter) -> Iterator[dict]:
     """The samples of one shard as dicts of raw bytes (members grouped by key), in tar order.
 
-    A truncated or corrupt tar ends the shard: what came before it is kept, the rest is counted once.
+    A truncated or corrupt tar ends the shard, counted once (`truncated_shard`, or `corrupt_shard` for
+    damage inside the archive): every sample before the damage is kept, and a sample whose member data the
+    damage cuts is dropped (one cut before a header keeps the members read, whole). A member
+    whose extension repeats within a sample starts a new sample (`duplicate_key`, counted; both are kept);
+    a member without an extension is counted (`member_without_extension`) and left out.
     """
     current: dict | None = None
-    stream = wds.gopen(url, "rb")
+    stream = _Tail(wds.gopen(url, "rb"))
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
                 if not info.isreg():
                     continue
                 key, ext = base_plus_ext(info.name)
-                if key is None:
+                if key is None or not ext:
+                    skipped.skip("member_without_extension", url, info.name)
                     continue
-                data = tar.extractfile(info).read()
-                if current is not None and current["__key__"] != key:
-                    yield current
+                ext = ext.lower()
+                if current is not None and (current["__key__"] != key or ext in current):
+                    if current["__key__"] == key:
+                        skipped.skip("duplicate_key", url, key, f"a second {ext} member: a sample of its own")
+                    yield current  # complete: the next member is another sample's
                     current = None
+                data = tar.extractfile(info).read()
                 if current is None:
                     current = {"__key__": key, "__url__": url}
-                current[ext.lower()] = data
+                current[ext] = data
+            if not stream.ended_at(tar.offset):  # cut at or inside a header: every member read is whole
+                skipped.skip("truncated_shard", url, None, f"no end-of-archive block after {stream.total} bytes")
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        skipped.skip("corrupt_shard", url, current["__key__"] if current else None, f"{type(e).__name__}: {e}")
-        current = None  # a sample cut by the corruption is not trusted
+        reason = "truncated_shard" if "end of data" in str(e) else "corrupt_shard"
+        skipped.skip(reason, url, current["__key__"] if current else None, f"{type(e).__name__}: {e}")
+        current = None  # a sample cut by the damage is not trusted
     finally:
-        stream.close()
+        stream.stream.close()
     if current is not None:
         yield current
-

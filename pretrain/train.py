@@ -247,8 +247,9 @@ class Metrics:
             self.steps.flush()
             self.pending.clear()
 
-    def close(self) -> None:
-        self.flush()
+    def close(self, flush: bool = True) -> None:
+        if flush:
+            self.flush()
         if self.main:
             self.writer.close()
             self.bar.close()
@@ -317,97 +318,111 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
         return checkpoint.save(engine, ckpt_root, state["step"], state, _comparable(model_config),
                                config.checkpoint.keep_last, placement and placement.to_dict())
 
-    batches = iter(loader)
-    while state["step"] < config.train.steps:
-        t0 = time.perf_counter()
-        batch = next(batches)
-        t1 = time.perf_counter()
-        engine.train()
-        index = state["step"] * accumulation + micro
-        if placement is not None and micro == 0:
-            reduction = engine.coalesce_grad_reduction()  # see _ds_config: one reduction per optimizer step
-            reduction.__enter__()
-        # data-local: every position's task runs on every rank, in position order, on a blank sample elsewhere
-        loss, stats = objectives.loss(engine, batch, index, topology.rank, device,
-                                      *((batch["group_tasks"], loader.group) if data_local else ()))
-        engine.backward(loss / accumulation if placement is not None else loss)
-        if placement is not None and micro + 1 == accumulation:
-            reduction.__exit__(None, None, None)
-        if micro + 1 == accumulation and (state["step"] + 1) % config.train.log_every == 0:
-            skill_norms = skill_grad_norms(engine.module)  # after the last backward, before the step
-        if placement is None or micro + 1 == accumulation:
-            engine.step()
-        if micro + 1 == accumulation:
-            clear_gradient_partitions(engine)
-        t2 = time.perf_counter()
-        wait, compute = wait + t1 - t0, compute + t2 - t1
-        micro += 1
-        step_loss = step_loss + loss.detach()  # on the device: read at logging steps
-        step_tasks.append(batch["task"] if not data_local else batch["group_tasks"])
-        task_losses[batch["task"]] = task_losses.get(batch["task"], 0.0) + loss.detach()
-        task_counts[batch["task"]] += 1
-        for skill in batch["skills"]:
-            skill_counts[skill] += 1
-        step_tokens += stats["tokens"]
-        step_samples += len(batch["keys"])
-        if micro < accumulation:
-            continue
-        sent = sum(layer.bytes_sent for layer in skill_layers)
-        for layer in skill_layers:
-            layer.bytes_sent = 0
-        tokens, samples, sent, signalled = step_totals(step_tokens, step_samples, sent, stop, device)
-        exchanged += sent
-        state["tokens_seen"] += tokens
-        state["samples_seen"] += samples
-        micro, step_tokens, step_samples = 0, 0, 0
-        state["step"] += 1
-        step = state["step"]
-        record = {"loss": step_loss / accumulation, "tasks": step_tasks,
-                  "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens": tokens, "skill_bytes": sent}
-        if config.train.profile_comm:
-            record["gathered_bytes"] = comm_clock.read()  # this rank's
-        record["zero3_calls"], record["zero3_traced"] = traces.take()
-        traced_calls = [traced_calls[0] + record["zero3_calls"], traced_calls[1] + record["zero3_traced"]]
-        metrics.advance(step, record)
-        step_loss, step_tasks = 0.0, []
-        if step % config.train.log_every == 0 or step == config.train.steps:
-            elapsed = time.perf_counter() - last_log
-            scalars = {f"loss/{t}": float(task_losses[t]) / task_counts[t] for t in task_counts}
-            scalars["loss"] = sum(map(float, task_losses.values())) / max(1, sum(task_counts.values()))
-            scalars.update({"lr": scheduler.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                            "throughput/tokens_per_s": (state["tokens_seen"] - tokens_at_log) / elapsed,
-                            "throughput/samples_per_s": (state["samples_seen"] - samples_at_log) / elapsed,
-                            "time/data_wait_s": wait, "time/compute_s": compute})
+    try:
+        batches = iter(loader)
+        while state["step"] < config.train.steps:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            t1 = time.perf_counter()
+            engine.train()
+            index = state["step"] * accumulation + micro
+            if placement is not None and micro == 0:
+                reduction = engine.coalesce_grad_reduction()  # see _ds_config: one reduction per optimizer step
+                reduction.__enter__()
+            # data-local: every position's task runs on every rank, in position order, on a blank sample elsewhere
+            loss, stats = objectives.loss(engine, batch, index, topology.rank, device,
+                                          *((batch["group_tasks"], loader.group) if data_local else ()))
+            engine.backward(loss / accumulation if placement is not None else loss)
+            if placement is not None and micro + 1 == accumulation:
+                reduction.__exit__(None, None, None)
+            if micro + 1 == accumulation and (state["step"] + 1) % config.train.log_every == 0:
+                skill_norms = skill_grad_norms(engine.module)  # after the last backward, before the step
+            if placement is None or micro + 1 == accumulation:
+                engine.step()
+            if micro + 1 == accumulation:
+                clear_gradient_partitions(engine)
+            t2 = time.perf_counter()
+            wait, compute = wait + t1 - t0, compute + t2 - t1
+            micro += 1
+            step_loss = step_loss + loss.detach()  # on the device: read at logging steps
+            step_tasks.append(batch["task"] if not data_local else batch["group_tasks"])
+            task_losses[batch["task"]] = task_losses.get(batch["task"], 0.0) + loss.detach()
+            task_counts[batch["task"]] += 1
+            for skill in batch["skills"]:
+                skill_counts[skill] += 1
+            step_tokens += stats["tokens"]
+            step_samples += len(batch["keys"])
+            if micro < accumulation:
+                continue
+            sent = sum(layer.bytes_sent for layer in skill_layers)
+            for layer in skill_layers:
+                layer.bytes_sent = 0
+            tokens, samples, sent, signalled = step_totals(step_tokens, step_samples, sent, stop, device)
+            exchanged += sent
+            state["tokens_seen"] += tokens
+            state["samples_seen"] += samples
+            micro, step_tokens, step_samples = 0, 0, 0
+            state["step"] += 1
+            step = state["step"]
+            record = {"loss": step_loss / accumulation, "tasks": step_tasks,
+                      "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens": tokens, "skill_bytes": sent}
             if config.train.profile_comm:
-                scalars["time/communication_s"] = comm_clock.take_seconds()
-                scalars["time/compute_s"] = compute - scalars["time/communication_s"]
-            scalars.update({f"skills/activations/{s}": n for s, n in skill_counts.items()})
-            if placement is not None:
-                scalars["skills/bytes_exchanged_per_step"] = exchanged / (step - logged_step)
-            exchanged, logged_step = 0, step
-            scalars.update({f"skills/grad_norm/{s}": n for s, n in skill_norms.items()})
-            scalars.update({f"data/skipped/{r}": n for r, n in loader.skipped.items()})
-            scalars["memory/rss_gb"] = _rss_gb()
-            if traced_calls[0]:  # model calls along a complete ZeRO-3 trace, which prefetch
-                scalars["zero3/traced_call_share"] = traced_calls[1] / traced_calls[0]
-            traced_calls = [0, 0]
-            if torch.cuda.is_available():
-                scalars["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            metrics.log(step, scalars)
-            metrics.flush()
-            task_losses.clear(), task_counts.clear()
-            wait, compute, last_log = 0.0, 0.0, time.perf_counter()
-            tokens_at_log, samples_at_log = state["tokens_seen"], state["samples_seen"]
-        if step % config.checkpoint.every == 0 or step == config.train.steps or signalled:
-            metrics.flush()
-            saved = save()
-        if signalled:
-            if topology.is_main and "SLURM_JOB_ID" in os.environ:
-                subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
-            break
+                record["gathered_bytes"] = comm_clock.read()  # this rank's
+            record["zero3_calls"], record["zero3_traced"] = traces.take()
+            traced_calls = [traced_calls[0] + record["zero3_calls"], traced_calls[1] + record["zero3_traced"]]
+            metrics.advance(step, record)
+            step_loss, step_tasks = 0.0, []
+            if step % config.train.log_every == 0 or step == config.train.steps:
+                elapsed = time.perf_counter() - last_log
+                scalars = {f"loss/{t}": float(task_losses[t]) / task_counts[t] for t in task_counts}
+                scalars["loss"] = sum(map(float, task_losses.values())) / max(1, sum(task_counts.values()))
+                scalars.update({"lr": scheduler.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                                "throughput/tokens_per_s": (state["tokens_seen"] - tokens_at_log) / elapsed,
+                                "throughput/samples_per_s": (state["samples_seen"] - samples_at_log) / elapsed,
+                                "time/data_wait_s": wait, "time/compute_s": compute})
+                if config.train.profile_comm:
+                    scalars["time/communication_s"] = comm_clock.take_seconds()
+                    scalars["time/compute_s"] = compute - scalars["time/communication_s"]
+                scalars.update({f"skills/activations/{s}": n for s, n in skill_counts.items()})
+                if placement is not None:
+                    scalars["skills/bytes_exchanged_per_step"] = exchanged / (step - logged_step)
+                exchanged, logged_step = 0, step
+                scalars.update({f"skills/grad_norm/{s}": n for s, n in skill_norms.items()})
+                scalars.update({f"data/skipped/{r}": n for r, n in _skipped_over_ranks(loader).items()})
+                scalars["memory/rss_gb"] = _rss_gb()
+                if traced_calls[0]:  # model calls along a complete ZeRO-3 trace, which prefetch
+                    scalars["zero3/traced_call_share"] = traced_calls[1] / traced_calls[0]
+                traced_calls = [0, 0]
+                if torch.cuda.is_available():
+                    scalars["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                metrics.log(step, scalars)
+                metrics.flush()
+                task_losses.clear(), task_counts.clear()
+                wait, compute, last_log = 0.0, 0.0, time.perf_counter()
+                tokens_at_log, samples_at_log = state["tokens_seen"], state["samples_seen"]
+            if step % config.checkpoint.every == 0 or step == config.train.steps or signalled:
+                metrics.flush()
+                saved = save()
+            if signalled:
+                if topology.is_main and "SLURM_JOB_ID" in os.environ:
+                    subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+                break
+    except BaseException:  # the bar ends before the error is printed; unflushed steps stay unwritten,
+        metrics.close(flush=False)  # as the checkpoint they follow does not hold them
+        raise
     metrics.close()
+    skipped = _skipped_over_ranks(loader)
     dist.barrier()
-    return {"step": state["step"], "checkpoint": saved, "run_dir": run_dir, "stopped": signalled}
+    return {"step": state["step"], "checkpoint": saved, "run_dir": run_dir, "stopped": signalled, "skipped": skipped}
+
+
+def _skipped_over_ranks(loader) -> Counter:
+    """Samples skipped so far by every rank's loader, by reason (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, dict(loader.skipped))
+    return sum((Counter(c) for c in counts), Counter())
 
 
 def build_model(model_config, seed: int, ds_config: dict | None = None):
@@ -585,9 +600,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TypeError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = train(config, topology, prepared)
+    from data_pipeline.loader import DataError
+
+    try:
+        result = train(config, topology, prepared)
+    except DataError as e:  # raised in a loader worker: its message, without the worker's traceback
+        print(f"error: {DataError.one_line(e)}", file=sys.stderr)
+        return 2
     if topology.is_main:
         print(f"trained to step {result['step']}" + (" (stopped by signal, checkpointed)" if result["stopped"] else ""))
+        if result["skipped"]:
+            reasons = ", ".join(f"{r} {n}" for r, n in result["skipped"].most_common())
+            print(f"skipped {sum(result['skipped'].values())} unusable samples: {reasons} (the log names each)")
         print(f"checkpoint:  {result['checkpoint']}")
         print(f"tensorboard: {result['run_dir'] / 'tensorboard'}")
     return 3 if result["stopped"] and result["step"] < config.train.steps else 0

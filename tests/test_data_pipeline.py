@@ -264,7 +264,7 @@ def test_corrupt_samples_are_skipped_counted_and_logged(corpus, tmp_path, tokeni
     skipped = SkipCounter()
     keys = [s["__key__"] for s in read_raw_samples(str(truncated), skipped)]
     assert 0 < len(keys) < 4 and keys == [f"image00000{i}" for i in range(4, 4 + len(keys))]
-    assert skipped == {"corrupt_shard": 1}
+    assert skipped == {"truncated_shard": 1}
 
 
 @pytest.mark.parametrize(

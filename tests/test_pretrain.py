@@ -248,3 +248,32 @@ def test_partitioned_build_gives_the_same_initial_weights(tmp_path):
         assert torch.equal(saved["partitioned"][name], tensor), name
         assert saved["held"][name] <= -(-saved["full"][name] // 2)  # each rank held its half at most
     assert saved["whole"]["skillnet.encoder.layers.0.ffn.skills.text.fc1.weight"].std() > 0.01  # initialised
+
+
+def test_a_task_whose_data_never_decodes_stops_the_run_in_one_line(sample, tmp_path):
+    """Every sample of the only task is broken: the run ends with one line naming the task, the source
+    and the reasons (raised in a DataLoader worker, without its traceback), instead of hanging."""
+    import io
+    import tarfile
+
+    from data_pipeline.shards import ShardIndex
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for s in range(2):
+        with tarfile.open(broken / f"img-{s:06d}.tar", "w") as tar:
+            for i in range(4):
+                for ext, data in (("png", b"\x00 not an image"), ("txt", b"a caption")):
+                    info = tarfile.TarInfo(f"k{s}_{i}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    ShardIndex("image", ["png", "txt"], {f"img-{s:06d}.tar": 4 for s in range(2)}).save(broken / "img.index.json")
+    task = f"data.tasks=[{{name: image, modality: image, sources: [{{shards: {broken / 'img.index.json'}}}]}}]"
+    args = _overrides(sample, tmp_path / "run", task, "data.max_consecutive_skips=20", "data.resample=true", "data.num_workers=1")
+    done = subprocess.run([sys.executable, "-m", "pretrain", "--config", "tiny", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())})
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]  # after the progress bar's last line
+    assert last.startswith("error: task 'image': the last 20 samples drawn were all unusable (20 undecodable_image) "
+                           "from source image.0 (2 shards"), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr

@@ -1,5 +1,6 @@
-"""Hostile and real media, made here: a broken or crafted file costs one counted skip with bounded memory,
-and real files written by Pillow, soundfile and PyAV in several codecs and modes decode correctly."""
+"""Hostile and real data, made here: a broken or crafted file costs one counted skip with bounded memory,
+real files written by Pillow, soundfile and PyAV in several codecs and modes decode correctly, and data
+that cannot feed a run stops it in one line, before training where it can be seen up front."""
 
 import io
 import json
@@ -168,23 +169,23 @@ def test_captions_and_members_say_what_is_wrong():
 # -- memory ------------------------------------------------------------------------------------------------
 
 _MEASURE = """
-import json, resource, sys
+import json, sys
+from pathlib import Path
 from data_pipeline.media import BadSample, MediaConfig, decode_audio, decode_image, decode_video
-decoders = {"image": decode_image, "audio": decode_audio, "video": decode_video}
+decode = {"image": decode_image, "audio": decode_audio, "video": decode_video}[sys.argv[1]]
 cfg = MediaConfig(image_size=224, num_frames=8)
-kind, path = sys.argv[1], sys.argv[2]
-data = open(path, "rb").read()
-try:
-    decoders[kind](open(sys.argv[3], "rb").read(), cfg)  # a small file of the kind: libraries loaded
-except BadSample:
-    pass
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-try:
-    decoders[kind](data, cfg)
-    reason = None
-except BadSample as e:
-    reason = e.reason
-print(json.dumps({"reason": reason, "peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+def status(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field)) / 1024
+for path in (sys.argv[3], sys.argv[2]):  # a small file of the kind first: libraries loaded
+    data = Path(path).read_bytes()
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) reset to the current size
+    before = status("VmRSS")
+    try:
+        decode(data, cfg)
+        reason = None
+    except BadSample as e:
+        reason = e.reason
+print(json.dumps({"reason": reason, "peak_mb": status("VmHWM") - before}))
 """
 
 
@@ -198,7 +199,7 @@ def _peak(tmp_path, kind: str, data: bytes, warm: bytes) -> dict:
 
 
 def test_hostile_files_cost_bounded_memory(tmp_path):
-    """Measured in a fresh process: the growth of its peak resident memory while decoding one file."""
+    """Measured in a fresh process: its peak resident memory while decoding one file, above its size before."""
     small_png = _png(np.zeros((16, 16, 3), dtype=np.uint8))
     wide = _peak(tmp_path, "image", _png(np.zeros((1, 1_000_000), dtype=np.uint8)), small_png)
     assert wide["reason"] == "image_aspect_ratio" and wide["peak_mb"] < 50
@@ -223,3 +224,101 @@ def test_resample_ratio_is_a_small_fraction():
     resample(torch.zeros(44101), 44101, 16000)
     kernel, _ = _sinc_kernel(ratio.denominator, ratio.numerator)
     assert kernel.numel() < 2_000_000
+
+
+# -- sources that cannot feed a run -----------------------------------------------------------------------
+
+def _shard(path: Path, members: list[tuple[str, bytes]]) -> None:
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _image_source(tmp_path: Path, shards: int, usable: bool, samples: int = 4) -> str:
+    from data_pipeline.shards import ShardIndex
+
+    png = _png(np.zeros((16, 16, 3), dtype=np.uint8)) if usable else b"\x00 broken"
+    counts = {}
+    for s in range(shards):
+        name = f"img-{s:06d}.tar"
+        _shard(tmp_path / name, [(f"k{s}_{i}.{ext}", data) for i in range(samples)
+                                 for ext, data in (("png", png), ("txt", b"a caption"))])
+        counts[name] = samples
+    ShardIndex("image", ["png", "txt"], counts).save(tmp_path / "img.index.json")
+    return str(tmp_path / f"img-{{000000..{shards - 1:06d}}}.tar")
+
+
+def _loader(tokenizer, shards: str, **cfg):
+    from data_pipeline.loader import DataConfig, MultiTaskLoader
+
+    world = cfg.pop("world", 1)
+    config = DataConfig(tasks=[{"name": "image", "modality": "image", "sources": [{"shards": shards}]}],
+                        **{"batch_size": 2, "num_workers": 0, "shuffle_buffer": 2, **cfg})
+    return MultiTaskLoader(config, tokenizer, MEDIA, {"image": ["image", "generic"]}, rank=0, world_size=world)
+
+
+def test_a_task_whose_samples_never_decode_stops_with_one_line(tmp_path, tokenizer, caplog):
+    from data_pipeline.loader import DataError
+
+    loader = _loader(tokenizer, _image_source(tmp_path, 2, usable=False), max_consecutive_skips=30, resample=True)
+    with pytest.raises(DataError, match=r"task 'image': the last 30 samples drawn were all unusable \(30 undecodable_image\) "
+                                        r"from source image\.0 \(2 shards, e\.g\. .*img-00000"):
+        next(iter(loader))
+    logged = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(logged) == 10 and "logged every 1000th" in logged[-1].getMessage()  # not 30 lines
+
+
+def test_layouts_that_cannot_feed_the_readers_are_refused_up_front(tmp_path, tokenizer):
+    (tmp_path / "few").mkdir()
+    few = _image_source(tmp_path / "few", 2, usable=True)
+    with pytest.raises(ValueError, match=r"has 2 shards for 4 readers \(2 ranks x 2 workers\)"):
+        _loader(tokenizer, few, num_workers=2, world=2)
+    _loader(tokenizer, few, num_workers=2, world=2, resample=True)  # drawn with replacement: enough
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ValueError, match="holds no samples"):
+        _loader(tokenizer, _image_source(tmp_path / "none", 1, usable=True, samples=0))
+
+
+# -- shards ------------------------------------------------------------------------------------------------
+
+def test_a_tar_cut_at_any_byte_keeps_every_sample_before_the_cut(tmp_path):
+    import tarfile
+
+    from data_pipeline.shards import SkipCounter, read_raw_samples
+
+    members = {f"k{i}.{ext}": bytes([65 + i]) * (300 + 70 * i) for i in range(3) for ext in ("png", "txt")}
+    buffer = io.BytesIO()
+    ends = {}
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            ends[name.split(".")[0]] = tar.offset  # past the sample's last member so far
+        archive_end = tar.offset
+    whole = buffer.getvalue()
+    path = tmp_path / "cut.tar"
+    for cut in range(archive_end + 1024):
+        path.write_bytes(whole[:cut])
+        skipped = SkipCounter()
+        got = list(read_raw_samples(str(path), skipped))
+        complete = [k for k, end in ends.items() if end <= cut]
+        keys = [s["__key__"] for s in got]
+        assert keys[:len(complete)] == complete and len(keys) <= len(complete) + 1, cut
+        for sample in got:  # nothing kept is damaged
+            assert all(data == members[f"{sample['__key__']}.{ext}"] for ext, data in sample.items() if not ext.startswith("__"))
+        assert sum(skipped.values()) == (1 if cut < archive_end + 512 else 0), (cut, skipped)
+
+
+def test_duplicate_keys_and_members_without_extension_are_counted_not_lost(tmp_path):
+    from data_pipeline.shards import SkipCounter, read_raw_samples
+
+    _shard(tmp_path / "d.tar", [("a.png", b"1"), ("a.txt", b"one"), ("README", b"?"), ("a.png", b"2"), ("a.txt", b"two")])
+    skipped = SkipCounter()
+    got = list(read_raw_samples(str(tmp_path / "d.tar"), skipped))
+    assert [(s["__key__"], s["png"], s["txt"]) for s in got] == [("a", b"1", b"one"), ("a", b"2", b"two")]
+    assert skipped == {"duplicate_key": 1, "member_without_extension": 1}
