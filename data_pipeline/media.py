@@ -246,6 +246,8 @@ def _read_av_audio(data: bytes, seconds: float, rate: int) -> tuple[torch.Tensor
                     break
             else:
                 chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+    except av.error.InvalidDataError:
+        raise BadSample("undecodable_audio", f"not audio FFmpeg reads ({len(data)} bytes starting {data[:12]!r})") from None
     except (av.error.FFmpegError, ValueError, IndexError) as e:
         raise BadSample("undecodable_audio", f"{type(e).__name__}: {e}") from None
     if not chunks:
@@ -278,6 +280,8 @@ def decode_video(data: bytes, cfg: MediaConfig) -> torch.Tensor:
         raise
     except MemoryError:
         raise BadSample("out_of_memory", "decoding the video") from None
+    except av.error.InvalidDataError:
+        raise BadSample("undecodable_video", f"not a video FFmpeg reads ({len(data)} bytes starting {data[:12]!r})") from None
     except (av.error.FFmpegError, ValueError, IndexError, OSError) as e:
         raise BadSample("undecodable_video", f"{type(e).__name__}: {e}") from None
     if not frames:

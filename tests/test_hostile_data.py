@@ -155,6 +155,8 @@ def test_an_image_named_as_a_video_is_not_a_video():
     sample = {"__key__": "k", "mp4": _png(np.zeros((8, 8), dtype=np.uint8)), "txt": b"a caption"}
     with pytest.raises(BadSample, match="no video stream"):
         decode_sample(sample, "video", MEDIA)
+    with pytest.raises(BadSample, match=r"not a video FFmpeg reads \(9 bytes starting b'\\x00garbage!'\)"):
+        decode_video(b"\x00garbage!", MEDIA)
 
 
 def test_captions_and_members_say_what_is_wrong():
@@ -314,11 +316,83 @@ def test_a_tar_cut_at_any_byte_keeps_every_sample_before_the_cut(tmp_path):
         assert sum(skipped.values()) == (1 if cut < archive_end + 512 else 0), (cut, skipped)
 
 
-def test_duplicate_keys_and_members_without_extension_are_counted_not_lost(tmp_path):
+def test_duplicate_keys_odd_members_are_counted_and_nothing_is_lost(tmp_path):
     from data_pipeline.shards import SkipCounter, read_raw_samples
 
-    _shard(tmp_path / "d.tar", [("a.png", b"1"), ("a.txt", b"one"), ("README", b"?"), ("a.png", b"2"), ("a.txt", b"two")])
+    _shard(tmp_path / "d.tar", [("a.png", b"1"), ("a.txt", b"one"), ("README", b"?"), ("a.png", b"2"), ("a.txt", b"two"),
+                                ("a.xyz", b"?")])
     skipped = SkipCounter()
     got = list(read_raw_samples(str(tmp_path / "d.tar"), skipped))
     assert [(s["__key__"], s["png"], s["txt"]) for s in got] == [("a", b"1", b"one"), ("a", b"2", b"two")]
-    assert skipped == {"duplicate_key": 1, "member_without_extension": 1}
+    assert skipped == {"duplicate_key": 1, "member_without_extension": 1, "unknown_extension": 1}
+
+
+# -- the writer ---------------------------------------------------------------------------------------------
+
+def test_the_writer_checks_what_it_writes(tmp_path, capsys):
+    import tarfile
+
+    from data_pipeline.shards import ShardIndex
+    from data_pipeline.write_shards import main as write_main
+
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    png = _png(np.full((16, 16, 3), 200, dtype=np.uint8))
+    for name in ("sub/cam", "sub_cam", "chelsea.2023.01", "broken"):
+        (photos / f"{name}.png").write_bytes(png if name != "broken" else b"\x00 not a png")
+        (photos / f"{name}.txt").write_text(f"a photo named {name}")
+    (photos / ".DS_Store.png").write_bytes(png)
+    (photos / "README").write_text("these are photos")
+    assert write_main(["--input", str(photos), "--modality", "image", "--out", str(tmp_path / "out")]) == 0
+    said = capsys.readouterr().out
+    assert "wrote 3 usable samples" in said and "1 undecodable_image" in said and "1 hidden_file" in said
+    assert "1 file_without_extension" in said
+    with tarfile.open(tmp_path / "out" / "image-000000.tar") as tar:
+        assert sorted(tar.getnames()) == sorted(f"{k}.{e}" for k in ("chelsea_2023_01", "sub/cam", "sub_cam") for e in ("png", "txt"))
+    assert ShardIndex.load(tmp_path / "out" / "image.index.json").samples == 3
+
+    uncaptioned = tmp_path / "uncaptioned"
+    uncaptioned.mkdir()
+    for i in range(3):
+        (uncaptioned / f"p{i}.png").write_bytes(png)
+    assert write_main(["--input", str(uncaptioned), "--modality", "image", "--out", str(tmp_path / "none")]) == 2
+    assert "error: no usable image sample to write (3 missing_member)" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+    (photos / "x.png").write_bytes(png)
+    lines = [{"key": "../../escape", "image": "x.png", "caption": "fine"}, {"image": "nowhere/y.png", "caption": "lost"}]
+    manifest = tmp_path / "photos" / "m.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert write_main(["--input", str(manifest), "--modality", "image", "--out", str(tmp_path / "m")]) == 2
+    assert f"error: {manifest}:2: image: no file" in capsys.readouterr().err
+    manifest.write_text(json.dumps(lines[0]) + "\n" + json.dumps({"image": "x.png", "caption": None}) + "\n")
+    assert write_main(["--input", str(manifest), "--modality", "image", "--out", str(tmp_path / "m")]) == 2
+    assert f"error: {manifest}:2: caption is null" in capsys.readouterr().err
+    manifest.write_text(json.dumps(lines[0]) + "\n")
+    assert write_main(["--input", str(manifest), "--modality", "image", "--out", str(tmp_path / "m")]) == 0
+    with tarfile.open(tmp_path / "m" / "image-000000.tar") as tar:
+        assert sorted(tar.getnames()) == ["escape.png", "escape.txt"]
+
+
+def test_index_only_counts_usable_samples_of_the_modality(tmp_path, capsys):
+    from data_pipeline.shards import ShardIndex
+    from data_pipeline.write_shards import main as write_main
+
+    laion = tmp_path / "laion"  # img2dataset's layout: 00000.tar with key.jpg / key.txt / key.json
+    laion.mkdir()
+    jpg = io.BytesIO()
+    Image.new("RGB", (20, 20), "red").save(jpg, "JPEG")
+    members = [(f"00000000{i}.{ext}", data) for i in range(3)
+               for ext, data in (("jpg", jpg.getvalue()), ("txt", b"a red square"), ("json", b"{}"))]
+    _shard(laion / "00000.tar", [*members, ("000000009.jpg", b"\x00broken"), ("000000009.txt", b"broken")])
+    assert write_main(["--index-only", str(laion / "00000.tar"), "--modality", "image"]) == 0
+    assert "indexed 3 usable image samples in 1 shards; left out 1: 1 undecodable_image" in capsys.readouterr().out
+    assert ShardIndex.load(laion / "laion.index.json").shards == {"00000.tar": 3}  # visible, named after the folder
+
+    assert write_main(["--index-only", str(laion / "00000.tar"), "--modality", "audio", "--out", str(tmp_path / "idx")]) == 2
+    assert "error: --index-only: no usable audio sample in 1 shards (4 missing_member)" in capsys.readouterr().err
+    assert write_main(["--index-only", str(laion / "00000.tar"), "--modality", "image", "--out", str(tmp_path / "idx")]) == 0
+    assert (tmp_path / "idx" / "image.index.json").exists()
+    for wrong in (str(tmp_path / "nothing.tar"), str(laion)):
+        assert write_main(["--index-only", wrong, "--modality", "image"]) == 2
+        assert "is not a shard file" in capsys.readouterr().err
