@@ -230,7 +230,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(args.data or tmp)
             if not args.data:
-                write_corpus(data, seed=0, images_n=8, audio_n=8, video_n=8, code_n=0, text_n=0, max_samples=8,
+                write_corpus(data, seed=0, images_n=8, audio_n=8, video_n=8, code_n=8, text_n=8, max_samples=8,
                              image_size=IMAGE_SIZE, video_size=VIDEO_SIZE, progress=False)
             rows = decode_memory(data)
         print("peak memory of one decode at multimodal-base sizes (fresh process, peak RSS above the RSS before)")

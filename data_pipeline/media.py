@@ -258,24 +258,32 @@ def _read_av_audio(data: bytes, seconds: float, rate: int) -> tuple[torch.Tensor
 _IMAGE_CONTAINERS = ("image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe")
 
 
+SEEK_FROM = 600
+"""Clips with more frames than this are sampled by seeking (where the container allows): each sampled
+frame is reached from the keyframe before it, so decoding costs a few GOPs, not the whole clip."""
+_SEEKABLE = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm")
+
+
 def decode_video(data: bytes, cfg: MediaConfig) -> torch.Tensor:
     """(num_frames, 3, size, size): frames sampled evenly over the clip (MP4, MOV, WebM, MKV, AVI, GIF...).
     Each frame is shrunk as soon as it is decoded and only the sampled ones are kept; frames are picked
-    from the stream's frame count (or its duration), and decoding stops after the last one."""
+    from the stream's frame count (or its duration). Long clips in seekable containers are sampled by
+    seeking; others are decoded in order up to the last sampled frame."""
     import av
+
+    def shrink(frame):
+        return _image_tensor(frame.to_image(), cfg.image_size)
 
     try:
         with av.open(io.BytesIO(data)) as container:
-            if container.format.name in _IMAGE_CONTAINERS or not container.streams.video:
-                raise BadSample("undecodable_video", f"no video stream (a {container.format.name} file)")
-            stream = container.streams.video[0]
-            stream.thread_count = 1  # a loader worker is one core: FFmpeg's own threads would oversubscribe
-            _check_size(stream.codec_context.width, stream.codec_context.height, "video")
-            total = stream.frames
-            if not total and stream.duration and stream.average_rate:
-                total = int(stream.duration * stream.time_base * stream.average_rate)
-            frames = _sample_frames(container.decode(stream), total, cfg.num_frames,
-                                    lambda frame: _image_tensor(frame.to_image(), cfg.image_size))
+            stream, total = _video_stream(container)
+            frames = None
+            if total > SEEK_FROM and container.format.name in _SEEKABLE:
+                frames = _seek_frames(container, stream, total, cfg.num_frames, shrink)
+        if frames is None:
+            with av.open(io.BytesIO(data)) as container:
+                stream, total = _video_stream(container)
+                frames = _sample_frames(container.decode(stream), total, cfg.num_frames, shrink)
     except BadSample:
         raise
     except MemoryError:
@@ -287,6 +295,39 @@ def decode_video(data: bytes, cfg: MediaConfig) -> torch.Tensor:
     if not frames:
         raise BadSample("undecodable_video", "no frames")
     return torch.stack(frames)
+
+
+def _video_stream(container):
+    """The first video stream, checked, and its frame count (from the header, else its duration)."""
+    if container.format.name in _IMAGE_CONTAINERS or not container.streams.video:
+        raise BadSample("undecodable_video", f"no video stream (a {container.format.name} file)")
+    stream = container.streams.video[0]
+    stream.thread_count = 1  # a loader worker is one core: FFmpeg's own threads would oversubscribe
+    _check_size(stream.codec_context.width, stream.codec_context.height, "video")
+    total = stream.frames
+    if not total and stream.duration and stream.average_rate:
+        total = int(stream.duration * stream.time_base * stream.average_rate)
+    return stream, total
+
+
+def _seek_frames(container, stream, total: int, n: int, shrink) -> list[torch.Tensor] | None:
+    """The frames at `n` evenly spaced indices, each reached by seeking to the keyframe before it and
+    decoding forward; None when the stream's timing does not allow it (the caller decodes in order)."""
+    import itertools
+
+    if not stream.average_rate or not stream.time_base:
+        return None
+    start, step = stream.start_time or 0, 1 / (stream.average_rate * stream.time_base)  # pts per frame
+    out = []
+    for index in np.linspace(0, total - 1, n).round().astype(int):
+        target = start + int(index * step)
+        container.seek(target, stream=stream, backward=True)
+        frames = itertools.islice(container.decode(stream), MAX_VIDEO_FRAMES)
+        frame = next((f for f in frames if f.pts is not None and f.pts >= target - step / 2), None)
+        if frame is None:
+            return None
+        out.append(shrink(frame))
+    return out
 
 
 def _sample_frames(frames, total: int, n: int, shrink) -> list[torch.Tensor]:

@@ -396,3 +396,20 @@ def test_index_only_counts_usable_samples_of_the_modality(tmp_path, capsys):
     for wrong in (str(tmp_path / "nothing.tar"), str(laion)):
         assert write_main(["--index-only", wrong, "--modality", "image"]) == 2
         assert "is not a shard file" in capsys.readouterr().err
+
+
+def test_long_clips_are_sampled_by_seeking_to_the_same_frames(monkeypatch):
+    """A clip longer than SEEK_FROM frames in a seekable container: each sampled frame is reached from its
+    keyframe, and they are the frames decoding in order picks."""
+    from data_pipeline import media
+
+    data = _video("libx264", "mp4", media.SEEK_FROM + 300, (64, 48), rate=25)
+    sought = decode_video(data, MEDIA)
+    brightness = sought.float().mean((1, 2, 3))
+    assert (brightness.diff() > 40).all() and brightness[0] < 20 and brightness[-1] > 235
+    calls = []
+    original = media._seek_frames
+    monkeypatch.setattr(media, "_seek_frames", lambda *a: calls.append(1) or original(*a))
+    assert torch.equal(decode_video(data, MEDIA), sought) and calls  # it did seek
+    monkeypatch.setattr(media, "SEEK_FROM", 10**9)  # decoded in order instead
+    assert torch.equal(decode_video(data, MEDIA), sought)
