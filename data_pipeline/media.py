@@ -362,10 +362,15 @@ def decode_sample(sample: dict, modality: str, cfg: MediaConfig) -> dict:
     out["caption"] = decode_text(sample.get("txt"))
     if modality == "code":
         out["code"] = decode_text(media, "code")
-    elif modality == "image":
-        out["pixel_values"] = decode_image(media, cfg)
-    elif modality == "audio":
-        out["input_features"] = decode_audio(media, cfg)
-    else:
-        out["pixel_values_videos"] = decode_video(media, cfg)
+        return out
+    decode, field = {"image": (decode_image, "pixel_values"), "audio": (decode_audio, "input_features"),
+                     "video": (decode_video, "pixel_values_videos")}[modality]
+    try:
+        out[field] = decode(media, cfg)
+    except BadSample:
+        raise
+    except MemoryError:
+        raise BadSample("out_of_memory", f"decoding the {modality}") from None
+    except Exception as e:  # a crafted file can break a decoder anywhere: it costs this sample, not the run
+        raise BadSample(f"undecodable_{modality}", f"{type(e).__name__} in the decoder: {e}") from None
     return out

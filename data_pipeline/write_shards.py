@@ -107,7 +107,10 @@ def from_hf_dataset(path: str, split: str = "train") -> Iterator[dict]:
             ds = ds.cast_column(name, type(feature)(decode=False))  # write the encoded file as it is
     for i, record in enumerate(ds):
         key = str(record.pop("key", f"{i:09d}"))
-        yield {"__key__": key, **dict(_hf_value(k, v) for k, v in record.items())}
+        try:
+            yield {"__key__": key, **dict(_hf_value(k, v) for k, v in record.items())}
+        except ValueError as e:
+            raise ValueError(f"{path}: row {i}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,7 +142,7 @@ def test_audio_in_containers_soundfile_cannot_read_decodes_through_pyav():
 # -- video -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("codec, container", [("libx264", "mp4"), ("hevc", "matroska"), ("libvpx-vp9", "webm"),
-                                              ("mpeg4", "mov"), ("gif", "gif")])
+                                              ("libsvtav1", "mp4"), ("mpeg4", "mov"), ("gif", "gif")])
 def test_video_codecs_decode_to_evenly_spaced_frames(codec, container):
     data = _video(codec, container, 30, (64, 48), pix_fmt="rgb8" if codec == "gif" else "yuv420p")
     frames = decode_video(data, MEDIA)
@@ -157,6 +157,15 @@ def test_an_image_named_as_a_video_is_not_a_video():
         decode_sample(sample, "video", MEDIA)
     with pytest.raises(BadSample, match=r"not a video FFmpeg reads \(9 bytes starting b'\\x00garbage!'\)"):
         decode_video(b"\x00garbage!", MEDIA)
+
+
+def test_a_decoder_crashing_in_any_way_costs_one_sample(monkeypatch):
+    from data_pipeline import media
+
+    monkeypatch.setattr(media, "decode_audio", lambda data, cfg: 1 / 0)
+    with pytest.raises(BadSample) as caught:
+        media.decode_sample({"__key__": "k", "wav": b"RIFF", "txt": b"a caption"}, "audio", MEDIA)
+    assert caught.value.reason == "undecodable_audio" and "ZeroDivisionError in the decoder" in str(caught.value)
 
 
 def test_captions_and_members_say_what_is_wrong():
@@ -368,6 +377,11 @@ def test_the_writer_checks_what_it_writes(tmp_path, capsys):
     manifest.write_text(json.dumps(lines[0]) + "\n" + json.dumps({"image": "x.png", "caption": None}) + "\n")
     assert write_main(["--input", str(manifest), "--modality", "image", "--out", str(tmp_path / "m")]) == 2
     assert f"error: {manifest}:2: caption is null" in capsys.readouterr().err
+    import datasets
+
+    datasets.Dataset.from_dict({"image": [str(photos / "x.png")] * 2, "caption": ["fine", None]}).to_json(tmp_path / "hf.jsonl")
+    assert write_main(["--input", str(tmp_path / "hf.jsonl"), "--hf", "--modality", "image", "--out", str(tmp_path / "h")]) == 2
+    assert f"error: {tmp_path / 'hf.jsonl'}: row 1: caption is null" in capsys.readouterr().err
     manifest.write_text(json.dumps(lines[0]) + "\n")
     assert write_main(["--input", str(manifest), "--modality", "image", "--out", str(tmp_path / "m")]) == 0
     with tarfile.open(tmp_path / "m" / "image-000000.tar") as tar:
