@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -22,11 +23,17 @@ def _tag(step: int) -> str:
     return f"step{step:08d}"
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint folders under `root`, oldest first."""
+def _step_folders(root: Path) -> list[Path]:
+    """The checkpoint folders this trainer writes under `root` (`stepNNNNNNNN`), oldest first; nothing else
+    there is ever read or removed."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if (p / COMPLETE).exists())
+    return sorted(p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step\d{8}", p.name))
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint folders under `root`, oldest first."""
+    return [p for p in _step_folders(root) if (p / COMPLETE).exists()]
 
 
 def resolve_resume(resume: str, root: Path) -> Path | None:
@@ -96,8 +103,8 @@ def save(engine, root: Path, step: int, train_state: dict, model_config: dict, k
         os.replace(tmp, folder / COMPLETE)  # atomic: the folder is complete or it is not
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-        for partial in root.iterdir():
-            if partial.is_dir() and not (partial / COMPLETE).exists() and partial.name < folder.name:
+        for partial in _step_folders(root):
+            if not (partial / COMPLETE).exists() and partial.name < folder.name:
                 shutil.rmtree(partial, ignore_errors=True)  # left by a killed run
     dist.barrier()
     return folder

@@ -201,6 +201,10 @@ def load_pretrain_config(path: str | Path, overrides: list[str] = ()) -> Pretrai
                 if source.index and not os.path.isabs(source.index):
                     source.index = str(root / source.index)
         config.data_root = ""  # resolved: the dumped config reloads to the same paths
+    ds_config = Path(config.distributed.ds_config)
+    shipped = Path(__file__).resolve().parents[1] / ds_config
+    if not ds_config.is_absolute() and not ds_config.exists() and shipped.exists():
+        config.distributed.ds_config = str(shipped)  # a shipped DeepSpeed config, from any working directory
     config.validate()
     return config
 

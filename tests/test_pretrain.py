@@ -107,6 +107,7 @@ def test_two_ranks_zero3_killed_and_resumed_matches_uninterrupted(sample, tmp_pa
     _kill_tree(proc)
     done = sorted(p.name for p in (killed / "checkpoints").iterdir() if (p / "complete.json").exists())
     assert done and done[-1] < "step00000024", "the kill came after the run had finished"
+    (killed / "checkpoints" / "notes").mkdir()  # a folder of the user's: never touched
     out = _finish(_torchrun(_overrides(sample, killed, *steps)))
     assert "trained to step 24" in out
 
@@ -121,7 +122,7 @@ def test_two_ranks_zero3_killed_and_resumed_matches_uninterrupted(sample, tmp_pa
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), name
     kept = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.is_dir())
-    assert kept == ["step00000020", "step00000024"]  # keep_last=2, nothing half-written left
+    assert kept == ["notes", "step00000020", "step00000024"]  # keep_last=2, nothing half-written left
 
     # the export: a Hugging Face folder with the same weights, fp32 or bf16
     from pretrain.export import main as export_main
@@ -277,3 +278,14 @@ def test_a_task_whose_data_never_decodes_stops_the_run_in_one_line(sample, tmp_p
     assert last.startswith("error: task 'image': the last 20 samples drawn were all unusable (20 undecodable_image) "
                            "from source image.0 (2 shards"), done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+def test_shipped_configs_resolve_from_any_working_directory(tmp_path, monkeypatch):
+    from pretrain.config import load_pretrain_config
+
+    monkeypatch.chdir(tmp_path)
+    config = load_pretrain_config("tiny", ["distributed.ds_config=ds_configs/zero2.json"])
+    assert Path(config.distributed.ds_config) == ROOT / "ds_configs" / "zero2.json"
+    (tmp_path / "ds_configs").mkdir()
+    (tmp_path / "ds_configs" / "zero2.json").write_text("{}")  # a file of the user's wins
+    assert load_pretrain_config("tiny", ["distributed.ds_config=ds_configs/zero2.json"]).distributed.ds_config == "ds_configs/zero2.json"
