@@ -5,7 +5,8 @@
     srun python -m pretrain --config ...                                            # under Slurm
 
 Rank and world size come from torchrun, the deepspeed launcher, srun or mpirun. SIGUSR1 (Slurm's
-`--signal`) makes every rank checkpoint at the next step and, under Slurm, requeue the job; the
+`--signal`, sent before preemption or the time limit) makes every rank checkpoint at the next step and,
+under Slurm, requeue the job; SIGTERM (a plain `scancel`) checkpoints and stops without requeueing. The
 process then exits with status 3 (stopped early), 0 when training finished, 2 on bad input.
 """
 
@@ -32,25 +33,28 @@ from .zero_traces import TraceSwitch
 
 
 class Stop:
-    """Set by SIGUSR1/SIGTERM; the ranks agree on it at step boundaries (see `step_totals`)."""
+    """Set by SIGUSR1 (stop and requeue: Slurm's `--signal`) or SIGTERM (stop: `scancel`); the ranks agree
+    on it at step boundaries (see `step_totals`)."""
 
     def __init__(self):
-        self.requested = False
+        self.requested = 0  # 0: go on, 1: stop, 2: stop and requeue
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.requested = max(self.requested, 2 if signum == signal.SIGUSR1 else 1)
 
 
-def step_totals(tokens: int, samples: int, sent: int, stop: Stop, device) -> tuple[int, int, int, bool]:
-    """Tokens, samples and skill-exchange bytes of the step summed over ranks, and whether any rank was
-    signalled: one small all-reduce per step."""
+def step_totals(tokens: int, samples: int, sent: int, stop: Stop, device) -> tuple[int, int, int, int]:
+    """Tokens, samples and skill-exchange bytes of the step summed over ranks, and the strongest stop any
+    rank was asked for (see `Stop`): one small all-reduce per step."""
     import torch.distributed as dist
 
-    totals = torch.tensor([tokens, samples, sent, int(stop.requested)], dtype=torch.float64, device=device)
+    totals = torch.tensor([tokens, samples, sent], dtype=torch.float64, device=device)
     dist.all_reduce(totals)
-    return int(totals[0]), int(totals[1]), int(totals[2]), bool(totals[3])
+    requested = torch.tensor([stop.requested], dtype=torch.int64, device=device)
+    dist.all_reduce(requested, op=dist.ReduceOp.MAX)
+    return int(totals[0]), int(totals[1]), int(totals[2]), int(requested)
 
 
 def _model_config(config: PretrainConfig):
@@ -306,7 +310,7 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
     task_losses, task_counts, skill_counts = {}, Counter(), Counter()
     micro, wait, compute, last_log, step_loss, step_tasks = 0, 0.0, 0.0, time.perf_counter(), 0.0, []
     step_tokens = step_samples = 0
-    signalled = False
+    signalled = 0
     skill_norms: dict[str, float] = {}
     comm_clock = CommClock()
     tokens_at_log, samples_at_log, saved = state["tokens_seen"], state["samples_seen"], None
@@ -404,7 +408,7 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
                 metrics.flush()
                 saved = save()
             if signalled:
-                if topology.is_main and "SLURM_JOB_ID" in os.environ:
+                if signalled == 2 and topology.is_main and "SLURM_JOB_ID" in os.environ:
                     subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
                 break
     except BaseException:  # the bar ends before the error is printed; unflushed steps stay unwritten,
@@ -413,7 +417,8 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
     metrics.close()
     skipped = _skipped_over_ranks(loader)
     dist.barrier()
-    return {"step": state["step"], "checkpoint": saved, "run_dir": run_dir, "stopped": signalled, "skipped": skipped}
+    return {"step": state["step"], "checkpoint": saved, "run_dir": run_dir, "stopped": bool(signalled),
+            "requeued": signalled == 2 and "SLURM_JOB_ID" in os.environ, "skipped": skipped}
 
 
 def _skipped_over_ranks(loader) -> Counter:
@@ -608,7 +613,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {DataError.one_line(e)}", file=sys.stderr)
         return 2
     if topology.is_main:
-        print(f"trained to step {result['step']}" + (" (stopped by signal, checkpointed)" if result["stopped"] else ""))
+        stopped = " (stopped by signal, checkpointed" + (", requeued)" if result["requeued"] else ")")
+        print(f"trained to step {result['step']}" + (stopped if result["stopped"] else ""))
         if result["skipped"]:
             reasons = ", ".join(f"{r} {n}" for r, n in result["skipped"].most_common())
             print(f"skipped {sum(result['skipped'].values())} unusable samples: {reasons} (the log names each)")

@@ -289,3 +289,31 @@ def test_shipped_configs_resolve_from_any_working_directory(tmp_path, monkeypatc
     (tmp_path / "ds_configs").mkdir()
     (tmp_path / "ds_configs" / "zero2.json").write_text("{}")  # a file of the user's wins
     assert load_pretrain_config("tiny", ["distributed.ds_config=ds_configs/zero2.json"]).distributed.ds_config == "ds_configs/zero2.json"
+
+
+@pytest.mark.parametrize("sig, requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
+def test_a_signal_checkpoints_and_only_slurms_requeues(sample, tmp_path, sig, requeued):
+    """Slurm's `--signal` (SIGUSR1) checkpoints and requeues the job; a plain `scancel` (SIGTERM)
+    checkpoints and stops. `scontrol` is a stand-in that records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), "SLURM_JOB_ID": "4242",
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain", "--config", "tiny",
+                             *_overrides(sample, run, "train.steps=100000", "checkpoint.every=100000")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (run / "steps.jsonl").exists() or not (run / "steps.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first logging step"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 3, out[-2000:]
+    assert "stopped by signal, checkpointed" in out and ("requeued" in out) == requeued
+    assert any((p / "complete.json").exists() for p in (run / "checkpoints").iterdir())
+    log = tmp_path / "scontrol.log"
+    assert (log.read_text().split() == ["requeue", "4242"]) if requeued else not log.exists()
+    assert "Traceback" not in out

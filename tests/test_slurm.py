@@ -57,7 +57,7 @@ def test_sbatch_trains_requeues_on_signal_resumes_and_exports(cluster, tmp_path)
     state = cluster.job(job)
     log = out.read_text()
     assert state["JobState"] == "COMPLETED", log[-3000:]
-    stopped = re.search(r"trained to step (\d+) \(stopped by signal, checkpointed\)", log)
+    stopped = re.search(r"trained to step (\d+) \(stopped by signal, checkpointed, requeued\)", log)
     assert stopped and 5 <= int(stopped.group(1)) < 30 and "trained to step 30\n" in log
     steps = [json.loads(line)["step"] for line in (run / "steps.jsonl").read_text().splitlines()]
     assert set(steps) == set(range(1, 31))  # the signalled run's steps, then the resumed run's
