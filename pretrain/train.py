@@ -378,8 +378,11 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
             step_loss, step_tasks = 0.0, []
             if step % config.train.log_every == 0 or step == config.train.steps:
                 elapsed = time.perf_counter() - last_log
-                scalars = {f"loss/{t}": float(task_losses[t]) / task_counts[t] for t in task_counts}
-                scalars["loss"] = sum(map(float, task_losses.values())) / max(1, sum(task_counts.values()))
+                # every rank's window (under data-local placement the ranks train different tasks)
+                window = _summed_over_ranks(losses={t: float(v) for t, v in task_losses.items()}, counts=task_counts,
+                                            skills=skill_counts, skipped=loader.skipped)
+                scalars = {f"loss/{t}": window["losses"][t] / n for t, n in window["counts"].items()}
+                scalars["loss"] = sum(window["losses"].values()) / max(1, sum(window["counts"].values()))
                 scalars.update({"lr": scheduler.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                                 "throughput/tokens_per_s": (state["tokens_seen"] - tokens_at_log) / elapsed,
                                 "throughput/samples_per_s": (state["samples_seen"] - samples_at_log) / elapsed,
@@ -387,12 +390,12 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
                 if config.train.profile_comm:
                     scalars["time/communication_s"] = comm_clock.take_seconds()
                     scalars["time/compute_s"] = compute - scalars["time/communication_s"]
-                scalars.update({f"skills/activations/{s}": n for s, n in skill_counts.items()})
+                scalars.update({f"skills/activations/{s}": n for s, n in window["skills"].items()})
                 if placement is not None:
                     scalars["skills/bytes_exchanged_per_step"] = exchanged / (step - logged_step)
                 exchanged, logged_step = 0, step
                 scalars.update({f"skills/grad_norm/{s}": n for s, n in skill_norms.items()})
-                scalars.update({f"data/skipped/{r}": n for r, n in _skipped_over_ranks(loader).items()})
+                scalars.update({f"data/skipped/{r}": n for r, n in window["skipped"].items()})
                 scalars["memory/rss_gb"] = _rss_gb()
                 if traced_calls[0]:  # model calls along a complete ZeRO-3 trace, which prefetch
                     scalars["zero3/traced_call_share"] = traced_calls[1] / traced_calls[0]
@@ -401,7 +404,7 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
                     scalars["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 metrics.log(step, scalars)
                 metrics.flush()
-                task_losses.clear(), task_counts.clear()
+                task_losses.clear(), task_counts.clear(), skill_counts.clear()
                 wait, compute, last_log = 0.0, 0.0, time.perf_counter()
                 tokens_at_log, samples_at_log = state["tokens_seen"], state["samples_seen"]
             if step % config.checkpoint.every == 0 or step == config.train.steps or signalled:
@@ -415,19 +418,24 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
         metrics.close(flush=False)  # as the checkpoint they follow does not hold them
         raise
     metrics.close()
-    skipped = _skipped_over_ranks(loader)
+    skipped = Counter(_summed_over_ranks(skipped=loader.skipped)["skipped"])
     dist.barrier()
     return {"step": state["step"], "checkpoint": saved, "run_dir": run_dir, "stopped": bool(signalled),
             "requeued": signalled == 2 and "SLURM_JOB_ID" in os.environ, "skipped": skipped}
 
 
-def _skipped_over_ranks(loader) -> Counter:
-    """Samples skipped so far by every rank's loader, by reason (a collective: every rank calls it)."""
+def _summed_over_ranks(**tables: dict) -> dict[str, dict]:
+    """Each named table of numbers summed key by key over every rank (a collective: every rank calls it)."""
     import torch.distributed as dist
 
-    counts = [None] * dist.get_world_size()
-    dist.all_gather_object(counts, dict(loader.skipped))
-    return sum((Counter(c) for c in counts), Counter())
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {name: dict(table) for name, table in tables.items()})
+    totals = {name: {} for name in tables}
+    for rank_tables in gathered:
+        for name, table in rank_tables.items():
+            for key, value in table.items():
+                totals[name][key] = totals[name].get(key, 0) + value
+    return totals
 
 
 def build_model(model_config, seed: int, ds_config: dict | None = None):

@@ -98,6 +98,13 @@ def test_data_local_placement_trains_resumes_exactly_and_exports(sample, tmp_pat
         assert r["zero3_calls"] == 2 and r["zero3_traced"] >= sum(pair in seen for pair in pairs), r
         seen.update(pairs)
     assert sum(r["zero3_traced"] for r in records) > 0
+    # TensorBoard's losses are every rank's: the tasks of both positions appear (logged every 2 steps of 6)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(first / "tensorboard"))
+    board.Reload()
+    trained = {t for r in records for pair in r["tasks"] for t in pair}
+    assert {tag.removeprefix("loss/") for tag in board.Tags()["scalars"] if tag.startswith("loss/")} == trained
 
     shutil.copytree(first / "checkpoints" / "step00000003", second / "checkpoints" / "step00000003")
     _finish(_torchrun(_overrides(sample, second, *args)))
