@@ -5,7 +5,8 @@ Scraped data holds files crafted or broken in every way, so a decode costs what 
 needs, not what a header claims: images are checked for pixels and aspect ratio before decoding, decoded
 at a reduced scale where the format allows (JPEG) and cropped before they are resized; audio is read only
 as far as the model's frames reach, and resampled with filters of bounded size; video keeps only the frames
-it samples, each shrunk as soon as it is decoded. Running out of memory skips the sample like any failure."""
+it samples, each shrunk as soon as it is decoded. Running out of memory, or any other failure inside a
+decoder, skips the sample (`decode_sample`)."""
 
 from __future__ import annotations
 
@@ -133,8 +134,6 @@ def decode_image(data: bytes, cfg: MediaConfig) -> torch.Tensor:
             return _image_tensor(ImageOps.exif_transpose(image), cfg.image_size)
     except UnidentifiedImageError:
         raise BadSample("undecodable_image", f"not an image Pillow reads ({len(data)} bytes starting {data[:12]!r})") from None
-    except MemoryError:
-        raise BadSample("out_of_memory", "decoding the image") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadSample("undecodable_image", f"{type(e).__name__}: {e}") from None
 
@@ -200,18 +199,15 @@ def decode_audio(data: bytes, cfg: MediaConfig) -> torch.Tensor:
     else PyAV (AAC/M4A, Opus, audio in MP4 or MOV); only as much is decoded as those frames need."""
     seconds = (cfg.max_audio_frames * cfg.hop_length + cfg.n_fft) / cfg.sample_rate
     try:
+        wave, rate = _read_soundfile(data, seconds)
+    except BadSample as soundfile_error:
         try:
-            wave, rate = _read_soundfile(data, seconds)
-        except BadSample as soundfile_error:
-            try:
-                wave, rate = _read_av_audio(data, seconds, cfg.sample_rate)
-            except BadSample as av_error:
-                raise BadSample("undecodable_audio", f"soundfile: {soundfile_error.detail}; PyAV: {av_error.detail}") from None
-        if wave.numel() < cfg.n_fft * rate / cfg.sample_rate:
-            raise BadSample("undecodable_audio", f"only {wave.numel()} samples at {rate} Hz")
-        return log_mel(resample(wave, rate, cfg.sample_rate), cfg)
-    except MemoryError:
-        raise BadSample("out_of_memory", "decoding the audio") from None
+            wave, rate = _read_av_audio(data, seconds, cfg.sample_rate)
+        except BadSample as av_error:
+            raise BadSample("undecodable_audio", f"soundfile: {soundfile_error.detail}; PyAV: {av_error.detail}") from None
+    if wave.numel() < cfg.n_fft * rate / cfg.sample_rate:
+        raise BadSample("undecodable_audio", f"only {wave.numel()} samples at {rate} Hz")
+    return log_mel(resample(wave, rate, cfg.sample_rate), cfg)
 
 
 def _read_soundfile(data: bytes, seconds: float) -> tuple[torch.Tensor, int]:
@@ -284,10 +280,6 @@ def decode_video(data: bytes, cfg: MediaConfig) -> torch.Tensor:
             with av.open(io.BytesIO(data)) as container:
                 stream, total = _video_stream(container)
                 frames = _sample_frames(container.decode(stream), total, cfg.num_frames, shrink)
-    except BadSample:
-        raise
-    except MemoryError:
-        raise BadSample("out_of_memory", "decoding the video") from None
     except av.error.InvalidDataError:
         raise BadSample("undecodable_video", f"not a video FFmpeg reads ({len(data)} bytes starting {data[:12]!r})") from None
     except (av.error.FFmpegError, ValueError, IndexError, OSError) as e:

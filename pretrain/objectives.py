@@ -90,18 +90,11 @@ class Objectives:
         of those tasks on one blank sample, with zero weight (see `_idle`), so that every rank's ZeRO-3
         gathers, skill exchanges and gradient reductions line up."""
         entry, finish, stats = self._entry(batch, self._generator(step, rank), device)
-        if group_tasks is None:
-            self.before_call(batch["task"])
-            out = model(**entry)
-            loss = finish(out)
-            # the model adds its routing loss to the losses it computes; the contrastive loss is computed here
-            return loss if out.aux_loss is None or out.loss is not None else loss + out.aux_loss, stats
-        entries, finishes = [], []
-        for g, task in enumerate(group_tasks):
-            e, f = (entry, finish) if g == position else self._idle(task, device)
-            entries.append(e)
-            finishes.append(f)
-        self.before_call(tuple(group_tasks))
+        entries, finishes = [entry], [finish]
+        if group_tasks is not None:
+            calls = [(entry, finish) if g == position else self._idle(task, device) for g, task in enumerate(group_tasks)]
+            entries, finishes = [e for e, _ in calls], [f for _, f in calls]
+        self.before_call(batch["task"] if group_tasks is None else tuple(group_tasks))
         outs = model(packed=entries)  # the whole call's routing loss comes with the first output, in no loss
         loss = sum(f(o) for f, o in zip(finishes, outs))
         return loss if outs[0].aux_loss is None else loss + outs[0].aux_loss, stats

@@ -50,11 +50,10 @@ def step_totals(tokens: int, samples: int, sent: int, stop: Stop, device) -> tup
     rank was asked for (see `Stop`): one small all-reduce per step."""
     import torch.distributed as dist
 
-    totals = torch.tensor([tokens, samples, sent], dtype=torch.float64, device=device)
+    totals = torch.tensor([tokens, samples, sent, stop.requested == 1, stop.requested == 2], dtype=torch.float64,
+                          device=device)
     dist.all_reduce(totals)
-    requested = torch.tensor([stop.requested], dtype=torch.int64, device=device)
-    dist.all_reduce(requested, op=dist.ReduceOp.MAX)
-    return int(totals[0]), int(totals[1]), int(totals[2]), int(requested)
+    return int(totals[0]), int(totals[1]), int(totals[2]), 2 if totals[4] else 1 if totals[3] else 0
 
 
 def _model_config(config: PretrainConfig):

@@ -287,10 +287,9 @@ class SkillNetModel(SkillNetPreTrainedModel):
         return SkillNetModelOutput(hidden, pooled, mask, all_hidden, aux, modality)
 
     def _forward_packed(self, packed: list[dict], output_hidden_states: bool) -> tuple[SkillNetModelOutput, ...]:
-        accepted = set(inspect.signature(self._prepare).parameters) - {"route"}
         for i, inputs in enumerate(packed):
-            if unknown := sorted(set(inputs) - accepted):
-                raise ValueError(f"packed input {i}: unknown arguments {unknown}; accepted: {sorted(accepted)}")
+            if unknown := sorted(set(inputs) - _PACKED_ARGUMENTS):
+                raise ValueError(f"packed input {i}: unknown arguments {unknown}; accepted: {sorted(_PACKED_ARGUMENTS)}")
         prepared = [self._prepare(**inputs) for inputs in packed]
         shapes = [tuple(p[0].shape[:2]) for p in prepared]
         rows = torch.cat([p[0].flatten(0, 1) for p in prepared])
@@ -305,6 +304,10 @@ class SkillNetModel(SkillNetPreTrainedModel):
             outputs.append(self._output(part(hidden), mask, n, states, route if i == 0 else None, modality))
             start += batch * length
         return tuple(outputs)
+
+
+_PACKED_ARGUMENTS = frozenset(inspect.signature(SkillNetModel._prepare).parameters) - {"self", "route"}
+"""What each of `SkillNetModel`'s packed inputs may hold."""
 
 
 class SkillNetForPreTraining(SkillNetPreTrainedModel):

@@ -186,8 +186,8 @@ class Route:
     task_embedding: torch.Tensor | None = None
     aux_losses: list[torch.Tensor] | None = None
     samples: torch.Tensor | None = None
-    """For packed inputs (`Route.packed`), whose rows are tokens: the sample of every row; None when the
-    rows are the samples."""
+    """For packed inputs (`Route.packed`) with task embeddings, whose rows are tokens: the sample of every
+    row; None when the rows are the samples."""
     scratch: dict = field(default_factory=dict, repr=False)
     """Per-forward state of wrappers applied from outside (e.g. skill parallelism's exchanged counts)."""
     _per_skill: list | None = field(default=None, repr=False)
@@ -221,7 +221,8 @@ class Route:
     def packed(cls, routes: list["Route"], shapes: list[tuple[int, int]], device=None) -> "Route":
         """The route of several inputs run by one call, their tokens laid end to end as the rows of one
         (tokens, hidden) tensor: input by input, sample by sample, position by position (`shapes`: each
-        input's (batch, length)). Groups hold token rows; samples are numbered across the inputs in order."""
+        input's (batch, length)). Groups hold token rows; with task embeddings (the task-level router), so
+        does `samples`, the inputs' samples numbered in order."""
         by_skills: dict[tuple[int, ...], list[torch.Tensor]] = {}
         samples, offset, first_sample = [], 0, 0
         for route, (batch, length) in zip(routes, shapes):
@@ -236,7 +237,9 @@ class Route:
         else:
             groups = [(torch.cat(rows), skills) for skills, rows in by_skills.items()]
         embeddings = [r.task_embedding for r in routes if r.task_embedding is not None]
-        return cls(groups, torch.cat(embeddings) if embeddings else None, samples=torch.cat(samples))
+        if not embeddings:
+            return cls(groups)
+        return cls(groups, torch.cat(embeddings), samples=torch.cat(samples))
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, device: torch.device | str | None = None) -> "Route":

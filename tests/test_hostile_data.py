@@ -6,7 +6,6 @@ import io
 import json
 import subprocess
 import sys
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +111,6 @@ def test_large_jpeg_decoded_at_a_reduced_scale_gives_the_full_decode_picture():
 def test_audio_at_odd_rates_keeps_its_pitch(rate):
     mel = decode_audio(_wav(3.0, rate, freq=1000.0), MEDIA)
     assert mel.shape == (16, 256)  # trimmed to the model's frames
-    assert len(set(mel.mean(1).argsort()[-1:].tolist())) == 1
     assert mel.mean(1).argmax() == decode_audio(_wav(3.0, 16000, freq=1000.0), MEDIA).mean(1).argmax()
 
 
@@ -225,16 +223,6 @@ def test_hostile_files_cost_bounded_memory(tmp_path):
     assert len(still) < 200_000
     clip = _peak(tmp_path, "video", still, _video("libx264", "mp4", 4, (64, 48)))
     assert clip["reason"] is None and clip["peak_mb"] < 400
-
-
-def test_resample_ratio_is_a_small_fraction():
-    from data_pipeline.media import _sinc_kernel, resample
-
-    ratio = Fraction(16000, 44101).limit_denominator(1000)
-    assert ratio.denominator <= 1000
-    resample(torch.zeros(44101), 44101, 16000)
-    kernel, _ = _sinc_kernel(ratio.denominator, ratio.numerator)
-    assert kernel.numel() < 2_000_000
 
 
 # -- sources that cannot feed a run -----------------------------------------------------------------------
