@@ -119,27 +119,26 @@ def called_parameter_bytes(args) -> int:
 
 def engine_step_time(args) -> dict:
     """Runs in each rank: the engine exactly as pretrain.train builds it."""
-    import deepspeed
-
-    from pretrain import distributed
     from pretrain.config import PretrainConfig
     from pretrain.parallelize import parallelize
-    from pretrain.train import _ds_config, _optimizer
+    from pretrain.train import engine_config
+    from training import distributed, zero
+    from training.optim import build_optimizer, parameter_groups
 
     topology = distributed.detect()
     distributed.init(topology)
     device = torch.device("cuda", topology.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     config = PretrainConfig()
     config.train.micro_batch_size, config.train.steps, config.optim.warmup_steps = args.batch, 10**6, 1
-    config.distributed.ds_config = str(Path(__file__).resolve().parents[1] / "ds_configs" / f"{args.ds}.json")
+    config.distributed.ds_config = f"ds_configs/{args.ds}.json"
     if args.partition_all:
         config.distributed.ds_overrides = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
     config.train.profile_comm = args.partition_all
     torch.manual_seed(0)
     model = parallelize(SkillNetForPreTraining(_config(args)), activation_checkpointing=False)
-    optimizer, scheduler = _optimizer(model, config, offload=False)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=_ds_config(config, topology.world_size))
+    optimizer, scheduler = build_optimizer(parameter_groups(model, config.optim.weight_decay), config.optim,
+                                           config.train.steps)
+    engine = zero.initialize(model, optimizer, scheduler, engine_config(config))
     batch = _batch(args, topology.rank, device)
 
     def step():
@@ -171,17 +170,17 @@ def build_worker(mode: str) -> dict:
     import psutil
     import transformers.integrations.deepspeed  # noqa: F401
 
-    from pretrain import distributed
+    from pretrain.build import build_model
     from pretrain.config import PretrainConfig
-    from pretrain.train import _ds_config, build_model
+    from pretrain.train import engine_config
     from skillnet import load_config
+    from training import distributed
 
     topology = distributed.detect()
     distributed.init(topology)
     config = PretrainConfig()
-    config.distributed.ds_config = str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero3.json")
     before = psutil.Process().memory_info().rss
-    model = build_model(load_config("multimodal-base"), 0, _ds_config(config, topology.world_size) if mode == "partitioned" else None)
+    model = build_model(load_config("multimodal-base"), 0, engine_config(config) if mode == "partitioned" else None)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     full = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) * 4
     return {"rank": topology.rank, "peak_above": peak - before, "model_bytes": full}

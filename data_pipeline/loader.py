@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -25,6 +24,8 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from training.sampling import TaskSampler, seeded
 
 from .media import BadSample, MediaConfig, decode_sample
 from .shards import MODALITIES, SkipCounter, Source, check_modality, open_source, read_raw_samples
@@ -111,16 +112,7 @@ class DataError(RuntimeError):
         return str(error).rstrip().splitlines()[-1].split("DataError: ", 1)[-1]
 
 
-def sampling_probabilities(sizes: list[int], alpha: float) -> list[float]:
-    """SkillNet-NLU eq. 3: q_i = p_i^alpha / sum_j p_j^alpha with p_i = |T_i| / sum_j |T_j|."""
-    total = sum(sizes)
-    powered = [(s / total) ** alpha for s in sizes]
-    return [p / sum(powered) for p in powered]
-
-
-def _rng(*parts) -> random.Random:
-    """A generator determined by `parts` alone (string seeding hashes with SHA-512, stable across runs)."""
-    return random.Random("/".join(map(str, parts)))
+_rng = seeded
 
 
 class SourceStream:
@@ -286,7 +278,8 @@ class MultiTaskLoader:
                                      f"readers ({world_size} ranks x {max(1, cfg.num_workers)} workers): write more, "
                                      "smaller shards, use fewer workers, or set data.resample")
         self.sizes = [sum(s.samples for s in self.sources[t.name]) for t in cfg.tasks]
-        self.probabilities = sampling_probabilities(self.sizes, cfg.alpha)
+        self.sampler = TaskSampler([t.name for t in cfg.tasks], self.sizes, cfg.alpha, cfg.seed)
+        self.probabilities = self.sampler.probabilities
         self.consumed = 0
         self.slot_states: dict[int, dict] = {}
         self.task_groups, self.group = None, 0
@@ -303,13 +296,8 @@ class MultiTaskLoader:
     def task_for_batch(self, index: int, group: int | None = None) -> str:
         """The task of batch `index` of the ranks at position `group` (this rank's by default); without
         task groups, the same on every rank (shared seed, no communication)."""
-        names, weights = [t.name for t in self.cfg.tasks], self.probabilities
-        if self.task_groups is not None:
-            chosen = self.task_groups[self.group if group is None else group]
-            names, weights = chosen, [weights[names.index(t)] for t in chosen]
-        if len(names) == 1:
-            return names[0]
-        return _rng(self.cfg.seed, "task", index).choices(names, weights)[0]
+        among = None if self.task_groups is None else self.task_groups[self.group if group is None else group]
+        return self.sampler.task(index, among)
 
     # -- inside a worker -------------------------------------------------------------------------------
 
@@ -333,8 +321,7 @@ class MultiTaskLoader:
             if cfg.batch_mode == "task":
                 tasks = [self.task_for_batch(index)] * cfg.batch_size
             else:
-                rng = _rng(cfg.seed, "mixed", self.rank, index)
-                tasks = rng.choices([t.name for t in cfg.tasks], self.probabilities, k=cfg.batch_size)
+                tasks = self.sampler.tasks(cfg.batch_size, self.rank, index)
             samples = [self._next_sample(streams[t], t, modality[t], slot, draws, skipped) for t in tasks]
             batch = self.collate(samples, modality[tasks[0]])
             made += 1
@@ -407,4 +394,4 @@ class MultiTaskLoader:
         self.slot_states = {int(k): v for k, v in state["slots"].items()}
 
 
-__all__ = ["DataConfig", "MODALITIES", "MultiTaskLoader", "SourceConfig", "TaskConfig", "sampling_probabilities"]
+__all__ = ["DataConfig", "MODALITIES", "MultiTaskLoader", "SourceConfig", "TaskConfig"]

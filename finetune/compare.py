@@ -93,7 +93,7 @@ def compare(config, pretrained: Path, out: Path) -> dict:
             if router != "skill":
                 for task in run.tasks:
                     task.skills = task.skills or ["generic"]  # a task-table entry; the baselines' routing ignores it
-            results = train(run, prepare(run))
+            results = train(run, prepare(run))["results"]
             for task in run.tasks:
                 kind = task.head["type"]
                 table[row][task.name] = results[task.name][MAIN_METRIC[kind]]

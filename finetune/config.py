@@ -5,15 +5,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from pretrain.config import apply_overrides, build
+from training.config import CheckpointConfig, DistributedConfig, build, dump, read_tree, resolve_ds_config
+from training.config import OptimConfig as SharedOptimConfig
 
 from .data import DataFiles
+
+__all__ = ["FinetuneConfig", "load_finetune_config", "dump"]
 
 
 @dataclass
@@ -37,10 +37,11 @@ class NewSkill:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(SharedOptimConfig):
     lr: float = 5e-5
-    weight_decay: float = 0.01
     warmup_steps: int = 0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
     grad_clip: float = 1.0
 
 
@@ -48,6 +49,8 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 100
     batch_size: int = 16
+    """Examples per process per micro-batch."""
+    gradient_accumulation: int = 1
     eval_batch_size: int = 32
     alpha: float = 1.0
     """Task i is drawn with probability proportional to (its training examples)^alpha."""
@@ -55,6 +58,8 @@ class TrainConfig:
     """Evaluate every this many steps (0: at the end only)."""
     log_every: int = 10
     seed: int = 0
+    bf16: str | bool = "auto"
+    """"auto": bf16 where the accelerator supports it (not on CPU), true or false."""
 
 
 @dataclass
@@ -70,6 +75,11 @@ class FinetuneConfig:
     """Train only what this run adds (new skills, heads, prompts); every parameter of `init` stays as it was."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints under `output_dir/checkpoints`; `resume: auto` continues a killed or preempted run."""
+    distributed: DistributedConfig = field(default_factory=lambda: DistributedConfig(ds_config="ds_configs/zero2.json"))
+    """The DeepSpeed config; under `accelerate launch --use_deepspeed` accelerate's DeepSpeed settings
+    (ZeRO stage, offload, `--deepspeed_config_file`) are used instead of `ds_config`."""
 
     def validate(self) -> None:
         if not self.tasks:
@@ -82,29 +92,18 @@ class FinetuneConfig:
                 raise ValueError(f"task {t.name!r}: data.train names no file")
         if self.freeze_old and not self.new_skills and not any(t.prompts for t in self.tasks):
             raise ValueError("freeze_old trains only new skills, heads and prompts: list new_skills or give tasks prompts")
-        if self.train.steps < 1 or self.train.batch_size < 1:
-            raise ValueError("train.steps and train.batch_size must be >= 1")
+        if self.train.steps < 1 or self.train.batch_size < 1 or self.train.gradient_accumulation < 1:
+            raise ValueError("train.steps, train.batch_size and train.gradient_accumulation must be >= 1")
+        if isinstance(self.train.bf16, bool):  # YAML's true/false
+            self.train.bf16 = str(self.train.bf16).lower()
+        if self.train.bf16 not in ("auto", "true", "false"):
+            raise ValueError(f"train.bf16 must be auto, true or false, got {self.train.bf16!r}")
+        self.checkpoint.validate()
 
 
 def load_finetune_config(path: str | Path, overrides: list[str] = ()) -> FinetuneConfig:
-    path = Path(path)
-    if not path.exists():
-        shipped = Path(__file__).parent / "configs" / f"{path}.yaml"
-        if not shipped.exists():
-            raise FileNotFoundError(f"no config file {str(path)!r}")
-        path = shipped
-    tree = apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides)
-    tasks, skills = tree.pop("tasks", []) or [], tree.pop("new_skills", []) or []
-    config = build(FinetuneConfig, tree)
-    config.tasks = []
-    for i, entry in enumerate(tasks):
-        entry = dict(entry)
-        data = build(DataFiles, entry.pop("data", {}) or {}, f"tasks[{i}].data.")
-        config.tasks.append(build(TaskSpec, {**entry, "data": data}, f"tasks[{i}]."))
-    config.new_skills = [build(NewSkill, s, f"new_skills[{i}].") for i, s in enumerate(skills)]
+    """defaults <- YAML file (or a shipped config's name) <- `key=value` overrides."""
+    config = build(FinetuneConfig, read_tree(path, overrides, Path(__file__).parent / "configs"))
+    config.distributed.ds_config = resolve_ds_config(config.distributed.ds_config)
     config.validate()
     return config
-
-
-def dump(config: FinetuneConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

@@ -1,32 +1,44 @@
 """Finetune a SkillNet model on one or several downstream tasks, each running only its own skills.
 
     python -m finetune --config finetune/configs/<task>.yaml --init <exported folder> [key=value ...]
-    accelerate launch -m finetune --config ... --init ...      # several processes; DeepSpeed via accelerate
+    torchrun --nproc_per_node 2 -m finetune --config ... --init ...          # local ranks
+    accelerate launch --use_deepspeed --zero_stage 3 -m finetune --config ... --init ...
+    sbatch slurm/finetune.sh                                                  # under Slurm
 
-Every step trains one task (drawn by the alpha rule from a shared seed, so every process agrees), with
-that task's skills and head. The model, its heads and task table are saved as a Hugging Face folder;
-each task's metric goes to TensorBoard and to `results.json`, its evaluation predictions to
-`predictions/<task>.jsonl`. Exit status 2 on bad input, before any training.
+Every step trains one task (drawn by the alpha rule from the shared seed and the step, so every process
+agrees and a resumed run draws the same), with that task's skills and head, on a DeepSpeed engine (the
+config's `distributed.ds_config`, or accelerate's DeepSpeed settings under `accelerate launch`).
+Checkpoints go to `output_dir/checkpoints` every `checkpoint.every` steps, on SIGUSR1/SIGTERM and at the
+end; `checkpoint.resume: auto` continues from the newest. At the end the model, its heads and task table
+are saved as a Hugging Face folder; each task's metric goes to TensorBoard and `results.json`, its
+evaluation predictions to `predictions/<task>.jsonl`. Exit status 2 on bad input, before any training;
+3 when a signal stopped it early.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import os
-import random
 import sys
 from pathlib import Path
 
 import torch
 
-from pretrain.train import clear_gradient_partitions
+from training import checkpoint, distributed, zero
+from training.distributed import Topology, detect
+from training.loop import train_loop
+from training.metrics import Metrics, Window, show_each_warning_once
+from training.sampling import TaskSampler, seeded
+from training.signals import Stop
+from training.step import optimizer_step
 
 from .config import FinetuneConfig, dump, load_finetune_config
 from .data import TaskData, collate
 from .predict import gold, predict, score
+
+MODEL_KEYS = (*checkpoint.MODEL_KEYS, "tasks", "task_heads")
+"""What a resumed finetuning model shares with its checkpoint: the pretraining keys, tasks and heads."""
 
 
 def _check_init(folder: Path) -> None:
@@ -76,7 +88,7 @@ def prepare(config: FinetuneConfig):
 
     if not config.init:
         raise ValueError("no model to start from: pass --init <exported folder> (or set init: in the config)")
-    model, trainable = build_model(config)
+    model, _ = build_model(config)
     tokenizer = load_tokenizer(config.tokenizer or config.init)
     media = MediaConfig.from_model(model.config)
     train, evaluation = {}, {}
@@ -85,27 +97,124 @@ def prepare(config: FinetuneConfig):
         train[task.name] = TaskData(task.name, spec, task.data, tokenizer, "train", media=media)
         if task.data.validation:
             evaluation[task.name] = TaskData(task.name, spec, task.data, tokenizer, "validation", media=media)
-    return model, trainable, tokenizer, train, evaluation
+    engine_config(config)  # the DeepSpeed config file is readable
+    resume = checkpoint.resolve_resume(config.checkpoint.resume, Path(config.output_dir) / "checkpoints")
+    if resume is not None:
+        checkpoint.check_compatible(resume, _comparable(model), detect().world_size, model_keys=MODEL_KEYS)
+    return model, tokenizer, train, evaluation, resume
+
+
+def _comparable(model) -> dict:
+    return json.loads(model.config.to_json_string(use_diff=False))
 
 
 class TaskBatches:
-    """Endless shuffled batches of one task; a new order every pass, from the shared seed."""
+    """Endless batches of one task: pass e visits the examples in an order drawn from (seed, task, e); each
+    step takes the next `batch_size x processes` of them, this process its own `batch_size`. Its position
+    is part of the train state, so a resumed run continues with the batch the uninterrupted one would."""
 
-    def __init__(self, data: TaskData, batch_size: int, seed: int, accelerator):
-        from torch.utils.data import DataLoader
-
-        self.loader = accelerator.prepare(DataLoader(
-            data.examples, batch_size=batch_size, shuffle=True, drop_last=len(data.examples) > batch_size,
-            collate_fn=lambda examples: collate(examples, data.tokenizer.pad_token_id),
-            generator=torch.Generator().manual_seed(seed)))
-        self.iterator = iter(self.loader)
+    def __init__(self, data: TaskData, batch_size: int, seed: int, rank: int, world: int):
+        self.data, self.batch_size, self.seed, self.rank, self.world = data, batch_size, seed, rank, world
+        self.position = {"epoch": 0, "batch": 0}
+        self.order: tuple[int, list[int]] | None = None
 
     def __next__(self) -> dict:
-        try:
-            return next(self.iterator)
-        except StopIteration:
-            self.iterator = iter(self.loader)
-            return next(self.iterator)
+        n, per_step = len(self.data.examples), self.batch_size * self.world
+        if self.position["batch"] >= max(1, n // per_step):  # a pass ends before a batch would repeat examples
+            self.position = {"epoch": self.position["epoch"] + 1, "batch": 0}
+        epoch = self.position["epoch"]
+        if self.order is None or self.order[0] != epoch:
+            order = list(range(n))
+            seeded(self.seed, self.data.task, "epoch", epoch).shuffle(order)
+            self.order = (epoch, order)
+        start = self.position["batch"] * per_step + self.rank * self.batch_size
+        self.position["batch"] += 1
+        examples = [self.data.examples[self.order[1][(start + i) % n]] for i in range(self.batch_size)]
+        batch = collate(examples, self.data.tokenizer.pad_token_id)
+        batch.pop("meta", None)
+        return batch
+
+
+def engine_config(config: FinetuneConfig) -> dict:
+    """The DeepSpeed config: accelerate's under `accelerate launch --use_deepspeed` (its ZeRO stage,
+    offload, config file), else `distributed.ds_config`; batch, accumulation, clipping and bf16 from this
+    config either way."""
+    import os
+
+    base = config.distributed.ds_config
+    bf16 = zero.bf16_enabled(config.train.bf16)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        from accelerate.utils import DeepSpeedPlugin
+
+        base = {"zero_allow_untested_optimizer": True, **DeepSpeedPlugin().deepspeed_config}
+        bf16 = bf16 or os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16"
+    return zero.engine_config(base, config.train.batch_size, config.train.gradient_accumulation,
+                              config.optim.grad_clip, bf16, config.distributed.ds_overrides)
+
+
+class Finetuning:
+    """The finetuning step, evaluation and train state (step, each task's batch position, log window)."""
+
+    def __init__(self, config: FinetuneConfig, topology: Topology, engine, train_data: dict, evaluation: dict,
+                 zero3: bool):
+        self.config, self.topology, self.engine, self.evaluation, self.zero3 = config, topology, engine, evaluation, zero3
+        self.device = distributed.device(topology)
+        names = list(train_data)
+        self.sampler = TaskSampler(names, [len(train_data[t].examples) for t in names], config.train.alpha,
+                                   config.train.seed)
+        self.batches = {t: TaskBatches(d, config.train.batch_size, config.train.seed, topology.rank,
+                                       topology.world_size) for t, d in train_data.items()}
+        self.skills = {t: engine.module.registry.skill_names(t) for t in names}
+        self.state = {"step": 0}
+        self.window = Window()
+        self.results: dict = {}
+
+    def step(self) -> int:
+        return self.state["step"]
+
+    def train_step(self, stop: Stop) -> tuple[dict, int]:
+        step, n = self.state["step"], self.config.train.gradient_accumulation
+        task = self.sampler.task(step)
+        record = {"loss": 0.0, "task": task}
+        with optimizer_step(self.engine, n) as backward:
+            for _ in range(n):
+                batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in next(self.batches[task]).items()}
+                if "candidate" in batch:
+                    batch["candidate"] = {k: v.to(self.device) for k, v in batch["candidate"].items()}
+                self.engine.train()
+                loss = self.engine(task=task, **batch).loss
+                backward(loss)
+                record["loss"] = record["loss"] + loss.detach() / n
+                self.window.add(task, loss, self.skills[task])
+        _, stopping = stop.agree([], self.device)
+        self.state["step"] = step + 1
+        return record, stopping
+
+    def scalars(self) -> dict:
+        scalars, _ = self.window.scalars()
+        return {**scalars, "lr": self.engine.get_lr()[0]}
+
+    def after_step(self, step: int, last: bool) -> dict:
+        every = self.config.train.eval_every
+        if not self.evaluation or not (last or (every and step % every == 0)):
+            return {}
+        out = Path(self.config.output_dir) if last and self.topology.is_main else None
+        with zero.full_parameters(self.engine.module, self.zero3):  # every process evaluates all of it
+            self.results = evaluate(self.engine.module, self.evaluation, self.config.train.eval_batch_size, out)
+        return {f"eval/{t}/{name}": value for t, metrics in self.results.items() for name, value in metrics.items()}
+
+    def save(self) -> Path:
+        state = {**self.state, "window": self.window.state_dict(),
+                 "batches": {t: dict(b.position) for t, b in self.batches.items()}}
+        return checkpoint.save(self.engine, Path(self.config.output_dir) / "checkpoints", self.state["step"], state,
+                               _comparable(self.engine.module), self.config.checkpoint.keep_last)
+
+    def resume(self, folder: Path) -> None:
+        state = checkpoint.load(self.engine, folder)
+        self.window.load_state_dict(state.pop("window"))
+        for task, position in state.pop("batches").items():
+            self.batches[task].position = position
+        self.state.update(state)
 
 
 def evaluate(model, evaluation: dict, batch_size: int, out_dir: Path | None = None) -> dict:
@@ -120,96 +229,54 @@ def evaluate(model, evaluation: dict, batch_size: int, out_dir: Path | None = No
     return results
 
 
-def _full_parameters(model, zero3: bool):
-    """Under ZeRO-3 the whole model gathered on every process (heads read their weights outside forward)."""
-    if not zero3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(model.parameters()))
-
-
 def train(config: FinetuneConfig, prepared) -> dict:
-    from accelerate import Accelerator, InitProcessGroupKwargs
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
+    """Train to `train.steps` (or a stop signal); returns {step, stopped, requeued, results}."""
+    from training.optim import build_optimizer, parameter_groups
 
-    model, trainable, tokenizer, train_data, evaluation = prepared
-    # several processes without a GPU: accelerate's DeepSpeed mode must be told to join them over gloo
-    on_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu else [])
-    deepspeed = accelerator.state.deepspeed_plugin
-    if deepspeed is not None:  # `accelerate launch --use_deepspeed`: the batch and clipping go to its config
-        deepspeed.deepspeed_config.update(train_micro_batch_size_per_gpu=config.train.batch_size,
-                                          gradient_accumulation_steps=1, gradient_clipping=config.optim.grad_clip,
-                                          train_batch_size=config.train.batch_size * accelerator.num_processes)
-    zero3 = deepspeed is not None and deepspeed.zero_stage == 3
-    torch.manual_seed(config.train.seed)
+    model, tokenizer, train_data, evaluation, resume = prepared
+    topology = detect()
+    distributed.init(topology)
+    checkpoint.agree_on_resume(resume)
     out = Path(config.output_dir)
-    main = accelerator.is_main_process
-    if main:
+    if topology.is_main:
         out.mkdir(parents=True, exist_ok=True)
         dump(config, out / "finetune_config.yaml")
-    params = [p for n, p in model.named_parameters() if n in trainable]
-    optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-    steps, warmup = config.train.steps, config.optim.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    batches = {t: TaskBatches(d, config.train.batch_size, config.train.seed, accelerator) for t, d in train_data.items()}
-    names = list(train_data)
-    weights = [len(train_data[t].examples) ** config.train.alpha for t in names]
-    draw = random.Random(config.train.seed)  # the same task on every process
-    writer = SummaryWriter(str(out / "tensorboard")) if main else None
-    results, losses = {}, {t: [] for t in names}
-    bar = tqdm(range(1, steps + 1), desc="finetuning", disable=not main, dynamic_ncols=True)
-    for step in bar:
-        task = draw.choices(names, weights)[0]
-        batch = next(batches[task])
-        batch.pop("meta", None)
-        model.train()
-        loss = model(task=task, **batch).loss
-        accelerator.backward(loss)
-        if config.optim.grad_clip and deepspeed is None:
-            accelerator.clip_grad_norm_(params, config.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        if deepspeed is not None:  # the other tasks' heads and skills must not replay old gradients
-            clear_gradient_partitions(model)
-        losses[task].append(loss.item())
-        if main and step % config.train.log_every == 0:
-            for t, values in losses.items():
-                if values:
-                    writer.add_scalar(f"loss/{t}", sum(values) / len(values), step)
-            writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
-            bar.set_postfix(task=task, loss=f"{loss.item():.3f}")
-            losses = {t: [] for t in names}
-        if evaluation and (step == steps or (config.train.eval_every and step % config.train.eval_every == 0)):
-            with _full_parameters(accelerator.unwrap_model(model), zero3):  # every process evaluates all of it
-                results = evaluate(accelerator.unwrap_model(model), evaluation, config.train.eval_batch_size,
-                                   out if main and step == steps else None)
-            if main:
-                for t, metrics in results.items():
-                    for name, value in metrics.items():
-                        writer.add_scalar(f"eval/{t}/{name}", value, step)
-    accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(model)
-    with _full_parameters(model, zero3):  # every process joins the gathering of ZeRO-3's partitions
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()} if main else None
-    if main:
-        model.save_pretrained(out, state_dict=state)
-        tokenizer.save_pretrained(out)
-        fields = {t.name: dataclasses.asdict(t.data) for t in config.tasks}
-        (out / "task_data.json").write_text(json.dumps(fields, indent=1))
-        # examples left out: cut off by max_length (tagging, spans) or corrupt media, per task and split
-        dropped = {f"{t}/{split}": d.dropped for split, datas in (("train", train_data), ("validation", evaluation))
-                   for t, d in datas.items() if d.dropped}
-        for name, n in dropped.items():
-            print(f"warning: {name}: {n} examples left out (cut off by data.max_length, or undecodable)", file=sys.stderr)
-        (out / "results.json").write_text(json.dumps({"step": steps, "results": results, "dropped": dropped}, indent=1))
-        writer.close()
-    return results
+    ds = engine_config(config)
+    torch.manual_seed(config.train.seed)
+    optimizer, scheduler = build_optimizer(parameter_groups(model, config.optim.weight_decay), config.optim,
+                                           config.train.steps, zero.offloads_optimizer(ds))
+    engine = zero.initialize(model, optimizer, scheduler, ds)
+    run = Finetuning(config, topology, engine, train_data, evaluation, zero.zero_stage(ds) == 3)
+    if resume is not None:
+        run.resume(resume)
+    metrics = Metrics(out, topology.is_main, config.train.steps, run.step(), "finetuning")
+    result = train_loop(run, config.train.steps, config.train.log_every, config.checkpoint.every, metrics,
+                        topology.is_main)
+    if result["step"] >= config.train.steps:
+        if evaluation and not run.results:  # resumed from the last step's checkpoint
+            run.after_step(result["step"], last=True)
+        _save_model(config, run, tokenizer, train_data, evaluation)
+    return {**result, "results": run.results}
+
+
+def _save_model(config: FinetuneConfig, run: Finetuning, tokenizer, train_data: dict, evaluation: dict) -> None:
+    """The finetuned model as a Hugging Face folder, with its tokenizer, data fields and results."""
+    out, model = Path(config.output_dir), run.engine.module
+    with zero.full_parameters(model, run.zero3):  # every process joins the gathering of ZeRO-3's partitions
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()} if run.topology.is_main else None
+    if not run.topology.is_main:
+        return
+    model.save_pretrained(out, state_dict=state)
+    tokenizer.save_pretrained(out)
+    fields = {t.name: dataclasses.asdict(t.data) for t in config.tasks}
+    (out / "task_data.json").write_text(json.dumps(fields, indent=1))
+    # examples left out: cut off by max_length (tagging, spans) or corrupt media, per task and split
+    dropped = {f"{t}/{split}": d.dropped for split, datas in (("train", train_data), ("validation", evaluation))
+               for t, d in datas.items() if d.dropped}
+    for name, n in dropped.items():
+        print(f"warning: {name}: {n} examples left out (cut off by data.max_length, or undecodable)", file=sys.stderr)
+    (out / "results.json").write_text(json.dumps({"step": run.step(), "results": run.results, "dropped": dropped},
+                                                 indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", help="the model folder to start from (an export of pretraining, or a finetuned model)")
     parser.add_argument("overrides", nargs="*", help="key=value settings, dotted (train.steps=200)")
     args = parser.parse_args(argv)
+    show_each_warning_once()
     try:
         config = load_finetune_config(args.config, args.overrides)
         if args.init:
@@ -226,9 +294,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = train(config, prepared)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"finetuned model: {config.output_dir}")
-        for task, metrics in results.items():
-            print(f"  {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    return 0
+    result = train(config, prepared)
+    finished = result["step"] >= config.train.steps
+    if detect().is_main:
+        if finished:
+            print(f"finetuned model: {config.output_dir}")
+            for task, metrics in result["results"].items():
+                print(f"  {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        else:
+            print(f"finetuned to step {result['step']} (stopped by signal, checkpointed"
+                  + (", requeued)" if result["requeued"] else ")"))
+        print(f"checkpoint:  {result['checkpoint']}")
+    return 0 if finished else 3

@@ -30,6 +30,7 @@ from torch import nn
 from torch.distributed.nn.functional import all_to_all_single
 
 from skillnet.layers import SkillFFN, SkillLinear
+from training.zero.internals import tag_expert
 
 
 @dataclass
@@ -169,6 +170,11 @@ class SkillParallel(nn.Module):
     def _count_backward(self, n: int) -> None:
         self.bytes_sent += n
 
+    def take_bytes_sent(self) -> int:
+        """Bytes sent since the last take."""
+        sent, self.bytes_sent = self.bytes_sent, 0
+        return sent
+
     def forward(self, x: torch.Tensor, route) -> torch.Tensor:
         hidden = x.shape[-1]
         flat = x.reshape(-1, hidden)
@@ -269,9 +275,5 @@ def shard_skills(model: nn.Module, placement: Placement, slot: int, group, data_
                 own = [p for n in placement.slots[slot] for p in layer.skills[n].parameters()]
                 padding = [p for n in layer.slots if n.startswith(PADDING) for p in layer.skills[n].parameters()]
                 for param in [*own, *padding]:
-                    param.allreduce = False
-                    param.group_name = group_name
-                    param.ds_zero_placement_family = "autoep_expert"
-                    param.ds_zero_partition_group_name = group_name
-                    param.ds_zero_partition_process_group = data_group
+                    tag_expert(param, group_name, data_group)
     return layers

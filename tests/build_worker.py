@@ -6,10 +6,11 @@ import sys
 import deepspeed
 import torch
 
-from pretrain import distributed
+from pretrain.build import build_model
 from pretrain.config import PretrainConfig
-from pretrain.train import _ds_config, build_model
+from pretrain.train import engine_config
 from skillnet import load_config
+from training import distributed
 
 topology = distributed.detect()
 distributed.init(topology)
@@ -17,7 +18,7 @@ config = PretrainConfig()
 config.distributed.ds_overrides = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
 model_config = load_config("tiny")
 whole = build_model(model_config, seed=0)
-partitioned = build_model(model_config, seed=0, ds_config=_ds_config(config, topology.world_size))
+partitioned = build_model(model_config, seed=0, ds_config=engine_config(config))
 held = {n: p.ds_tensor.numel() for n, p in partitioned.named_parameters()}  # this rank's share
 full = {n: p.ds_numel for n, p in partitioned.named_parameters()}
 with deepspeed.zero.GatheredParameters(list(partitioned.parameters())):

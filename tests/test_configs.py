@@ -76,7 +76,7 @@ def test_describe_refuses_bad_input(capsys):
 
 
 PRETRAIN_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "pretrain" / "configs").glob("*.yaml"))
-DS_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json"))
+DS_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "training" / "ds_configs").glob("*.json"))
 
 
 @pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=lambda p: p.stem)

@@ -14,12 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipeline.loader import DataConfig, MultiTaskLoader, SourceStream, sampling_probabilities
+from data_pipeline.loader import DataConfig, MultiTaskLoader, SourceStream
 from data_pipeline.media import MediaConfig, log_mel, resample
 from data_pipeline.sample_corpus import write_corpus
 from data_pipeline.shards import ShardIndex, SkipCounter, open_source, read_raw_samples
 from data_pipeline.write_shards import main as write_shards_main
 from skillnet import load_config
+from training.sampling import sampling_probabilities
 
 MODEL = load_config("tiny")
 MEDIA = MediaConfig.from_model(MODEL)

@@ -9,83 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import free_port
+from conftest import WORDS, free_port
+from conftest import finetune_config as _config
+from conftest import write_rows as _write
 
 from finetune.config import load_finetune_config
 from finetune.predict import main as predict_main
 from finetune.train import main
 from skillnet import SkillNetForMultiTask, SkillNetForPreTraining, load_config
 from skillnet.heads import check_head
-from skillnet.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-CITIES = ["paris", "rome", "oslo", "lima", "cairo", "delhi"]
-WORDS = ["the", "a", "film", "day", "trip", "food", "was", "very", "to", "we", "went", "in", "it", "is"]
-
-
-def _rows(seed: int, n: int) -> dict[str, list[dict]]:
-    rng = random.Random(seed)
-    rows = {"sentiment": [], "pairs": [], "ner": [], "qa": []}
-    for _ in range(n):
-        good = rng.random() < 0.5
-        words = rng.sample(WORDS, 4) + [rng.choice(["good", "great"] if good else ["bad", "awful"])] + rng.sample(WORDS, 2)
-        rows["sentiment"].append({"text": " ".join(words), "label": "positive" if good else "negative"})
-        same = rng.random() < 0.5  # the second segment's cue word decides
-        second = rng.sample(WORDS, 3) + ["indeed" if same else "never"] + rng.sample(WORDS, 2)
-        rows["pairs"].append({"text": " ".join(rng.sample(WORDS, 5)), "text_pair": " ".join(second),
-                              "label": "same" if same else "different"})
-        city = rng.choice(CITIES)
-        words = rng.sample(WORDS, 3) + [city] + rng.sample(WORDS, 2)
-        rows["ner"].append({"tokens": words, "tags": ["B-LOC" if w == city else "O" for w in words]})
-        country, capital = rng.choice(["france", "italy", "norway", "peru", "egypt", "india"]), rng.choice(CITIES)
-        context = f"{' '.join(rng.sample(WORDS, 3))} the capital of {country} is {capital} {' '.join(rng.sample(WORDS, 2))}"
-        rows["qa"].append({"question": f"what is the capital of {country}", "context": context,
-                           "answers": {"text": [capital], "answer_start": [context.index(f"is {capital}") + 3]}})
-    return rows
-
-
-def _write(folder, name: str, rows: list[dict]) -> str:
-    path = folder / f"{name}.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """Data files, a tokenizer trained on them, and a small multimodal model saved like an export."""
-    root = tmp_path_factory.mktemp("finetune")
-    train, dev = _rows(0, 160), _rows(1, 40)
-    files = {k: (_write(root, f"{k}_train", train[k]), _write(root, f"{k}_dev", dev[k])) for k in train}
-    texts = [r["text"] for r in train["sentiment"]] + [r["context"] + " " + r["question"] for r in train["qa"]]
-    texts += [r["text_pair"] for r in train["pairs"]]
-    init = root / "init"
-    tokenizer = train_tokenizer(texts * 3, 300, init)
-    config = load_config("tiny", vocab_size=len(tokenizer), max_position_embeddings=64)
-    torch.manual_seed(0)
-    SkillNetForPreTraining(config).save_pretrained(init)
-    return root, files, init
-
-
-def _config(root, files, tasks: list[str], **extra) -> str:
-    heads = {
-        "sentiment": {"name": "sentiment_analysis", "head": {"type": "classification", "labels": ["negative", "positive"]},
-                      "skills": ["text"]},
-        "pairs": {"name": "paraphrase", "head": {"type": "pair_classification", "labels": ["different", "same"]},
-                  "skills": ["text"]},
-        "ner": {"name": "named_entity_recognition", "head": {"type": "tagging", "labels": ["O", "B-LOC", "I-LOC"]},
-                "skills": ["text"]},
-        "qa": {"name": "reading_comprehension", "head": {"type": "span"}, "skills": ["text"]},
-    }
-    entries = []
-    for key in tasks:
-        entry = dict(heads[key])
-        entry["data"] = {"train": files[key][0], "validation": files[key][1], "max_length": 48}
-        entries.append(entry)
-    tree = {"tasks": entries, "train": {"steps": 150, "batch_size": 16, "eval_batch_size": 16, "log_every": 10},
-            "optim": {"lr": 3e-3, "warmup_steps": 10}, **extra}
-    path = root / f"config_{'_'.join(tasks)}_{len(extra)}.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return str(path)
 
 
 def test_four_heads_in_one_model_learn_and_predict_reproduces_evaluation(workspace, tmp_path):
@@ -421,31 +355,6 @@ def test_overrides_reach_list_entries_by_index():
     assert config.tasks[0].data.train == "data/sentiment_analysis/train.jsonl"
     with pytest.raises(ValueError, match="9 is not an index of a list of 5"):
         load_finetune_config("nlu_multitask", ["tasks.9.data.train=x.jsonl"])
-
-
-def test_accelerate_launch_with_deepspeed_zero3_on_two_processes(workspace, tmp_path):
-    """`accelerate launch --use_deepspeed --zero_stage 3` with 2 CPU processes (gloo): three tasks train,
-    evaluation runs on the gathered model, and the saved folder holds the full weights (predict gives the
-    evaluation's predictions)."""
-    import os
-    import subprocess
-    import sys
-
-    root, files, init = workspace
-    out = tmp_path / "model"
-    accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--num_processes", "2", "--use_deepspeed", "--zero_stage", "3",
-           "--main_process_port", str(free_port()), "-m", "finetune", "--config", _config(root, files, ["sentiment", "ner", "qa"]),
-           "--init", str(init), f"output_dir={out}", "train.steps=60"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    assert done.stdout.count("finetuned model:") == 1
-    results = json.loads((out / "results.json").read_text())["results"]
-    assert set(results) == {"sentiment_analysis", "named_entity_recognition", "reading_comprehension"}
-    written = tmp_path / "ner.jsonl"
-    assert predict_main(["--model", str(out), "--task", "named_entity_recognition", "--input", files["ner"][1],
-                         "--output", str(written)]) == 0
-    assert written.read_text() == (out / "predictions" / "named_entity_recognition.jsonl").read_text()
 
 
 def test_csv_and_parquet_files_and_code_and_audio_retrieval(workspace, tmp_path):

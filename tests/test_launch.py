@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from pretrain.config import load_pretrain_config
-from pretrain.distributed import Topology, device
 from pretrain.train import main
+from training.distributed import Topology, device
 
 
 @pytest.mark.parametrize("visible, local_rank, expected", [(8, 3, 3), (1, 3, 0), (2, 1, 1)])

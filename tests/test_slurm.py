@@ -1,5 +1,6 @@
-"""`sbatch slurm/pretrain_multimodal.sh` on a real two-node Slurm cluster on localhost: the job trains on
-2 nodes x 1 task (CPU, gloo), is signalled, checkpoints and requeues itself, resumes, finishes and exports."""
+"""`sbatch slurm/pretrain_multimodal.sh` and `sbatch slurm/finetune.sh` on a real two-node Slurm cluster on
+localhost: each job trains on 2 nodes x 1 task (CPU, gloo), is signalled, checkpoints and requeues itself,
+resumes, finishes, and exports or saves its model."""
 
 import json
 import re
@@ -32,6 +33,15 @@ def _wait(predicate, timeout: float, what: str, poll: float = 0.5):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _ended(cluster, job: str) -> bool:
+    state = cluster.job(job)
+    if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
+        # skip Slurm's hold of a requeued job (about 2 minutes); set while the requeue is still being
+        # processed, the start time can be overwritten, so it is set again while the hold lasts
+        cluster.cmd("scontrol", "update", f"JobId={job}", "StartTime=now")
+    return state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED")
+
+
 def test_sbatch_trains_requeues_on_signal_resumes_and_exports(cluster, tmp_path):
     run, out = tmp_path / "run", tmp_path / "job.out"
     env = {"RUN_DIR": str(run), "SAMPLE": str(tmp_path / "sample"), "ARGS": "train.steps=30 checkpoint.every=5"}
@@ -45,15 +55,7 @@ def test_sbatch_trains_requeues_on_signal_resumes_and_exports(cluster, tmp_path)
     assert cluster.cmd("scancel", "--signal=USR1", job).returncode == 0  # as --signal=USR1@300 would
     _wait(lambda: cluster.job(job).get("Restarts") == "1", 300, "the job to requeue itself")
 
-    def ended() -> bool:
-        state = cluster.job(job)
-        if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
-            # skip Slurm's hold of a requeued job (about 2 minutes); set while the requeue is still being
-            # processed, the start time can be overwritten, so it is set again while the hold lasts
-            cluster.cmd("scontrol", "update", f"JobId={job}", "StartTime=now")
-        return state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED")
-
-    _wait(ended, 900, "the job to end", 2)
+    _wait(lambda: _ended(cluster, job), 900, "the job to end", 2)
     state = cluster.job(job)
     log = out.read_text()
     assert state["JobState"] == "COMPLETED", log[-3000:]
@@ -65,3 +67,33 @@ def test_sbatch_trains_requeues_on_signal_resumes_and_exports(cluster, tmp_path)
 
     model = SkillNetForPreTraining.from_pretrained(run / "export")
     assert model.config.num_hidden_layers == 2 and f"exported:    {run / 'export'}" in log
+
+
+def test_sbatch_finetunes_requeues_on_signal_and_resumes(cluster, workspace, tmp_path):
+    """`sbatch slurm/finetune.sh`: 2 nodes x 1 task, signalled after its first checkpoint, requeued, resumed
+    from that checkpoint, finished with the model saved."""
+    from conftest import finetune_config
+
+    root, files, init = workspace
+    out, log_file = tmp_path / "model", tmp_path / "job.out"
+    env = {"INIT": str(init), "CONFIG": finetune_config(root, files, ["sentiment", "ner"]), "OUT": str(out),
+           "ARGS": "train.steps=30 checkpoint.every=5 train.batch_size=8"}
+    submit = cluster.cmd("env", *(f"{k}={v}" for k, v in env.items()), "sbatch", "--parsable", "--nodes=2",
+                         "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={log_file}",
+                         f"--chdir={ROOT}", str(ROOT / "slurm" / "finetune.sh"))
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    _wait((out / "checkpoints" / "step00000005" / "complete.json").exists, 600, "the first checkpoint")
+    assert cluster.cmd("scancel", "--signal=USR1", job).returncode == 0
+    _wait(lambda: cluster.job(job).get("Restarts") == "1", 300, "the job to requeue itself")
+    _wait(lambda: _ended(cluster, job), 900, "the job to end", 2)
+    log = log_file.read_text()
+    assert cluster.job(job)["JobState"] == "COMPLETED", log[-3000:]
+    stopped = re.search(r"finetuned to step (\d+) \(stopped by signal, checkpointed, requeued\)", log)
+    assert stopped and 5 <= int(stopped.group(1)) < 30 and f"finetuned model: {out}" in log
+    steps = [json.loads(line)["step"] for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert set(steps) == set(range(1, 31))
+    from skillnet import SkillNetForMultiTask
+
+    model = SkillNetForMultiTask.from_pretrained(out)
+    assert set(model.config.task_heads) == {"sentiment_analysis", "named_entity_recognition"}

@@ -67,8 +67,18 @@ def init(topology: Topology) -> None:
 
     os.environ.update(RANK=str(topology.rank), WORLD_SIZE=str(topology.world_size), LOCAL_RANK=str(topology.local_rank))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_PORT" not in os.environ:  # one process: any free port; several: the launchers' default
+        os.environ["MASTER_PORT"] = str(free_port()) if topology.world_size == 1 else "29500"
     if torch.cuda.is_available():
         torch.cuda.set_device(device(topology))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False,
                                verbose=False)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,7 +1,11 @@
-"""Checkpoints: DeepSpeed's engine state (ZeRO partitions, optimizer, scheduler) plus each rank's train
-state (step, tokens seen, data-loader position, RNG states) in one folder per step. A folder counts only
-once every rank has written it and rank 0 has added `complete.json`; `resume: auto` picks the newest
-complete one, so a half-written checkpoint is never used."""
+"""Checkpoints of both trainers: DeepSpeed's engine state (ZeRO partitions, optimizer, scheduler) plus each
+rank's train state (step, data position, log window, RNG states) in one folder per step,
+`checkpoints/stepNNNNNNNN`. A folder counts only once every rank has written it and rank 0 has added
+`complete.json`; `resume: auto` picks the newest complete one, so a half-written checkpoint is never used.
+
+Layout format 1 (`complete.json` without a `format` entry was written before the entry existed and has the
+same layout): `complete.json` {format, step, world_size, model, ...}, `model_config.json`,
+`train_state_rank<r>.pt` per rank, and DeepSpeed's own files of the step's tag."""
 
 from __future__ import annotations
 
@@ -16,7 +20,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .zero.internals import replay_cpu_adam
+
 COMPLETE = "complete.json"
+FORMAT = 1
+MODEL_KEYS = ("skills", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+              "skill_layers", "skill_attention", "router", "modalities", "num_experts")
+"""What a resumed model must share with the checkpoint's (dropout or a task's skills may change)."""
 
 
 def _tag(step: int) -> str:
@@ -52,25 +62,43 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     return path
 
 
-def check_compatible(folder: Path, model_config: dict, world_size: int, placement: dict | None = None) -> None:
-    """Refuse a checkpoint whose skills, shapes, rank count or skill placement differ from this run's."""
-    meta = json.loads((folder / COMPLETE).read_text())
-    saved = meta["model"]
-    keys = ("skills", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-            "skill_layers", "skill_attention", "router", "modalities", "num_experts")
-    diff = [k for k in keys if saved.get(k) != model_config.get(k)]
+def check_compatible(folder: Path, model_config: dict, world_size: int, placement: dict | None = None,
+                     model_keys: tuple[str, ...] = MODEL_KEYS) -> dict:
+    """Refuse, in one line naming what differs, a checkpoint whose layout, model, rank count or skill
+    placement differ from this run's; return its `complete.json`."""
+    try:
+        meta = json.loads((folder / COMPLETE).read_text())
+        saved, written_by = meta["model"], meta["world_size"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint {folder}: unreadable {COMPLETE} ({type(e).__name__}: {e})") from None
+    if meta.get("format", FORMAT) != FORMAT:
+        raise ValueError(f"checkpoint {folder} has layout format {meta['format']}; this release reads format {FORMAT}")
+    missing = [f"train_state_rank{r}.pt" for r in range(written_by) if not (folder / f"train_state_rank{r}.pt").exists()]
+    if missing:
+        raise ValueError(f"checkpoint {folder} lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    diff = [k for k in model_keys if saved.get(k) != model_config.get(k)]
     if diff:
         k = diff[0]
         raise ValueError(f"checkpoint {folder} does not fit the config: {k} is {saved.get(k)!r} there, "
                          f"{model_config.get(k)!r} here")
-    if meta["world_size"] != world_size:
-        raise ValueError(f"checkpoint {folder} was written by {meta['world_size']} ranks; exact resume needs "
-                         f"{meta['world_size']}, this run has {world_size}")
+    if written_by != world_size:
+        raise ValueError(f"checkpoint {folder} was written by {written_by} ranks; exact resume needs "
+                         f"{written_by}, this run has {world_size}")
     if meta.get("skill_placement") != placement:
         def describe(p):
             return "no skill parallelism" if p is None else f"{p['mode']} skill placement {p['slots']}"
         raise ValueError(f"checkpoint {folder} was written with {describe(meta.get('skill_placement'))}; this run has "
                          f"{describe(placement)}: each rank's optimizer state holds only its skills, so they must match")
+    return meta
+
+
+def agree_on_resume(resume: Path | None) -> None:
+    """Every rank must resume from the same checkpoint (each found it on its own before the process group
+    existed); refuse rather than hang if another writer changed the folder meanwhile."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, str(resume))
+    if len(set(everyone)) > 1:
+        raise RuntimeError(f"ranks found different checkpoints to resume from: {sorted(set(everyone))}")
 
 
 def rng_state() -> dict:
@@ -99,7 +127,8 @@ def save(engine, root: Path, step: int, train_state: dict, model_config: dict, k
     if rank == 0:
         (folder / "model_config.json").write_text(json.dumps(model_config, indent=1))
         tmp = folder / (COMPLETE + ".tmp")
-        tmp.write_text(json.dumps({"step": step, "world_size": world, "model": model_config, "skill_placement": placement}))
+        tmp.write_text(json.dumps({"format": FORMAT, "step": step, "world_size": world, "model": model_config,
+                                   "skill_placement": placement}))
         os.replace(tmp, folder / COMPLETE)  # atomic: the folder is complete or it is not
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -113,22 +142,7 @@ def save(engine, root: Path, step: int, train_state: dict, model_config: dict, k
 def load(engine, folder: Path) -> dict:
     """Restore the engine and return this rank's train state (its RNG states already restored)."""
     engine.load_checkpoint(str(folder.parent), tag=folder.name)
-    _resume_cpu_adam(engine)
+    replay_cpu_adam(engine)
     state = torch.load(folder / f"train_state_rank{dist.get_rank()}.pt", weights_only=False)
     set_rng_state(state.pop("rng"))
     return state
-
-
-def _resume_cpu_adam(engine) -> None:
-    """DeepSpeedCPUAdam's kernel (the offloaded optimizer) keeps beta1**t and beta2**t as running float
-    products, but a fresh process computes them with pow at its first step, which rounds differently.
-    Walk the new kernel through the restored step count (on empty tensors: nothing is updated) so that its
-    bias corrections match the uninterrupted run's bit for bit."""
-    optimizer = getattr(engine.optimizer, "optimizer", None)
-    if not hasattr(optimizer, "ds_opt_adam"):
-        return
-    steps = max((int(s["step"]) for s in optimizer.state.values() if "step" in s), default=0)
-    group, empty = optimizer.param_groups[0], torch.zeros(0)
-    for step in range(1, steps + 1):
-        optimizer.ds_opt_adam.adam_update(optimizer.opt_id, step, group["lr"], *group["betas"], group["eps"],
-                                          group["weight_decay"], group["bias_correction"], empty, empty, empty, empty)

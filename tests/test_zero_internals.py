@@ -1,0 +1,203 @@
+"""One test per use of DeepSpeed internals (`training/zero`), on real engines in this process (one rank,
+gloo, every parameter partitioned under ZeRO-3): when DeepSpeed moves one of them, its test says which."""
+
+import copy
+
+import deepspeed
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from training import checkpoint, distributed, zero
+from training.distributed import Topology
+from training.zero import internals
+from training.zero.layout import open_partitions, parameter_layout
+from training.zero.traces import TraceSwitch
+
+
+class Two(nn.Module):
+    """`a` always runs, `b` only when asked: a task that leaves some parameters untouched."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x, use_b: bool = True):
+        h = self.a(x)
+        return (self.b(h) if use_b else h).pow(2).mean()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group():
+    if not dist.is_initialized():
+        distributed.init(Topology(0, 1, 0))
+
+
+def _config(stage: int, **extra) -> dict:
+    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
+          "zero_allow_untested_optimizer": True,
+          "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+    return zero.merge(ds, extra)
+
+
+def _engine(model, ds, lr=1e-2):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    return zero.initialize(model, optimizer, None, ds)
+
+
+def _full(engine) -> dict[str, torch.Tensor]:
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+
+X = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+
+def test_tested_range_is_the_pinned_range():
+    import re
+    from pathlib import Path
+
+    pinned = re.search(r'"deepspeed([^"]*)"', (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()).group(1)
+    assert pinned == ",".join(zero.TESTED)
+    from packaging.specifiers import SpecifierSet
+
+    assert deepspeed.__version__.split("+")[0] in SpecifierSet(pinned)
+
+
+def test_clear_gradient_partitions_keeps_untouched_parameters_out_of_the_next_step():
+    """Step 1 trains a and b, step 2 only a: step 2's gradient norm is a's alone (with b's stale gradient
+    it would be larger)."""
+    torch.manual_seed(0)
+    engine = _engine(Two(), _config(3))
+    engine.backward(engine(X[0]))
+    engine.step()
+    internals.clear_gradient_partitions(engine)
+    reference = Two()
+    reference.load_state_dict(_full(engine))
+    reference(X[1], use_b=False).backward()
+    expected = torch.cat([p.grad.flatten() for p in reference.a.parameters()]).norm()
+    engine.backward(engine(X[1], use_b=False))
+    engine.step()
+    assert float(engine.get_global_grad_norm()) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_one_reduction_equals_one_backward_of_the_mean():
+    torch.manual_seed(0)
+    model = Two()
+    coalesced, single = _engine(copy.deepcopy(model), _config(3)), _engine(copy.deepcopy(model), _config(3))
+    with internals.one_reduction(coalesced):
+        for x in X[:2]:
+            coalesced.backward(coalesced(x) / 2)
+    coalesced.step()
+    single.backward(single(torch.cat(X[:2])))  # the mean over both micro-batches' rows
+    single.step()
+    got, expected = _full(coalesced), _full(single)
+    for name, tensor in expected.items():
+        assert torch.allclose(got[name], tensor, atol=1e-6), name
+
+
+def test_expert_groups_and_tagged_parameters_get_groups_of_their_own():
+    name, group, data_group = internals.expert_groups(1)
+    assert name == "ep_size_1" and dist.get_world_size(group) == 1 and dist.get_world_size(data_group) == 1
+    model = Two()
+    for p in model.b.parameters():
+        internals.tag_expert(p, name, data_group)
+    groups = internals.expert_parameter_groups([{"name": "all", "params": list(model.parameters())}])
+    experts = [g for g in groups if g.get("moe")]
+    assert len(experts) == 1 and {id(p) for p in experts[0]["params"]} == {id(p) for p in model.b.parameters()}
+
+
+def test_whole_on_rank0_writes_back_into_the_partitions():
+    with deepspeed.zero.Init(config_dict_or_path=_config(3)):
+        layer = nn.Linear(8, 4)
+    assert layer.weight.numel() == 0  # partitioned
+    with internals.whole_on_rank0([layer.weight, layer.bias]):
+        assert layer.weight.shape == (4, 8)
+        layer.weight.data.fill_(2.0)
+        layer.bias.data.fill_(-1.0)
+    assert layer.weight.numel() == 0
+    with deepspeed.zero.GatheredParameters([layer.weight, layer.bias]):
+        assert bool((layer.weight == 2).all()) and bool((layer.bias == -1).all())
+
+
+def test_cpu_adam_resumes_bit_exactly(tmp_path):
+    """The offloaded optimizer (DeepSpeed's CPU Adam, ZeRO-2): 4 steps straight equal 2 steps, a checkpoint,
+    a new engine resumed from it (bias corrections replayed) and 2 more steps, bit for bit."""
+    from training.config import OptimConfig
+    from training.optim import build_optimizer
+
+    ds = _config(2, zero_optimization={"offload_optimizer": {"device": "cpu"}})
+
+    def engine():
+        torch.manual_seed(0)
+        model = Two()
+        optimizer, scheduler = build_optimizer([{"params": list(model.parameters()), "weight_decay": 0.01}],
+                                               OptimConfig(lr=1e-2, warmup_steps=0), 10, cpu_adam=True)
+        return zero.initialize(model, optimizer, scheduler, ds)
+
+    def steps(e, xs):
+        for x in xs:
+            e.backward(e(x))
+            e.step()
+
+    straight = engine()
+    steps(straight, X)
+    first = engine()
+    steps(first, X[:2])
+    folder = checkpoint.save(first, tmp_path / "checkpoints", 2, {"step": 2}, {}, keep_last=1)
+    resumed = engine()
+    assert checkpoint.load(resumed, folder)["step"] == 2
+    steps(resumed, X[2:])
+    for (name, a), b in zip(straight.module.named_parameters(), resumed.module.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_comm_clock_counts_the_gathered_bytes():
+    ds = zero.engine_config(_config(3), 1, 1, 0.0, False, profile_comm=True)
+    from deepspeed import comm
+
+    comm.comms_logger.comms_dict.clear()
+    clock = internals.CommClock()
+    engine = _engine(Two(), ds)  # one rank gathers each parameter once, as it is set up, and keeps it
+    assert clock.read() == sum(p.ds_numel for p in engine.module.parameters()) * 4  # fp32 bytes
+    engine.backward(engine(X[0]))
+    engine.step()  # a reduce-scatter of the gradients: timed, nothing gathered
+    assert clock.read() == 0 and clock.take_seconds() > 0.0 and clock.take_seconds() == 0.0
+
+
+def test_trace_switch_keeps_one_trace_per_kind_of_call():
+    """Calls of two kinds alternate (with b, without b): with one trace per kind, every call of a kind seen
+    twice runs along a complete trace; DeepSpeed's single trace breaks at every change."""
+    def run(per_call: bool) -> list[tuple[int, int]]:
+        torch.manual_seed(0)
+        engine = _engine(Two(), _config(3))
+        switch, counts = TraceSwitch(engine, per_call), []
+        for i in range(8):
+            use_b = i % 2 == 0
+            switch.select(use_b)
+            engine.backward(engine(X[i % 4], use_b=use_b))
+            engine.step()
+            counts.append(switch.take())
+        return counts
+
+    per_call, single = run(True), run(False)
+    assert all(calls == 1 for calls, _ in per_call)
+    assert [traced for _, traced in per_call][4:] == [1, 1, 1, 1]
+    assert sum(traced for _, traced in single) < sum(traced for _, traced in per_call)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_checkpoint_layout_gives_back_every_parameter(tmp_path, stage):
+    torch.manual_seed(0)
+    engine = _engine(Two(), _config(stage))
+    engine.backward(engine(X[0]))
+    engine.step()
+    engine.save_checkpoint(str(tmp_path), tag="step")
+    layout, buffers, key = parameter_layout(tmp_path / "step", 1)
+    flats = open_partitions(tmp_path / "step", 1, key)
+    expected = _full(engine)
+    assert [name for name, *_ in layout] == list(expected) and buffers == {}
+    for name, shape, pieces in layout:
+        values = torch.cat([flats[r][group][lo:hi] for r, group, lo, hi in pieces])[: shape.numel()]
+        assert torch.equal(values.view(shape), expected[name]), name

@@ -1,0 +1,11 @@
+"""The training layer pretraining and finetuning share (it imports neither):
+
+- `config`: typed configs from YAML and `key=value` overrides, and the shared sections;
+- `optim`: AdamW with one weight-decay rule and the warmup/linear-decay schedule;
+- `sampling`: the alpha rule for mixing tasks, resume-safe;
+- `zero`: the DeepSpeed engine's config and set-up, and every use of DeepSpeed internals;
+- `step`: one optimizer step over several micro-batches (`optimizer_step`);
+- `loop`: the loop both trainers run (logs, checkpoints, stop signals);
+- `metrics`: TensorBoard, tqdm and `steps.jsonl`, summed over ranks;
+- `checkpoint`: save, find and resume checkpoints; `signals`: stop and requeue; `distributed`: ranks.
+"""

@@ -1,0 +1,54 @@
+"""The loop both trainers run: steps until the last, logging every `log_every` steps and checkpointing every
+`checkpoint_every`, on a stop signal (then stopping, and asking Slurm to requeue for SIGUSR1) and at the
+end. A trainer brings its step, its scalars and its checkpoint (see `Trainer`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from .metrics import Metrics
+from .signals import GO_ON, REQUEUE, Stop, requeue
+
+
+class Trainer(Protocol):
+    def step(self) -> int: ...  # optimizer steps done
+
+    def train_step(self, stop: Stop) -> tuple[dict, int]:
+        """One optimizer step: its record for `steps.jsonl`, and the stop any rank was asked for."""
+
+    def scalars(self) -> dict:
+        """TensorBoard scalars of the steps since the last log (a collective: every rank calls it)."""
+
+    def after_step(self, step: int, last: bool) -> dict:
+        """Anything else a step ends with (e.g. evaluation); its scalars, logged at once."""
+
+    def save(self) -> Path:
+        """Checkpoint the current step (a collective)."""
+
+
+def train_loop(trainer: Trainer, steps: int, log_every: int, checkpoint_every: int, metrics: Metrics,
+               is_main: bool) -> dict:
+    """Runs `trainer` to `steps`; returns {step, checkpoint, stopped, requeued}. On a failure the progress
+    bar ends before the error propagates, and the step records since the last checkpoint stay unwritten
+    (that checkpoint does not hold them)."""
+    stop, saved, stopping = Stop(), None, GO_ON
+    try:
+        while trainer.step() < steps and stopping == GO_ON:
+            record, stopping = trainer.train_step(stop)
+            step = trainer.step()
+            metrics.advance(step, record)
+            scalars = trainer.scalars() if step % log_every == 0 or step == steps else {}
+            scalars.update(trainer.after_step(step, step == steps))
+            if scalars:
+                metrics.log(step, scalars)
+                metrics.flush()
+            if step % checkpoint_every == 0 or step == steps or stopping != GO_ON:
+                metrics.flush()
+                saved = trainer.save()
+        requeued = stopping == REQUEUE and is_main and requeue()
+    except BaseException:
+        metrics.close(flush=False)
+        raise
+    metrics.close()
+    return {"step": trainer.step(), "checkpoint": saved, "stopped": stopping != GO_ON, "requeued": requeued}

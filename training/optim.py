@@ -1,0 +1,48 @@
+"""The optimizer and learning-rate schedule of both trainers: AdamW with one weight-decay rule, linear
+warmup then linear decay to zero (the papers' schedule)."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import OptimConfig
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """The one weight-decay rule: matrices decay; biases and normalisation weights (vectors, or anything
+    named `norm`) do not."""
+    return param.dim() >= 2 and "norm" not in name.lower()
+
+
+def parameter_groups(model, weight_decay: float) -> list[dict]:
+    """The trainable parameters in a decayed and an undecayed group (named, for logs and ZeRO)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if decays(name, param) else no_decay).append(param)
+    return [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(groups: list[dict], config: OptimConfig, total_steps: int, cpu_adam: bool = False):
+    """AdamW over `groups` and its schedule. `cpu_adam`: DeepSpeed's vectorised CPU Adam (in AdamW mode)
+    for an optimizer offloaded to the CPU."""
+    groups = [g for g in groups if g["params"]]
+    kwargs = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+    if cpu_adam:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    else:
+        optimizer = torch.optim.AdamW(groups, **kwargs)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(config.warmup_steps, total_steps))
+
+
+def linear_schedule(warmup: int, total: int):
+    """Step -> learning-rate factor: linear warmup over `warmup` steps, then linear decay to 0 at `total`."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor

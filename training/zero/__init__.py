@@ -1,0 +1,122 @@
+"""DeepSpeed for both trainers: the engine's config and set-up, and, in this package only, every use of
+DeepSpeed internals, each tested in `tests/test_zero_internals.py`:
+
+- `internals.one_reduction`: the engine's `coalesce_grad_reduction` (one gradient reduction per step);
+- `internals.clear_gradient_partitions`: ZeRO-3's reduced-gradient buffers (`grad_partitions_flat_buffer`,
+  `fp32_partitioned_groups_flat`);
+- `internals.expert_groups`, `tag_expert`, `expert_parameter_groups`: the private `deepspeed.utils.groups`
+  API and AutoEP's parameter tags (skill-parallel process groups, skills partitioned per position);
+- `internals.replay_cpu_adam`: the CPU-Adam kernel's running bias corrections after a resume;
+- `internals.whole_on_rank0`: a ZeRO-3 parameter's partition layout (`ds_tensor`);
+- `internals.CommClock`: the comms logger's records;
+- `traces.TraceSwitch`: ZeRO-3's parameter coordinator (one prefetch trace per kind of model call);
+- `layout`: the file layout of ZeRO checkpoints (read by the exporter).
+
+They were written against, and are tested with, the DeepSpeed versions `pyproject.toml` pins (TESTED).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..config import resolve_ds_config
+
+TESTED = (">=0.19.8", "<0.20")
+"""The DeepSpeed versions these internals are tested with (pyproject.toml pins the same range)."""
+
+
+def check_version() -> None:
+    """Warn (once) when the installed DeepSpeed is outside the tested range: the internals above may have
+    moved; the tests in `tests/test_zero_internals.py` say which."""
+    import deepspeed
+    from packaging.specifiers import SpecifierSet
+
+    if deepspeed.__version__.split("+")[0] not in SpecifierSet(",".join(TESTED)):
+        warnings.warn(f"DeepSpeed {deepspeed.__version__} is outside the tested range {','.join(TESTED)}; run "
+                      "tests/test_zero_internals.py to check the internals this trainer relies on", stacklevel=2)
+
+
+def bf16_enabled(setting: str) -> bool:
+    """`train.bf16`: "true", "false" or "auto" (bf16 where the accelerator supports it; not on CPU)."""
+    return setting == "true" or (setting == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def merge(base: dict, over: dict) -> dict:
+    """`over` merged into `base`, nested dicts key by key."""
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def engine_config(base: dict | str | Path, micro_batch: int, accumulation: int, grad_clip: float, bf16: bool,
+                  overrides: dict | None = None, profile_comm: bool = False) -> dict:
+    """A DeepSpeed config: `base` (a dict or a JSON file) with the batch, accumulation, clipping and
+    precision this run sets (any "auto" entry filled the same way) and `overrides` merged over it."""
+    ds = dict(base) if isinstance(base, dict) else _read(resolve_ds_config(str(base)))
+    ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=accumulation,
+              gradient_clipping=grad_clip, bf16={**(ds.get("bf16") or {}), "enabled": bf16})
+    if (ds.get("fp16") or {}).get("enabled") in ("auto", True) and bf16:
+        ds["fp16"] = {"enabled": False}
+    ds.pop("train_batch_size", None)  # follows from the two above and the world size
+    merge(ds, overrides or {})
+    if profile_comm:
+        ds["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True, "debug": False}
+    autos = [k for k, v in _leaves(ds) if v == "auto"]
+    if autos:
+        raise ValueError(f"DeepSpeed config entries left at 'auto' that this trainer does not fill: {autos}")
+    return ds
+
+
+def _read(path: str) -> dict:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"distributed.ds_config: no file {path}")
+    try:
+        ds = json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise ValueError(f"distributed.ds_config: {path} is not JSON ({e})") from None
+    if not isinstance(ds, dict):
+        raise ValueError(f"distributed.ds_config: {path} is not a JSON object")
+    return ds
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+
+
+def zero_stage(ds: dict) -> int:
+    return int((ds.get("zero_optimization") or {}).get("stage", 0))
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    return (ds.get("zero_optimization") or {}).get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
+
+
+def initialize(model, optimizer, scheduler, ds: dict):
+    """The DeepSpeed engine (its scheduler steps with it)."""
+    import deepspeed
+
+    check_version()
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    return engine
+
+
+def full_parameters(model, zero3: bool):
+    """Under ZeRO-3 the whole model gathered on every process, for code that runs outside training's
+    module calls (evaluation, saving); nothing to do otherwise."""
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))

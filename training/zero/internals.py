@@ -1,0 +1,137 @@
+"""The workarounds that reach into DeepSpeed's internals (see the package docstring for the list and the
+tested versions); each has its test in `tests/test_zero_internals.py`."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+
+def one_reduction(engine):
+    """Hold every gradient of the coming backward passes and reduce them once, in parameter order, when the
+    context ends (the engine counts it as one micro-step). Needed when the ranks' backward graphs differ
+    (skill parallelism): autograd may then reach ZeRO's reductions in a different order on each rank."""
+    return engine.coalesce_grad_reduction()
+
+
+def clear_gradient_partitions(engine) -> None:
+    """Zero ZeRO-3's reduced gradient partitions after an optimizer step. A backward writes the slot of each
+    parameter it reached and leaves the others alone, so a parameter the step's task does not use (another
+    task's skills, heads, front-end) would bring its last gradient into every later step's norm, clipping
+    and Adam update, and a resumed run, whose slots start at zero, would train differently."""
+    optimizer = engine.optimizer
+    buffer = getattr(optimizer, "grad_partitions_flat_buffer", None)
+    if buffer is not None:
+        buffer.zero_()
+    for flat in getattr(optimizer, "fp32_partitioned_groups_flat", ()):  # an offloaded optimizer's fp32 gradients
+        if flat.grad is not None:
+            flat.grad.zero_()
+
+
+def expert_groups(size: int) -> tuple[str, object, object]:
+    """DeepSpeed's expert-parallel groups of `size` consecutive ranks: (their name, this rank's expert-parallel
+    group, its expert-data-parallel group). ZeRO-3 partitions a parameter tagged with the name over the
+    expert-data-parallel group (the ranks at the same position)."""
+    from deepspeed.utils import groups
+
+    name = f"ep_size_{size}"
+    groups._create_expert_and_data_parallel(size)
+    return name, groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name)
+
+
+def tag_expert(param, name: str, data_group) -> None:
+    """Mark `param` as held by one expert-parallel position (named `name`) the way DeepSpeed tags AutoEP
+    experts: ZeRO-3 partitions it over `data_group` (the ranks at that position) and averages its
+    gradients over every rank."""
+    param.allreduce = False
+    param.group_name = name
+    param.ds_zero_placement_family = "autoep_expert"
+    param.ds_zero_partition_group_name = name
+    param.ds_zero_partition_process_group = data_group
+
+
+def expert_parameter_groups(groups: list[dict]) -> list[dict]:
+    """Optimizer groups with the expert-tagged parameters split into groups of their own (ZeRO partitions
+    them over their expert-data-parallel group)."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    return [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
+
+
+def replay_cpu_adam(engine) -> None:
+    """DeepSpeedCPUAdam's kernel (the offloaded optimizer) keeps beta1**t and beta2**t as running float
+    products, but a fresh process computes them with pow at its first step, which rounds differently.
+    Walk the new kernel through the restored step count (on empty tensors: nothing is updated) so that its
+    bias corrections match the uninterrupted run's bit for bit."""
+    optimizer = getattr(engine.optimizer, "optimizer", None)
+    if not hasattr(optimizer, "ds_opt_adam"):
+        return
+    steps = max((int(s["step"]) for s in optimizer.state.values() if "step" in s), default=0)
+    group, empty = optimizer.param_groups[0], torch.zeros(0)
+    for step in range(1, steps + 1):
+        optimizer.ds_opt_adam.adam_update(optimizer.opt_id, step, group["lr"], *group["betas"], group["eps"],
+                                          group["weight_decay"], group["bias_correction"], empty, empty, empty, empty)
+
+
+@contextlib.contextmanager
+def whole_on_rank0(params: list):
+    """ZeRO-3 partitioned parameters whole on rank 0 (on the CPU) inside the context, what rank 0 leaves in
+    them scattered back as partitions at its end; the other ranks never hold a whole tensor. Reads
+    DeepSpeed's partition layout: the flattened tensor, padded to a multiple of the ranks, split in rank
+    order (`ds_tensor`); moved 1M elements at a time, as gloo stages a collective's whole buffer."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def pieces(p, flat):  # (this rank's slice of its partition, every rank's in `flat`)
+        size = p.ds_tensor.numel()
+        for start in range(0, size, 1 << 20):
+            end = min(size, start + (1 << 20))
+            yield p.ds_tensor[start:end], [flat[r * size + start:r * size + end] for r in range(world)] if rank == 0 else None
+
+    flats = []
+    for p in params:
+        flat = p.ds_tensor.new_empty(p.ds_tensor.numel() * world) if rank == 0 else None
+        for mine, every in pieces(p, flat):
+            dist.gather(mine, every, dst=0)
+        if rank == 0:
+            p.data = flat[:p.ds_numel].view(p.ds_shape).cpu()
+        flats.append(flat)
+    yield
+    for p, flat in zip(params, flats):
+        if rank == 0:
+            flat[:p.ds_numel].copy_(p.data.flatten())
+            p.data = torch.empty(0, dtype=p.dtype, device=p.ds_tensor.device)
+        for mine, every in pieces(p, flat):
+            dist.scatter(mine, every, src=0)
+
+
+class CommClock:
+    """Seconds spent in collectives, and bytes all-gathered, between calls, from DeepSpeed's comms logger
+    (`comms_logger.enabled` in the engine config). Its timer per collective is cumulative (each record
+    holds the running total), so the newest record of each collective is kept; message counts are per
+    record. The records are cleared on every read, bounding their memory."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+        self.last = 0.0
+        self.seconds = 0.0
+
+    def read(self) -> int:
+        """Bytes all-gathered since the last read (ZeRO-3's parameter gathers); seconds accumulate in
+        `seconds` until `take_seconds`."""
+        from deepspeed import comm
+
+        records, gathered = comm.comms_logger.comms_dict, 0
+        for name, sizes in records.items():
+            self.totals[name] = max([self.totals.get(name, 0.0)] + [max(entry[1]) for entry in sizes.values()])
+            if name.startswith("all_gather"):
+                gathered += sum(size * entry[0] for size, entry in sizes.items())
+        records.clear()
+        total = sum(self.totals.values()) / 1000.0
+        self.seconds, self.last = self.seconds + total - self.last, total
+        return gathered
+
+    def take_seconds(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
