@@ -88,6 +88,7 @@ def prepare(config: FinetuneConfig):
 
     if not config.init:
         raise ValueError("no model to start from: pass --init <exported folder> (or set init: in the config)")
+    torch.manual_seed(config.train.seed)  # new heads, prompts and skills start the same on every rank and run
     model, _ = build_model(config)
     tokenizer = load_tokenizer(config.tokenizer or config.init)
     media = MediaConfig.from_model(model.config)
@@ -242,10 +243,10 @@ def train(config: FinetuneConfig, prepared) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         dump(config, out / "finetune_config.yaml")
     ds = engine_config(config)
-    torch.manual_seed(config.train.seed)
     optimizer, scheduler = build_optimizer(parameter_groups(model, config.optim.weight_decay), config.optim,
                                            config.train.steps, zero.offloads_optimizer(ds))
     engine = zero.initialize(model, optimizer, scheduler, ds)
+    torch.manual_seed(config.train.seed + topology.rank)  # dropout differs per rank; the weights do not
     run = Finetuning(config, topology, engine, train_data, evaluation, zero.zero_stage(ds) == 3)
     if resume is not None:
         run.resume(resume)

@@ -61,6 +61,7 @@ def test_sbatch_trains_requeues_on_signal_resumes_and_exports(cluster, tmp_path)
     assert state["JobState"] == "COMPLETED", log[-3000:]
     stopped = re.search(r"trained to step (\d+) \(stopped by signal, checkpointed, requeued\)", log)
     assert stopped and 5 <= int(stopped.group(1)) < 30 and "trained to step 30\n" in log
+    assert "Traceback" not in log
     steps = [json.loads(line)["step"] for line in (run / "steps.jsonl").read_text().splitlines()]
     assert set(steps) == set(range(1, 31))  # the signalled run's steps, then the resumed run's
     from skillnet import SkillNetForPreTraining
@@ -91,6 +92,7 @@ def test_sbatch_finetunes_requeues_on_signal_and_resumes(cluster, workspace, tmp
     assert cluster.job(job)["JobState"] == "COMPLETED", log[-3000:]
     stopped = re.search(r"finetuned to step (\d+) \(stopped by signal, checkpointed, requeued\)", log)
     assert stopped and 5 <= int(stopped.group(1)) < 30 and f"finetuned model: {out}" in log
+    assert "Traceback" not in log
     steps = [json.loads(line)["step"] for line in (out / "steps.jsonl").read_text().splitlines()]
     assert set(steps) == set(range(1, 31))
     from skillnet import SkillNetForMultiTask
