@@ -245,6 +245,16 @@ def _unpack(batch: dict) -> dict:
     return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
 
 
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """Slurm signals every process of a job step (`--signal`, `scancel`), loader workers too; a worker
+    killed by one would end the run with the DataLoader's traceback. The trainer checkpoints and stops on
+    them, and then stops its workers."""
+    import signal
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _as_is(batch):
     return batch
 
@@ -362,6 +372,7 @@ class MultiTaskLoader:
         # its own generator: creating the iterator must not draw from the global RNG, or a resumed run's
         # dropout would differ from the uninterrupted run's
         batches = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                             worker_init_fn=_leave_signals_to_the_trainer,
                              generator=torch.Generator().manual_seed(self.cfg.seed),
                              prefetch_factor=self.cfg.prefetch_batches if workers else None,
                              persistent_workers=False)

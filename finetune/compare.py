@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from skillnet.heads import head_type
+
 from .config import load_finetune_config
 from .train import prepare, train
 
@@ -31,8 +33,6 @@ SYSTEMS = [  # (row, router, one model per task, start from the pretrained weigh
     ("SkillNet, random init", "skill", False, False),
     ("SkillNet, sparse pretraining", "skill", False, True),
 ]
-MAIN_METRIC = {"classification": "accuracy", "pair_classification": "accuracy", "tagging": "f1", "span": "f1",
-               "retrieval": "recall@1", "generation": "rouge_l", "ctc": "cer"}
 
 
 def _generic(name: str, generic: str) -> list[str]:
@@ -95,18 +95,17 @@ def compare(config, pretrained: Path, out: Path) -> dict:
                     task.skills = task.skills or ["generic"]  # a task-table entry; the baselines' routing ignores it
             results = train(run, prepare(run))["results"]
             for task in run.tasks:
-                kind = task.head["type"]
-                table[row][task.name] = results[task.name][MAIN_METRIC[kind]]
+                table[row][task.name] = results[task.name][head_type(task.head["type"]).main_metric]
     return table
 
 
 def markdown(table: dict, config) -> str:
     names = [t.name for t in config.tasks]
-    kinds = {t.name: t.head["type"] for t in config.tasks}
-    header = [f"{n} ({MAIN_METRIC[kinds[n]]}{', lower is better' if kinds[n] == 'ctc' else ''})" for n in names]
+    kinds = {t.name: head_type(t.head["type"]) for t in config.tasks}
+    header = [f"{n} ({kinds[n].main_metric}{', lower is better' if kinds[n].lower_is_better else ''})" for n in names]
     lines = ["| System | " + " | ".join(header) + " | Avg |", "|---" * (len(names) + 2) + "|"]
     for row, scores in table.items():
-        better = [scores[n] for n in names if kinds[n] != "ctc"]
+        better = [scores[n] for n in names if not kinds[n].lower_is_better]
         avg = sum(better) / len(better) if better else float("nan")
         lines.append(f"| {row} | " + " | ".join(f"{100 * scores[n]:.1f}" for n in names) + f" | {100 * avg:.1f} |")
     return "\n".join(lines) + "\n"

@@ -79,7 +79,10 @@ class FinetuneConfig:
     """Checkpoints under `output_dir/checkpoints`; `resume: auto` continues a killed or preempted run."""
     distributed: DistributedConfig = field(default_factory=lambda: DistributedConfig(ds_config="ds_configs/zero2.json"))
     """The DeepSpeed config; under `accelerate launch --use_deepspeed` accelerate's DeepSpeed settings
-    (ZeRO stage, offload, `--deepspeed_config_file`) are used instead of `ds_config`."""
+    (ZeRO stage, offload, `--deepspeed_config_file`) are used instead of `ds_config`. As in pretraining,
+    DeepSpeed steps every parameter at every step: a parameter the step's task did not reach gets no
+    gradient, but weight decay and Adam's momentum from earlier steps still move it (`freeze_old` keeps
+    parameters as they were)."""
 
     def validate(self) -> None:
         if not self.tasks:

@@ -23,8 +23,7 @@ def describe(config) -> list[dict]:
     model, trainable = build_model(config)
     rows = []
     for task in config.tasks:
-        spec = model.config.task_heads[task.name]
-        modality = "audio" if spec["type"] == "ctc" else "text"
+        modality = model.head(task.name).modality
         skills = model.registry.skill_names(task.name)
         own = [p for name, p in model.named_parameters() if name.startswith((f"heads.{task.name}.", f"prompts.{task.name}."))]
         shared = {n for n in trainable if not n.startswith(("heads.", "prompts."))}

@@ -18,106 +18,46 @@ from pathlib import Path
 
 import torch
 
+from skillnet.heads import head_type
+
 from .data import DataFiles, TaskData, collate
-from .metrics import accuracy, bleu, character_error_rate, rouge_l, span_f1, tag_f1
 
 
 def _to(batch: dict, device) -> dict:
     return {k: _to(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
 
 
-@torch.no_grad()
-def _retrieve(model, data: TaskData, batch_size: int, top: int = 10) -> list[list[str]]:
-    """For each query (caption), the keys of the `top` best candidates among all of `data`'s."""
-    spec, device = data.spec, next(model.parameters()).device
-    modality = spec["candidate_modality"]
-    queries, candidates = [], []
+def _batches(data: TaskData, batch_size: int, device):
+    """`data`'s examples in order, collated on `device` without what only training reads: (inputs, meta)."""
     for i in range(0, len(data.examples), batch_size):
-        batch = _to({k: v for k, v in collate(data.examples[i:i + batch_size], data.tokenizer.pad_token_id).items()
-                     if k != "meta"}, device)
-        candidate = batch.pop("candidate")
-        queries.append(model.embed("text", data.task, **batch))
-        candidates.append(model.embed(modality, spec.get("candidate_task", modality), **candidate))
-    similarity = torch.cat(queries) @ torch.cat(candidates).T
-    keys = [e["meta"]["key"] for e in data.examples]
-    ranked = similarity.argsort(dim=1, descending=True, stable=True)[:, :top]
-    return [[keys[j] for j in row] for row in ranked.tolist()]
+        batch = collate(data.examples[i:i + batch_size], data.tokenizer.pad_token_id)
+        meta = batch.pop("meta", None)
+        for key in data.head.targets:
+            batch.pop(key, None)
+        yield _to(batch, device), meta
 
 
 @torch.no_grad()
 def predict(model, data: TaskData, batch_size: int = 32) -> list:
-    """One prediction per example of `data`, in order: a label name, tags, an answer, a transcript, or
-    (retrieval) the keys of the ten best candidates of the whole set."""
-    spec, device = data.spec, next(model.parameters()).device
+    """One prediction per example of `data`, in order, in the form of its head type: a label name, tags,
+    an answer, a transcript, generated text, or (retrieval) the keys of the ten best candidates of the set."""
     was_training = model.training
     model.eval()
-    if spec["type"] == "retrieval":
-        out = _retrieve(model, data, batch_size)
-        model.train(was_training)
-        return out
-    out = []
-    pad = data.tokenizer.pad_token_id
-    for i in range(0, len(data.examples), batch_size):
-        batch = collate(data.examples[i:i + batch_size], pad)
-        meta = batch.pop("meta", None)
-        for key in ("labels", "start_positions", "end_positions"):
-            batch.pop(key, None)
-        if spec["type"] == "generation":
-            ids = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), task=data.task,
-                                 max_new_tokens=data.files.max_length)
-            out += [data.tokenizer.decode(row[1:], skip_special_tokens=True).strip() for row in ids.tolist()]
-            continue
-        result = model(task=data.task, **_to(batch, device)).logits
-        if spec["type"] in ("classification", "pair_classification"):
-            out += [spec["labels"][j] for j in result.argmax(-1).tolist()]
-        elif spec["type"] == "tagging":
-            head = model.heads[data.task]
-            out += [[spec["labels"][j] for j in path] for path in head.decode(*result)]
-        elif spec["type"] == "span":
-            head = model.heads[data.task]
-            for (start, end), m in zip(head.best_spans(*result), meta):
-                out.append(m["context"][m["offsets"][start][0]:m["offsets"][end][1]].strip())
-        elif spec["type"] == "ctc":
-            out += ["".join(spec["labels"][c - 1] for c in path) for path in model.heads[data.task].decode(*result)]
+    out = data.head.predict(model, _batches(data, batch_size, next(model.parameters()).device), data.files,
+                            data.tokenizer)
     model.train(was_training)
     return out
 
 
 def gold(data: TaskData) -> list:
-    """The labels of `data`'s examples, in the shape `predict` returns (dropped rows excluded)."""
-    kind, out = data.spec["type"], []
-    labels = data.spec.get("labels")
-    for example in data.examples:
-        if kind in ("classification", "pair_classification"):
-            out.append(labels[int(example["labels"])])
-        elif kind == "tagging":
-            out.append([labels[j] for j in example["labels"].tolist()])
-        elif kind == "span":
-            out.append(example["meta"]["answers"])
-        elif kind == "ctc":
-            out.append(example["meta"]["transcript"])
-        elif kind == "generation":
-            out.append(example["meta"]["target"])
-        else:  # retrieval: a caption's own sample
-            out.append(example["meta"]["key"])
-    return out
+    """The answers of `data`'s examples, in the form `predict` gives (dropped rows excluded)."""
+    return [data.head.gold(example) for example in data.examples]
 
 
-def score(kind: str, predictions: list, references: list) -> dict[str, float]:
-    """The task's metric: accuracy, entity F1 of tags, answer exact match and F1, character error rate, or
-    recall@1/5/10 (the caption's own sample among the best k of the set)."""
-    if kind in ("classification", "pair_classification"):
-        return {"accuracy": accuracy(predictions, references)}
-    if kind == "tagging":
-        return tag_f1(predictions, references)
-    if kind == "ctc":
-        return {"cer": character_error_rate(predictions, references)}
-    if kind == "generation":
-        return {"rouge_l": rouge_l(predictions, references), "bleu": bleu(predictions, [[r] for r in references])}
-    if kind == "retrieval":
-        return {f"recall@{k}": sum(g in p[:k] for p, g in zip(predictions, references)) / len(references)
-                for k in (1, 5, 10)}
-    return span_f1(predictions, references)
+def score(kind_or_spec: str | dict, predictions: list, references: list) -> dict[str, float]:
+    """The metrics of a head type (its name, or a spec naming it) over an evaluation set."""
+    kind = kind_or_spec if isinstance(kind_or_spec, str) else kind_or_spec["type"]
+    return head_type(kind).score(predictions, references)
 
 
 def main(argv: list[str] | None = None) -> int:

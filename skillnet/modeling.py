@@ -17,7 +17,7 @@ from transformers.utils import ModelOutput
 
 from .configuration import SkillNetConfig
 from .frontends import FRONTENDS, INPUT_NAMES
-from .heads import check_head, make_head
+from .heads import Head, check_head, head_for
 from .layers import Packed, SkillFFN, SkillLinear, SkillNetLayer, padding_mask
 from .skills import Route, SkillRegistry
 
@@ -48,8 +48,9 @@ class SkillNetPreTrainingOutput(ModelOutput):
 class SkillNetMultiTaskOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | tuple | None = None
-    """classification: (batch, labels); tagging: (word emissions, word mask); span: (start, end) logits;
-    ctc: (frame log-probabilities, frame counts); retrieval: (queries, candidates) similarities."""
+    """The head type's (`skillnet.heads`): classification: (batch, labels); tagging: (word emissions, word
+    mask); span: (start, end) logits; ctc: (frame log-probabilities, frame counts); retrieval: (queries,
+    candidates) similarities; generation: (batch, target tokens, vocabulary)."""
     aux_loss: torch.Tensor | None = None
 
 
@@ -468,12 +469,19 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel):
     def get_output_embeddings(self):
         return getattr(self, "lm_head", None)
 
+    def head(self, task: str) -> Head:
+        """`task`'s head (`skillnet.heads`), of its spec's type."""
+        spec = self.config.task_heads.get(task)
+        if spec is None:
+            raise ValueError(f"task {task!r} has no head; tasks with heads: {sorted(self.config.task_heads)}")
+        return head_for(task, spec)
+
     def _build_head(self, task: str, spec: dict) -> list[nn.Module]:
         built = []
-        head = make_head(spec, self.config)
-        if head is not None:
-            self.heads[task] = head
-            built.append(head)
+        module = head_for(task, spec).build(self.config)
+        if module is not None:
+            self.heads[task] = module
+            built.append(module)
         if spec.get("prompts"):
             prompts = spec["prompts"]
             self.prompts[task] = PromptEncoder(prompts["length"], self.config.hidden_size, prompts.get("instance_wise", False))
@@ -489,63 +497,38 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel):
             module.apply(self._init_weights)
             module.to(self.device)
 
-    def forward(self, task: str, labels=None, word_mask=None, start_positions=None, end_positions=None,
-                candidate: dict | None = None, **inputs) -> SkillNetMultiTaskOutput:
-        spec = self.config.task_heads.get(task)
-        if spec is None:
-            raise ValueError(f"task {task!r} has no head; tasks with heads: {sorted(self.config.task_heads)}")
-        if spec["type"] == "retrieval":
-            return self._retrieval(task, spec, candidate, inputs)
-        if spec["type"] == "generation":
-            return self._generation(task, labels, inputs)
-        encoded = self.skillnet(**inputs, task=task, prompts=self.prompts[task] if task in self.prompts else None)
-        head = self.heads[task]
-        if spec["type"] == "tagging":
-            loss, logits = head(encoded, word_mask, labels)
-        elif spec["type"] == "ctc":
-            loss, logits = head(encoded, labels)
-        elif spec["type"] == "span":
-            passage = inputs["token_type_ids"].bool() & inputs["attention_mask"].bool()
-            loss, logits = head(encoded, passage, start_positions, end_positions)
-        else:
-            loss, logits = head(encoded, labels)
-        if loss is not None and encoded.aux_loss is not None:
-            loss = loss + encoded.aux_loss
-        return SkillNetMultiTaskOutput(loss, logits, encoded.aux_loss)
+    def forward(self, task: str, **inputs) -> SkillNetMultiTaskOutput:
+        """Run `task`'s head on a batch of its examples: the encoder's inputs and what the head's type reads
+        besides (`labels`, `word_mask`, `start_positions`, `candidate`, ...; see `skillnet.heads`). The head
+        calls this model's modules; its loss gets the routers' auxiliary loss added."""
+        loss, logits, aux_loss = self.head(task).forward(self, **inputs)
+        if loss is not None and aux_loss is not None:
+            loss = loss + aux_loss
+        return SkillNetMultiTaskOutput(loss, logits, aux_loss)
+
+    def encode(self, task: str, **inputs) -> SkillNetModelOutput:
+        """The encoder's output for `inputs`, run with `task`'s skills and prompts."""
+        return self.skillnet(**self.task_inputs(task, inputs))
 
     def embed(self, modality: str, task: str, **inputs) -> torch.Tensor:
         """The L2-normalised contrastive embedding of one side, run with `task`'s skills."""
-        return self._project(self.skillnet(**self._side(modality, task, inputs)))
+        return self.embedding(self.skillnet(**self.task_inputs(task, inputs, modality)))
 
-    def _side(self, modality: str, task: str, inputs: dict) -> dict:
+    def task_inputs(self, task: str, inputs: dict, modality: str | None = None) -> dict:
+        """The encoder's arguments for `inputs` run as `task` (its skills and prompts), e.g. one entry of a
+        `packed` call."""
         return {**inputs, "modality": modality, "task": task, "prompts": self.prompts[task] if task in self.prompts else None}
 
-    def _project(self, encoded: SkillNetModelOutput) -> torch.Tensor:
+    def embedding(self, encoded: SkillNetModelOutput) -> torch.Tensor:
+        """The L2-normalised contrastive embedding of an encoder output (its modality's projection of
+        `mean_pool`)."""
         pooled = mean_pool(encoded.last_hidden_state, encoded.attention_mask)
         return F.normalize(self.projections[encoded.modality](pooled), dim=-1)
 
-    def _generation(self, task, labels, inputs) -> SkillNetMultiTaskOutput:
-        """Teacher-forced decoding of `labels` (target ids, -100 on padding) with the task's skills."""
-        if labels is None:
-            raise ValueError(f"generation task {task!r}: pass labels (training) or call generate()")
-        route = self.skillnet.route(inputs["input_ids"].shape[0], task=task, device=inputs["input_ids"].device)
-        enc = self.skillnet(**inputs, route=route, prompts=self.prompts[task] if task in self.prompts else None)
-        logits = self.decode(self.shift_right(labels), enc.last_hidden_state, enc.attention_mask, route)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return SkillNetMultiTaskOutput(loss if enc.aux_loss is None else loss + enc.aux_loss, logits, enc.aux_loss)
-
-    def _retrieval(self, task, spec, candidate, inputs) -> SkillNetMultiTaskOutput:
-        """In-batch contrastive loss: query i matches candidate i, every other candidate is a negative."""
-        if candidate is None:
-            raise ValueError(f"retrieval task {task!r} needs candidate= (the inputs of the other side)")
-        modality = spec["candidate_modality"]
-        # both sides in one call (`SkillNetModel`'s `packed`)
-        queries, candidates = (self._project(out) for out in self.skillnet(packed=[
-            self._side("text", task, inputs), self._side(modality, spec.get("candidate_task", modality), candidate)]))
-        logits = self.logit_scale.exp().clamp(max=100.0) * queries @ candidates.T
-        targets = torch.arange(len(logits), device=logits.device)
-        loss = (F.cross_entropy(logits.float(), targets) + F.cross_entropy(logits.T.float(), targets)) / 2
-        return SkillNetMultiTaskOutput(loss, logits, None)
+    def similarities(self, queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """(queries, candidates) cosine similarities of normalised embeddings, scaled by the learned
+        temperature (CLIP's)."""
+        return self.logit_scale.exp().clamp(max=100.0) * queries @ candidates.T
 
 
 class SkillNetForConditionalGeneration(SkillNetPreTrainedModel):

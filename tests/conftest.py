@@ -1,5 +1,6 @@
 import inspect
 import json
+import os
 import random
 import socket
 
@@ -15,6 +16,23 @@ from skillnet.tokenizer import train_tokenizer
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+_RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT")
+_BEFORE = {k: os.environ.get(k) for k in _RENDEZVOUS}
+
+
+@pytest.fixture(autouse=True)
+def _rendezvous_stays_in_its_test():
+    """A test that trains in this process joins a one-rank process group and exports its rendezvous
+    (`MASTER_PORT` is a port this process then listens on); later tests' launchers must not inherit it.
+    (DeepSpeed reads RANK and LOCAL_RANK again later, so those stay; Slurm jobs get none of them.)"""
+    yield
+    for key, value in _BEFORE.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture

@@ -44,7 +44,9 @@ class LocalSlurm:
     def __init__(self, root: Path):
         self.root = root
         self.conf = root / "slurm.conf"
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        # a job's ranks come from Slurm: no launcher variables of this process (an in-process test run's)
+        launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        self.env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "SLURM_CONF": str(self.conf)}
         self.pid_files: list[Path] = []
 
     def start(self) -> "LocalSlurm":

@@ -3,6 +3,7 @@ model, new skills with the old parameters frozen, predictions that match the eva
 errors for bad input."""
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -156,7 +157,11 @@ def test_a_model_exported_by_pretraining_loads_and_finetunes(tmp_path):
     assert main(["--config", config, "--init", str(tmp_path / "export"), f"output_dir={out}", "train.steps=5"]) == 0
     model = SkillNetForMultiTask.from_pretrained(out)
     exported = SkillNetForPreTraining.from_pretrained(tmp_path / "export")
-    assert torch.equal(model.projections["image"].weight, exported.projections["image"].weight)  # not trained here
+    # not trained here: no gradient reaches it, only AdamW's decoupled decay (DeepSpeed steps every
+    # parameter): 0.01 x the learning rate of each of the 5 steps (3e-3, warmed up over 10)
+    decay = math.prod(1 - 0.01 * 3e-3 * (step + 1) / 10 for step in range(5))
+    before, after = exported.projections["image"].weight, model.projections["image"].weight
+    assert torch.allclose(after, before * decay, rtol=1e-6, atol=0) and not torch.equal(after, before)
     assert "accuracy" in json.loads((out / "results.json").read_text())["results"]["sentiment_analysis"]
 
 
@@ -384,7 +389,9 @@ def test_csv_and_parquet_files_and_code_and_audio_retrieval(workspace, tmp_path)
         {"name": "text_to_audio", "skills": ["text"], "head": {"type": "retrieval", "candidate_modality": "audio",
                                                               "candidate_task": "audio"},
          "data": {"train": str(tmp_path / "audio" / "audio-000000.tar"), "validation": str(tmp_path / "audio" / "audio-000001.tar")}},
-    ], "train": {"steps": 300, "batch_size": 16}, "optim": {"lr": 3e-3, "warmup_steps": 10}}
+    # 1e-3: DeepSpeed steps every parameter at every step, so Adam's momentum keeps moving the sentiment
+    # head during the retrieval steps; at 3e-3 that overshoots (accuracy 0.55)
+    ], "train": {"steps": 300, "batch_size": 16}, "optim": {"lr": 1e-3, "warmup_steps": 10}}
     path = tmp_path / "mixed.yaml"
     path.write_text(yaml.safe_dump(tree))
     out = tmp_path / "model"

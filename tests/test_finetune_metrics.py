@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from finetune.metrics import accuracy, bleu, character_error_rate, recall_at_k, rouge_l, span_f1, tag_f1
 from skillnet.crf import CRF
+from skillnet.metrics import accuracy, bleu, character_error_rate, recall_at_k, rouge_l, span_f1, tag_f1
 
 # --------------------------------------------------------------------------- accuracy
 

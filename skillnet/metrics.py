@@ -1,5 +1,8 @@
 """Evaluation metrics for the downstream tasks, in plain Python and torch (no metric libraries).
 
+Each head type (`skillnet.heads`) scores its task with these, so they live beside the model package rather
+than in an application that uses it.
+
 Every function takes a whole evaluation set and returns plain Python floats; scores are fractions in [0, 1].
 Inputs of different lengths, and empty evaluation sets, raise ``ValueError`` rather than giving a silent 0.
 """
