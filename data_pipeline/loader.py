@@ -246,13 +246,13 @@ def _unpack(batch: dict) -> dict:
 
 
 def _leave_signals_to_the_trainer(worker_id: int) -> None:
-    """Slurm signals every process of a job step (`--signal`, `scancel`), loader workers too; a worker
-    killed by one would end the run with the DataLoader's traceback. The trainer checkpoints and stops on
-    them, and then stops its workers."""
+    """Slurm's `--signal` (SIGUSR1) reaches every process of a job step, loader workers too; one killed by
+    it would end the run with the DataLoader's error before the trainer checkpoints. Workers ignore it;
+    the trainer checkpoints, stops and then stops them. (SIGTERM keeps torch's worker handler, which
+    exits quietly when the trainer itself stops the worker.)"""
     import signal
 
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _as_is(batch):
