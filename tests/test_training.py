@@ -135,3 +135,16 @@ warnings.warn("another", UserWarning)
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("is deprecated") == 1 and done.stderr.count("another") == 1
+
+
+def test_engine_config_fills_what_the_run_sets():
+    from training import zero
+
+    base = {"fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"}, "train_batch_size": "auto",
+            "zero_optimization": {"stage": 2}}
+    ds = zero.engine_config(base, 4, 2, 1.0, bf16=False, overrides={"zero_optimization": {"stage": 3}})
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
+    assert ds["fp16"]["enabled"] is False and ds["bf16"]["enabled"] is False and "train_batch_size" not in ds
+    assert ds["zero_optimization"]["stage"] == 3
+    with pytest.raises(ValueError, match="left at 'auto'.*zero_optimization.reduce_bucket_size"):
+        zero.engine_config({"zero_optimization": {"reduce_bucket_size": "auto"}}, 1, 1, 0.0, False)

@@ -63,8 +63,8 @@ def engine_config(base: dict | str | Path, micro_batch: int, accumulation: int, 
     ds = dict(base) if isinstance(base, dict) else _read(resolve_ds_config(str(base)))
     ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=accumulation,
               gradient_clipping=grad_clip, bf16={**(ds.get("bf16") or {}), "enabled": bf16})
-    if (ds.get("fp16") or {}).get("enabled") in ("auto", True) and bf16:
-        ds["fp16"] = {"enabled": False}
+    if "fp16" in ds and (bf16 or ds["fp16"].get("enabled") == "auto"):  # fp16 only when asked for, never with bf16
+        ds["fp16"] = {**ds["fp16"], "enabled": False}
     ds.pop("train_batch_size", None)  # follows from the two above and the world size
     merge(ds, overrides or {})
     if profile_comm:
