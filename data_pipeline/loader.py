@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -246,13 +248,20 @@ def _unpack(batch: dict) -> dict:
 
 
 def _leave_signals_to_the_trainer(worker_id: int) -> None:
-    """Slurm's `--signal` (SIGUSR1) reaches every process of a job step, loader workers too; one killed by
-    it would end the run with the DataLoader's error before the trainer checkpoints. Workers ignore it;
-    the trainer checkpoints, stops and then stops them. (SIGTERM keeps torch's worker handler, which
-    exits quietly when the trainer itself stops the worker.)"""
-    import signal
-
+    """Slurm signals every process of a job step, loader workers too: `--signal` sends SIGUSR1, a plain
+    `scancel` SIGTERM. A worker killed by either would end the run with the DataLoader's error before the
+    trainer checkpoints. Workers ignore SIGUSR1 and every SIGTERM but their parent's (torch's own worker
+    handler dies of a foreign one): the trainer checkpoints, stops and then stops them."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+    threading.Thread(target=_exit_on_the_parents_sigterm, args=(os.getppid(),), daemon=True,
+                     name="sigterm-from-parent").start()
+
+
+def _exit_on_the_parents_sigterm(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)  # what torch's handler does when the DataLoader (or multiprocessing at exit) stops us
 
 
 def _as_is(batch):

@@ -150,7 +150,7 @@ def test_shipped_configs_resolve_from_any_working_directory(tmp_path, monkeypatc
 @pytest.mark.parametrize("sig, requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
 def test_a_signal_checkpoints_and_only_slurms_requeues(sample, tmp_path, sig, requeued):
     """Slurm's `--signal` (SIGUSR1) checkpoints and requeues the job; a plain `scancel` (SIGTERM)
-    checkpoints and stops; the loader's workers, given SIGUSR1 too, leave it to the trainer. `scontrol` is
+    checkpoints and stops; the loader's workers, signalled too, leave it to the trainer. `scontrol` is
     a stand-in that records its arguments."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -167,10 +167,7 @@ def test_a_signal_checkpoints_and_only_slurms_requeues(sample, tmp_path, sig, re
     while not (run / "steps.jsonl").exists() or not (run / "steps.jsonl").read_text():
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first logging step"
         time.sleep(0.05)
-    if sig == signal.SIGUSR1:
-        os.killpg(proc.pid, sig)  # every process, loader workers too, as Slurm's --signal reaches a job step
-    else:
-        proc.send_signal(sig)  # the trainer only: a worker killed by SIGTERM still ends the run (see the note)
+    os.killpg(proc.pid, sig)  # every process, loader workers too, as Slurm signals a job step
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 3, out[-2000:]
     assert "stopped by signal, checkpointed" in out and ("requeued" in out) == requeued

@@ -1,6 +1,6 @@
 """`sbatch slurm/pretrain_multimodal.sh` and `sbatch slurm/finetune.sh` on a real two-node Slurm cluster on
 localhost: each job trains on 2 nodes x 1 task (CPU, gloo), is signalled, checkpoints and requeues itself,
-resumes, finishes, and exports or saves its model."""
+resumes, finishes, and exports or saves its model; a plain `scancel` checkpoints and ends a job."""
 
 import json
 import re
@@ -42,14 +42,19 @@ def _ended(cluster, job: str) -> bool:
     return state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED")
 
 
+def _submit(cluster, script: str, env: dict[str, str], out: Path) -> str:
+    """`sbatch` a script of `slurm/` on 2 nodes x 1 task with `env`; the job's id."""
+    submit = cluster.cmd("env", *(f"{k}={v}" for k, v in env.items()), "sbatch", "--parsable", "--nodes=2",
+                         "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={out}",
+                         f"--chdir={ROOT}", str(ROOT / "slurm" / script))
+    assert submit.returncode == 0, submit.stderr
+    return submit.stdout.strip().split(";")[0]
+
+
 def test_sbatch_trains_requeues_on_signal_resumes_and_exports(cluster, tmp_path):
     run, out = tmp_path / "run", tmp_path / "job.out"
     env = {"RUN_DIR": str(run), "SAMPLE": str(tmp_path / "sample"), "ARGS": "train.steps=30 checkpoint.every=5"}
-    submit = cluster.cmd("env", *(f"{k}={v}" for k, v in env.items()), "sbatch", "--parsable", "--nodes=2",
-                         "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={out}",
-                         f"--chdir={ROOT}", str(ROOT / "slurm" / "pretrain_multimodal.sh"))
-    assert submit.returncode == 0, submit.stderr
-    job = submit.stdout.strip().split(";")[0]
+    job = _submit(cluster, "pretrain_multimodal.sh", env, out)
     first = run / "checkpoints" / "step00000005" / "complete.json"
     _wait(first.exists, 600, "the first checkpoint")
     assert cluster.cmd("scancel", "--signal=USR1", job).returncode == 0  # as --signal=USR1@300 would
@@ -70,6 +75,24 @@ def test_sbatch_trains_requeues_on_signal_resumes_and_exports(cluster, tmp_path)
     assert model.config.num_hidden_layers == 2 and f"exported:    {run / 'export'}" in log
 
 
+def test_a_plain_scancel_checkpoints_and_ends_the_job(cluster, tmp_path):
+    """A plain `scancel` sends SIGTERM to every process of the job, the loader's workers included: the
+    ranks checkpoint and stop, and the job is not requeued."""
+    run, out = tmp_path / "run", tmp_path / "job.out"
+    env = {"RUN_DIR": str(run), "SAMPLE": str(tmp_path / "sample"),
+           "ARGS": "train.steps=100000 checkpoint.every=5"}
+    job = _submit(cluster, "pretrain_multimodal.sh", env, out)
+    _wait((run / "checkpoints" / "step00000005" / "complete.json").exists, 600, "the first checkpoint")
+    assert cluster.cmd("scancel", job).returncode == 0
+    _wait(lambda: _ended(cluster, job), 300, "the job to end", 2)
+    state, log = cluster.job(job), out.read_text()
+    assert state["JobState"] == "CANCELLED" and state.get("Restarts") == "0", log[-3000:]
+    stopped = re.search(r"trained to step (\d+) \(stopped by signal, checkpointed\)\n", log)
+    assert stopped, log[-3000:]
+    assert (run / "checkpoints" / f"step{int(stopped.group(1)):08d}" / "complete.json").exists()
+    assert "Traceback" not in log and "requeue" not in log
+
+
 def test_sbatch_finetunes_requeues_on_signal_and_resumes(cluster, workspace, tmp_path):
     """`sbatch slurm/finetune.sh`: 2 nodes x 1 task, signalled after its first checkpoint, requeued, resumed
     from that checkpoint, finished with the model saved."""
@@ -79,11 +102,7 @@ def test_sbatch_finetunes_requeues_on_signal_and_resumes(cluster, workspace, tmp
     out, log_file = tmp_path / "model", tmp_path / "job.out"
     env = {"INIT": str(init), "CONFIG": finetune_config(root, files, ["sentiment", "ner"]), "OUT": str(out),
            "ARGS": "train.steps=30 checkpoint.every=5 train.batch_size=8"}
-    submit = cluster.cmd("env", *(f"{k}={v}" for k, v in env.items()), "sbatch", "--parsable", "--nodes=2",
-                         "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={log_file}",
-                         f"--chdir={ROOT}", str(ROOT / "slurm" / "finetune.sh"))
-    assert submit.returncode == 0, submit.stderr
-    job = submit.stdout.strip().split(";")[0]
+    job = _submit(cluster, "finetune.sh", env, log_file)
     _wait((out / "checkpoints" / "step00000005" / "complete.json").exists, 600, "the first checkpoint")
     assert cluster.cmd("scancel", "--signal=USR1", job).returncode == 0
     _wait(lambda: cluster.job(job).get("Restarts") == "1", 300, "the job to requeue itself")
