@@ -24,7 +24,10 @@ class SkillNetConfig(PretrainedConfig):
         skills: list of `{"name", "description"}`; or leave empty and name a shipped `skill_set`.
         tasks: task name -> list of skill names the task activates.
         task_modalities: task name -> its input modality, for tasks whose input is not text.
-        skill_set: "nlu", "nlg" or "multimodal": fills `skills` and `tasks` from the papers' tables.
+        skill_set: "nlu", "nlg" or "multimodal": fills `skills`, `tasks` and `default_task` from the papers'
+            tables. A skill model given neither skills nor a skill set is SkillNet-NLU ("nlu").
+        default_task: the task a call that names none (`task=`, `skills=` or `skill_mask=`) runs, as a
+            pipeline's call does; None: every call must name one.
         generic_skill: the skill every task activates when `always_generic` is true (None for none).
         skill_layers: which layers carry skills: "all", "every:k" (every k-th layer, counting from the
             bottom), "top:n" (the top n layers) or an explicit list of layer indices. Other layers hold
@@ -98,13 +101,17 @@ class SkillNetConfig(PretrainedConfig):
         num_decoder_layers: int = 0,
         tie_word_embeddings: bool = True,
         task_heads: dict[str, dict] | None = None,
+        default_task: str | None = None,
         **kwargs,
     ):
+        if skill_set is None and not skills and router == "skill":
+            skill_set = "nlu"
         if skill_set is not None and not skills:
             shipped = shipped_skill_set(skill_set)
             skills = shipped["skills"]
             tasks = {**shipped["tasks"], **(tasks or {})}
             task_modalities = {**shipped["task_modalities"], **(task_modalities or {})}
+            default_task = default_task or shipped["default_task"]
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -146,6 +153,7 @@ class SkillNetConfig(PretrainedConfig):
         self.projection_dim = projection_dim
         self.num_decoder_layers = num_decoder_layers
         self.task_heads = {t: dict(h) for t, h in (task_heads or {}).items()}
+        self.default_task = default_task
         kwargs.pop("is_encoder_decoder", None)  # follows from num_decoder_layers
         super().__init__(
             pad_token_id=pad_token_id,
@@ -157,6 +165,11 @@ class SkillNetConfig(PretrainedConfig):
             **kwargs,
         )
         self.validate_skillnet()
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "num_decoder_layers":  # e.g. from_pretrained(encoder, num_decoder_layers=2) warm-starting a decoder
+            super().__setattr__("is_encoder_decoder", value > 0)
 
     def validate_skillnet(self) -> None:
         """Raise a ValueError naming the first inconsistent setting."""
@@ -187,6 +200,8 @@ class SkillNetConfig(PretrainedConfig):
         if "video" in self.modalities and self.num_frames % self.tubelet_size:
             raise ValueError(f"num_frames {self.num_frames} is not divisible by tubelet_size {self.tubelet_size}")
         self.skill_layer_indices(self.num_hidden_layers)
+        if self.default_task is not None and self.default_task not in self.tasks:
+            raise ValueError(f"default_task {self.default_task!r} is not in the task table {sorted(self.tasks)}")
         for task, spec in self.task_heads.items():
             check_head(task, spec, self)
 

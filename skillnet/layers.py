@@ -7,12 +7,15 @@ process groups, no DeepSpeed. Parallelism is applied from outside (see `pretrain
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.cache_utils import EncoderDecoderCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .skills import Route
 
@@ -201,14 +204,18 @@ class Packed:
 
 
 class Attention(nn.Module):
-    """Multi-head attention (self or cross) whose projections may be skill-specific."""
+    """Multi-head attention (self or cross) whose projections may be skill-specific. Computed by PyTorch's
+    scaled_dot_product_attention, or written out ("eager") where `config._attn_implementation` says so or
+    the attention weights are asked for."""
 
-    def __init__(self, config, skilled: bool):
+    def __init__(self, config, skilled: bool, layer_idx: int = 0):
         super().__init__()
         h = config.hidden_size
         names = [s["name"] for s in config.skills]
         proj = (lambda: SkillLinear(names, h, h)) if skilled else (lambda: SharedLinear(h, h))
         self.q, self.k, self.v, self.o = proj(), proj(), proj(), proj()
+        self.config = config  # read at call time: `model.set_attn_implementation` changes it
+        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.dropout = config.attention_probs_dropout_prob
 
@@ -216,39 +223,53 @@ class Attention(nn.Module):
         b, n, h = x.shape
         return x.view(b, n, self.num_heads, h // self.num_heads).transpose(1, 2)
 
-    def project_kv(self, states: torch.Tensor, route: Route) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._heads(self.k(states, route)), self._heads(self.v(states, route))
-
-    def forward(self, x, mask, route, kv_states=None, cache=None, is_causal=False):
+    def forward(self, x, mask, route, kv_states=None, cache: EncoderDecoderCache | None = None, is_causal=False,
+                output_attentions=False):
         """`mask`: bool (batch, 1, q or 1, keys), True where attending, or `Packed` (self-attention within
-        each packed input). `kv_states`: the encoder states for cross-attention. `cache`: a dict holding
-        this layer's keys/values from earlier decoding steps."""
+        each packed input). `kv_states`: the encoder states for cross-attention. `cache`: the decoder's
+        keys/values of earlier decoding steps (this layer's entry; cross-attention's are computed once).
+        Returns the output and the attention weights (None unless `output_attentions`)."""
         if isinstance(mask, Packed):
-            if kv_states is not None or cache is not None or is_causal:
-                raise ValueError("packed inputs run an encoder's self-attention only")
-            return self._packed(x, mask, route)
+            if kv_states is not None or cache is not None or is_causal or output_attentions:
+                raise ValueError("packed inputs run an encoder's self-attention only, without attention weights")
+            return self._packed(x, mask, route), None
         q = self._heads(self.q(x, route))
-        if cache is not None and "k" in cache and kv_states is not None:
-            k, v = cache["k"], cache["v"]  # cross-attention keys are fixed for the whole generation
+        cross = kv_states is not None
+        if cache is not None and cross and cache.is_updated.get(self.layer_idx):
+            layer = cache.cross_attention_cache.layers[self.layer_idx]
+            k, v = layer.keys, layer.values  # fixed for the whole generation
         else:
-            k, v = self.project_kv(x if kv_states is None else kv_states, route)
-            if cache is not None and kv_states is None and "k" in cache:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            source = kv_states if cross else x
+            k, v = self._heads(self.k(source, route)), self._heads(self.v(source, route))
             if cache is not None:
-                cache["k"], cache["v"] = k, v
+                own = cache.cross_attention_cache if cross else cache.self_attention_cache
+                k, v = own.update(k, v, self.layer_idx)
+                if cross:
+                    cache.is_updated[self.layer_idx] = True
         # no mask at all where every key is valid, and SDPA's own causal flag, so that its efficient and flash
         # kernels stay eligible; an explicit mask only with padding (or a cache offsetting the queries)
         causal_flag = is_causal and mask is None and q.shape[2] == k.shape[2]
         if is_causal and not causal_flag and q.shape[2] > 1:
             causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - q.shape[2])
             mask = causal if mask is None else mask & causal
-        return self.o(self._attend(q, k, v, mask, causal_flag), route)
+        out, weights = self._attend(q, k, v, mask, causal_flag, output_attentions)
+        return self.o(out, route), weights
 
-    def _attend(self, q, k, v, mask, is_causal=False) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                                             is_causal=is_causal)
+    def _attend(self, q, k, v, mask, is_causal=False, output_attentions=False):
+        dropout = self.dropout if self.training else 0.0
+        if output_attentions or self.config._attn_implementation == "eager":
+            scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+            if is_causal:
+                mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+            if mask is not None:
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            weights = scores.softmax(-1)
+            out = F.dropout(weights, dropout, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+            weights = None
         b, _, n, d = out.shape
-        return out.transpose(1, 2).reshape(b, n, self.num_heads * d)
+        return out.transpose(1, 2).reshape(b, n, self.num_heads * d), weights if output_attentions else None
 
     def _packed(self, x: torch.Tensor, packed: Packed, route: Route) -> torch.Tensor:
         q, k, v = self.q(x, route), self.k(x, route), self.v(x, route)
@@ -256,37 +277,42 @@ class Attention(nn.Module):
         for (batch, length), mask in zip(packed.shapes, packed.masks):
             end = start + batch * length
             heads = [self._heads(t[start:end].view(batch, length, -1)) for t in (q, k, v)]
-            out.append(self._attend(*heads, mask).flatten(0, 1))
+            out.append(self._attend(*heads, mask)[0].flatten(0, 1))
             start = end
         return self.o(torch.cat(out), route)
 
 
-class SkillNetLayer(nn.Module):
-    """Post-LayerNorm transformer layer (BERT's layout): attention, optional cross-attention, FFN block."""
+class SkillNetLayer(GradientCheckpointingLayer):
+    """Post-LayerNorm transformer layer (BERT's layout): attention, optional cross-attention, FFN block.
+    Under `model.gradient_checkpointing_enable()` its activations are recomputed in the backward pass."""
 
-    def __init__(self, config, carries_skills: bool, decoder: bool = False):
+    def __init__(self, config, carries_skills: bool, decoder: bool = False, layer_idx: int = 0):
         super().__init__()
         skilled_attention = carries_skills and config.skill_attention and config.router == "skill"
         eps = config.layer_norm_eps
-        self.attn = Attention(config, skilled_attention)
+        self.attn = Attention(config, skilled_attention, layer_idx)
         self.attn_norm = nn.LayerNorm(config.hidden_size, eps=eps)
         self.decoder = decoder
         if decoder:
-            self.cross_attn = Attention(config, skilled_attention)
+            self.cross_attn = Attention(config, skilled_attention, layer_idx)
             self.cross_norm = nn.LayerNorm(config.hidden_size, eps=eps)
         self.ffn = make_ffn(config, carries_skills)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x, mask, route, encoder_states=None, encoder_mask=None, cache=None):
-        self_cache = cross_cache = None
-        if cache is not None:
-            self_cache, cross_cache = cache.setdefault("self", {}), cache.setdefault("cross", {})
-        x = self.attn_norm(x + self.dropout(self.attn(x, mask, route, cache=self_cache, is_causal=self.decoder)))
+    def forward(self, x, mask, route, encoder_states=None, encoder_mask=None, past_key_values=None,
+                output_attentions=False):
+        """The layer's output, its self-attention weights and its cross-attention weights (None unless
+        `output_attentions`)."""
+        attended, weights = self.attn(x, mask, route, cache=past_key_values, is_causal=self.decoder,
+                                      output_attentions=output_attentions)
+        x = self.attn_norm(x + self.dropout(attended))
+        cross_weights = None
         if self.decoder:
-            attended = self.cross_attn(x, encoder_mask, route, kv_states=encoder_states, cache=cross_cache)
+            attended, cross_weights = self.cross_attn(x, encoder_mask, route, kv_states=encoder_states,
+                                                      cache=past_key_values, output_attentions=output_attentions)
             x = self.cross_norm(x + self.dropout(attended))
-        return self.ffn_norm(x + self.dropout(self.ffn(x, route)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x, route))), weights, cross_weights
 
 
 def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,10 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.utils import ModelOutput
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import MaskedLMOutput, Seq2SeqLMOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration import SkillNetConfig
 from .frontends import FRONTENDS, INPUT_NAMES
@@ -26,8 +30,10 @@ from .skills import Route, SkillRegistry
 class SkillNetModelOutput(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
     pooler_output: torch.Tensor | None = None
-    attention_mask: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    attention_mask: torch.Tensor | None = None
+    """The mask of `last_hidden_state`'s positions (1 where an input position is)."""
     aux_loss: torch.Tensor | None = None
     modality: str | None = None
 
@@ -42,6 +48,8 @@ class SkillNetPreTrainingOutput(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     pair_embeddings: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -55,11 +63,9 @@ class SkillNetMultiTaskOutput(ModelOutput):
 
 
 @dataclass
-class SkillNetSeq2SeqOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    encoder_last_hidden_state: torch.Tensor | None = None
+class SkillNetSeq2SeqOutput(Seq2SeqLMOutput):
     aux_loss: torch.Tensor | None = None
+    """The routers' auxiliary loss of the baselines (included in `loss`)."""
 
 
 class SkillNetPreTrainedModel(PreTrainedModel):
@@ -67,7 +73,8 @@ class SkillNetPreTrainedModel(PreTrainedModel):
     config: SkillNetConfig
     base_model_prefix = "skillnet"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
     _no_split_modules = ["SkillNetLayer"]
 
     @torch.no_grad()
@@ -82,11 +89,29 @@ class SkillNetPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, refusing checkpoints whose skills or shapes differ from the config."""
+        """`PreTrainedModel.from_pretrained`: weights the checkpoint lacks are initialised and listed (e.g. the
+        decoder of an encoder-decoder warm-started from an encoder), but a checkpoint whose skills or shapes
+        differ from the config's is refused."""
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        _check_loaded_skills(info)
+        _check_loaded_skills(info, model.state_dict().keys())
         return (model, info) if wants_info else model
+
+    _output_embeddings: str | None = None
+    """The attribute holding the vocabulary projection (tied to the token embedding), where there is one."""
+
+    def get_input_embeddings(self):
+        return self.get_encoder().get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return getattr(self, self._output_embeddings, None) if self._output_embeddings else None
+
+    def set_output_embeddings(self, new_embeddings):
+        setattr(self, self._output_embeddings, new_embeddings)
+
+    def get_encoder(self, modality=None):
+        """The multimodal encoder (`SkillNetModel`): the model itself, or its `skillnet`."""
+        return getattr(self, "skillnet", self)
 
     # -- skills ---------------------------------------------------------------------------------------
 
@@ -118,14 +143,22 @@ class SkillNetPreTrainedModel(PreTrainedModel):
         self.config.tasks = {**self.config.tasks, name: list(skills)}
 
 
-def _check_loaded_skills(info: dict) -> None:
+def _check_loaded_skills(info: dict, model_keys) -> None:
+    """A skill or expert that the checkpoint and the config disagree on in a layer both have, or a shape that
+    differs: an error naming them. A layer only one side has (the decoder of an encoder-decoder warm-started
+    from an encoder, or the other way round) is initialised or left out and listed, as transformers does."""
     mismatched = info.get("mismatched_keys") or []
+    missing = set(info.get("missing_keys") or [])
+    owner = re.compile(r"^(.*\.(?:skills|experts))\.([^.]+)\.")
+    owners = {k: m.group(1) for k in model_keys if (m := owner.match(k))}
+    compared = {"missing_keys": {o for k, o in owners.items() if k not in missing},  # layers the checkpoint has
+                "unexpected_keys": set(owners.values())}  # layers the model has
     problems = []
     for kind in ("missing_keys", "unexpected_keys"):
-        keys = sorted(k for k in info.get(kind) or [] if ".skills." in k or ".experts." in k)
+        keys = sorted(k for k in info.get(kind) or [] if (m := owner.match(k)) and m.group(1) in compared[kind])
         if keys:
-            names = sorted({k.split(".skills.")[-1].split(".")[0] for k in keys if ".skills." in k})
-            problems.append(f"{kind.replace('_', ' ')} for skills {names or keys[:3]}")
+            names = sorted({owner.match(k).group(2) for k in keys})
+            problems.append(f"{kind.replace('_', ' ')} for skills {names}")
     if mismatched:
         problems.append(f"shapes differ for {[m[0] if isinstance(m, tuple) else m for m in list(mismatched)[:3]]}")
     if problems:
@@ -140,21 +173,37 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
+@dataclass
+class StackOutput:
+    last_hidden_state: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
+
+
 class SkillNetEncoder(nn.Module):
     """A stack of `SkillNetLayer`s; the layers named by `config.skill_layers` carry skills."""
 
     def __init__(self, config: SkillNetConfig, num_layers: int, decoder: bool = False):
         super().__init__()
         skilled = set(config.skill_layer_indices(num_layers))
-        self.layers = nn.ModuleList(SkillNetLayer(config, i in skilled, decoder) for i in range(num_layers))
+        self.layers = nn.ModuleList(SkillNetLayer(config, i in skilled, decoder, i) for i in range(num_layers))
 
-    def forward(self, x, mask, route, encoder_states=None, encoder_mask=None, cache=None, output_hidden_states=False):
+    def forward(self, x, mask, route, encoder_states=None, encoder_mask=None, past_key_values=None,
+                output_hidden_states=False, output_attentions=False) -> StackOutput:
         hidden = [x] if output_hidden_states else None
-        for i, layer in enumerate(self.layers):
-            x = layer(x, mask, route, encoder_states, encoder_mask, None if cache is None else cache.setdefault(i, {}))
+        attentions, cross = ([], []) if output_attentions else (None, None)
+        for layer in self.layers:
+            x, weights, cross_weights = layer(x, mask, route, encoder_states, encoder_mask,
+                                              past_key_values=past_key_values, output_attentions=output_attentions)
             if hidden is not None:
                 hidden.append(x)
-        return x, tuple(hidden) if hidden is not None else None
+            if attentions is not None:
+                attentions.append(weights)
+                cross.append(cross_weights)
+        return StackOutput(x, tuple(hidden) if hidden is not None else None,
+                           tuple(attentions) if attentions is not None else None,
+                           tuple(cross) if cross and encoder_states is not None else None)
 
 
 class SkillNetModel(SkillNetPreTrainedModel):
@@ -164,6 +213,10 @@ class SkillNetModel(SkillNetPreTrainedModel):
     `pixel_values_videos`) and the skills to run: `task="sentiment_analysis"`, `skills=["token"]`, a list of
     tasks or skill lists (one per sample), or a bool `skill_mask` (batch, num_skills).
     """
+
+    # the heads of the other classes, when the encoder is loaded on its own (feature extraction)
+    _keys_to_ignore_on_load_unexpected = [r"^mlm_", r"^pair_head\.", r"^projections\.", r"^logit_scale", r"^lm_head\.",
+                                          r"^decoder", r"^heads\.", r"^prompts\."]
 
     def __init__(self, config: SkillNetConfig, add_pooling_layer: bool = True):
         super().__init__(config)
@@ -190,6 +243,8 @@ class SkillNetModel(SkillNetPreTrainedModel):
         given = [n for n, v in (("task", task), ("skills", skills), ("skill_mask", skill_mask)) if v is not None]
         if len(given) > 1:
             raise ValueError(f"pass one of task, skills, skill_mask; got {given}")
+        if not given and self.config.default_task is not None:
+            task, given = self.config.default_task, ["task"]
         registry = self.registry if self.config.skills else None
         task_embedding = None
         if self.task_embedding is not None:
@@ -203,7 +258,8 @@ class SkillNetModel(SkillNetPreTrainedModel):
                 registry.task_skills(name)  # an unknown task is an error for every router
             return Route([(None, ())], task_embedding)
         if not given:
-            raise ValueError("a skill model needs task=, skills= or skill_mask= to know which skills to run")
+            raise ValueError("a skill model needs task=, skills= or skill_mask= to know which skills to run "
+                             "(or a config.default_task for calls that name none)")
         if isinstance(task, str):
             return Route([(None, registry.task_skills(task))])
         if skills is not None and all(isinstance(s, str) for s in skills):
@@ -240,25 +296,33 @@ class SkillNetModel(SkillNetPreTrainedModel):
         x = x + self.modality_embeddings(index)
         return self.embed_dropout(self.embed_norm(x)), mask, modality
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None,
                 input_features=None, feature_attention_mask=None, pixel_values_videos=None, modality=None,
                 task=None, skills=None, skill_mask=None, route: Route | None = None, prompts: nn.Module | None = None,
-                packed: list[dict] | None = None, output_hidden_states: bool = False, return_dict: bool | None = None,
-                **kwargs) -> SkillNetModelOutput | tuple[SkillNetModelOutput, ...]:
+                packed: list[dict] | None = None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None, **kwargs) -> SkillNetModelOutput | tuple[SkillNetModelOutput, ...]:
         """`prompts`: a `PromptEncoder` whose vectors are inserted after the first position ([CLS]) for
         the trunk to attend to; they are taken out of the outputs again, which stay aligned with the inputs.
 
         `packed`: instead of one input, several (each a dict of the arguments above, with its own modality,
         task or skills, prompts), run through the trunk together: their tokens are laid end to end, so each
         projection and skill module is called once for all of them, and attention stays within each input.
-        Returns one output per input; the whole call's `aux_loss` is on the first."""
+        Returns one output per input; the whole call's `aux_loss` is on the first.
+
+        A call naming no task, skills or skill mask runs `config.default_task`."""
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         if packed is not None:
             return self._forward_packed(packed, output_hidden_states)
         x, mask, attention, route, n, modality = self._prepare(
             input_ids, attention_mask, token_type_ids, pixel_values, input_features, feature_attention_mask,
             pixel_values_videos, modality, task, skills, skill_mask, route, prompts)
-        hidden, all_hidden = self.encoder(x, attention, route, output_hidden_states=output_hidden_states)
-        return self._output(hidden, mask, n, all_hidden, route, modality)
+        stack = self.encoder(x, attention, route, output_hidden_states=output_hidden_states,
+                             output_attentions=output_attentions)
+        return self._output(stack, mask, n, route, modality)
 
     def _prepare(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None,
                  input_features=None, feature_attention_mask=None, pixel_values_videos=None, modality=None,
@@ -280,12 +344,13 @@ class SkillNetModel(SkillNetPreTrainedModel):
             input_ids is not None and attention_mask is None) or (input_features is not None and feature_attention_mask is None)
         return x, mask, None if unpadded else padding_mask(mask), route, n, modality
 
-    def _output(self, hidden, mask, n, all_hidden, route, modality) -> SkillNetModelOutput:
+    def _output(self, stack: StackOutput, mask, n, route, modality) -> SkillNetModelOutput:
+        hidden = stack.last_hidden_state
         if n:
             hidden, mask = (torch.cat([t[:, :1], t[:, 1 + n:]], dim=1) for t in (hidden, mask))
         pooled = torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None
         aux = torch.stack(route.aux_losses).sum() if route is not None and route.aux_losses else None
-        return SkillNetModelOutput(hidden, pooled, mask, all_hidden, aux, modality)
+        return SkillNetModelOutput(hidden, pooled, stack.hidden_states, stack.attentions, mask, aux, modality)
 
     def _forward_packed(self, packed: list[dict], output_hidden_states: bool) -> tuple[SkillNetModelOutput, ...]:
         for i, inputs in enumerate(packed):
@@ -295,14 +360,15 @@ class SkillNetModel(SkillNetPreTrainedModel):
         shapes = [tuple(p[0].shape[:2]) for p in prepared]
         rows = torch.cat([p[0].flatten(0, 1) for p in prepared])
         route = Route.packed([p[3] for p in prepared], shapes, rows.device)
-        hidden, all_hidden = self.encoder(rows, Packed(shapes, [p[2] for p in prepared]), route,
-                                          output_hidden_states=output_hidden_states)
+        stack = self.encoder(rows, Packed(shapes, [p[2] for p in prepared]), route,
+                             output_hidden_states=output_hidden_states)
         outputs, start = [], 0
         for i, ((_, mask, _, _, n, modality), (batch, length)) in enumerate(zip(prepared, shapes)):
             def part(t, start=start):
                 return t[start:start + batch * length].view(batch, length, -1)
-            states = tuple(part(h) for h in all_hidden) if all_hidden is not None else None
-            outputs.append(self._output(part(hidden), mask, n, states, route if i == 0 else None, modality))
+            states = tuple(part(h) for h in stack.hidden_states) if stack.hidden_states is not None else None
+            outputs.append(self._output(StackOutput(part(stack.last_hidden_state), states), mask, n,
+                                        route if i == 0 else None, modality))
             start += batch * length
         return tuple(outputs)
 
@@ -315,16 +381,13 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
     """The encoder with the sparse pretraining heads: masked-token prediction (tied to the token
     embedding), sentence-pair prediction from the pooled [CLS], and per-modality contrastive projections."""
 
+    _output_embeddings = "mlm_decoder"
+
     def __init__(self, config: SkillNetConfig):
         super().__init__(config)
         self.skillnet = SkillNetModel(config)
         h = config.hidden_size
-        self.mlm_transform = nn.Linear(h, h) if "text" in self.skillnet.frontends else None
-        self.mlm_norm = nn.LayerNorm(h, eps=config.layer_norm_eps) if self.mlm_transform is not None else None
-        # the vocabulary projection, its weight tied to the token embedding (a module call, as Hugging Face ties)
-        self.mlm_decoder = nn.Linear(h, config.vocab_size) if self.mlm_transform is not None else None
-        if self.mlm_decoder is not None:
-            self._tied_weights_keys = {"mlm_decoder.weight": "skillnet.frontends.text.word_embeddings.weight"}
+        _add_mlm_head(self, config)
         self.pair_head = nn.Linear(h, 2)
         self.projections = None
         self.logit_scale = None
@@ -333,29 +396,17 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
             self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))  # 1-d: DeepSpeed broadcasts bytes
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.skillnet.get_input_embeddings()
-
-    def get_output_embeddings(self):
-        return self.mlm_decoder
-
-    def set_output_embeddings(self, new_embeddings):
-        self.mlm_decoder = new_embeddings
-
-    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.mlm_transform is None:
-            raise ValueError("masked-token prediction needs a text or code modality")
-        return self.mlm_decoder(self.mlm_norm(ACT2FN[self.config.hidden_act](self.mlm_transform(hidden))))
-
     def project(self, pooled: torch.Tensor, modality: str) -> torch.Tensor:
         """L2-normalised contrastive embedding of a pooled vector of `modality` (see `mean_pool`)."""
         if self.projections is None:
             raise ValueError("contrastive embeddings need projection_dim > 0 in the config")
         return F.normalize(self.projections[modality](pooled), dim=-1)
 
-    def forward(self, labels=None, next_sentence_label=None, pair: dict | None = None, packed: list[dict] | None = None,
-                **inputs) -> SkillNetPreTrainingOutput | tuple[SkillNetPreTrainingOutput, ...]:
-        """`labels`: token ids at masked positions, -100 elsewhere; the vocabulary logits are then computed
+    @can_return_tuple
+    def forward(self, input_ids=None, labels=None, next_sentence_label=None, pair: dict | None = None,
+                packed: list[dict] | None = None, **inputs) -> SkillNetPreTrainingOutput | tuple[SkillNetPreTrainingOutput, ...]:
+        """The encoder's inputs (`SkillNetModel.forward`), and the pretraining targets:
+        `labels`: token ids at masked positions, -100 elsewhere; the vocabulary logits are then computed
         at the masked positions only, and `prediction_logits` is (masked positions, vocabulary), in
         row-major order of the positions (`mlm_logits(hidden)` gives them anywhere on demand).
         `next_sentence_label`: 0/1 per sample. With `projection_dim`, `embeddings` holds the normalised
@@ -366,6 +417,8 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
         `packed`); returns one output per input, the whole call's `aux_loss` with the first (and, unlike
         a single input's, in no output's `loss`)."""
         single = packed is None
+        if input_ids is not None:
+            inputs["input_ids"] = input_ids
         if single:
             packed = [dict(inputs, labels=labels, next_sentence_label=next_sentence_label, pair=pair)]
         elif inputs or labels is not None or next_sentence_label is not None or pair is not None:
@@ -379,7 +432,7 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
                 if self.projections is None:
                     raise ValueError("contrastive pairs need projection_dim > 0 in the config")
                 streams.append(heads[-1][2])
-        encoded = iter(self.skillnet(packed=streams) if len(streams) > 1 else [self.skillnet(**streams[0])])
+        encoded = iter(self.skillnet(packed=streams) if len(streams) > 1 else [self.skillnet(**streams[0], return_dict=True)])
         results = tuple(self._heads(next(encoded), mlm, nsp, next(encoded) if other is not None else None, single)
                         for mlm, nsp, other in heads)
         return results[0] if single else results
@@ -388,7 +441,7 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
         hidden, pooled = out.last_hidden_state, out.pooler_output
         if labels is not None:
             predicted = labels != -100
-            prediction_logits, labels = self.mlm_logits(hidden[predicted]), labels[predicted]
+            prediction_logits, labels = mlm_logits(self, hidden[predicted]), labels[predicted]
         else:
             prediction_logits = None
         pair_logits = self.pair_head(pooled)
@@ -407,7 +460,52 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
             losses.append(out.aux_loss)
         loss = torch.stack(losses).sum() if losses else None
         return SkillNetPreTrainingOutput(loss, prediction_logits, pair_logits, embeddings, scale, hidden, out.aux_loss,
-                                         pair_embeddings)
+                                         pair_embeddings, out.hidden_states, out.attentions)
+
+
+def _add_mlm_head(model: nn.Module, config: SkillNetConfig) -> None:
+    """Masked-token prediction (BERT's): a transform, its norm, and the vocabulary projection `mlm_decoder`,
+    its weight tied to the token embedding (a module call, as Hugging Face ties). Needs a text front-end."""
+    h, text = config.hidden_size, "text" in model.skillnet.frontends
+    model.mlm_transform = nn.Linear(h, h) if text else None
+    model.mlm_norm = nn.LayerNorm(h, eps=config.layer_norm_eps) if text else None
+    model.mlm_decoder = nn.Linear(h, config.vocab_size) if text else None
+    if text:
+        model._tied_weights_keys = {"mlm_decoder.weight": "skillnet.frontends.text.word_embeddings.weight"}
+
+
+def mlm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits of `hidden` through a model's masked-token head (`_add_mlm_head`)."""
+    if model.mlm_transform is None:
+        raise ValueError("masked-token prediction needs a text or code modality")
+    return model.mlm_decoder(model.mlm_norm(ACT2FN[model.config.hidden_act](model.mlm_transform(hidden))))
+
+
+class SkillNetForMaskedLM(SkillNetPreTrainedModel):
+    """The encoder with its masked-token head: vocabulary logits at every position (what the `fill-mask`
+    pipeline reads). The head's weights have the pretraining model's names, so an export loads into it."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^pair_head\.", r"^projections\.", r"^logit_scale", r"^skillnet\.pooler\."]
+    _output_embeddings = "mlm_decoder"
+
+    def __init__(self, config: SkillNetConfig):
+        super().__init__(config)
+        self.skillnet = SkillNetModel(config, add_pooling_layer=False)
+        _add_mlm_head(self, config)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **inputs) -> MaskedLMOutput:
+        """`labels`: token ids where the loss is taken, -100 elsewhere. Other arguments: `SkillNetModel`'s
+        (without `task=` the call runs `config.default_task`)."""
+        out = self.skillnet(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                            return_dict=True, **inputs)
+        logits = mlm_logits(self, out.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            loss = loss + out.aux_loss if out.aux_loss is not None else loss
+        return MaskedLMOutput(loss, logits, out.hidden_states, out.attentions)
 
 
 def _add_decoder(model: nn.Module, config: SkillNetConfig) -> None:
@@ -419,6 +517,85 @@ def _add_decoder(model: nn.Module, config: SkillNetConfig) -> None:
     model.decoder = SkillNetEncoder(config, config.num_decoder_layers, decoder=True)
     model.lm_head = nn.Linear(h, config.vocab_size)
     model._tied_weights_keys = {"lm_head.weight": "skillnet.frontends.text.word_embeddings.weight"}
+
+
+class SkillGenerationMixin(GenerationMixin):
+    """Encoder-decoder generation through transformers' `GenerationMixin` (greedy, sampling, beam search,
+    `GenerationConfig`), the task's skills active in the encoder and at every decoding step. For a model with
+    `skillnet` (the encoder) and the modules `_add_decoder` gives it."""
+
+    def decode(self, decoder_input_ids, encoder_states, encoder_mask, route, past_key_values=None,
+               output_attentions=False, output_hidden_states=False) -> tuple[torch.Tensor, StackOutput]:
+        """Vocabulary logits of the decoder for `decoder_input_ids`, following the positions already in
+        `past_key_values` (an `EncoderDecoderCache`, updated in place), and the decoder stack's outputs."""
+        if getattr(self, "decoder", None) is None:
+            raise ValueError("this model has no decoder (config.num_decoder_layers is 0)")
+        offset, n = past_key_values.get_seq_length() if past_key_values is not None else 0, decoder_input_ids.shape[1]
+        if offset + n > self.decoder_positions.num_embeddings:
+            raise ValueError(f"decoding past max_position_embeddings={self.decoder_positions.num_embeddings}")
+        positions = torch.arange(offset, offset + n, device=decoder_input_ids.device)
+        x = self.get_input_embeddings()(decoder_input_ids) + self.decoder_positions(positions)
+        x = self.skillnet.embed_dropout(self.decoder_embed_norm(x))
+        stack = self.decoder(x, None, route, encoder_states, padding_mask(encoder_mask), past_key_values,
+                             output_hidden_states, output_attentions)
+        return self.lm_head(stack.last_hidden_state), stack
+
+    def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        start = self.config.decoder_start_token_id
+        if start is None:
+            raise ValueError("config.decoder_start_token_id is not set")
+        shifted = labels.new_full(labels.shape, self.config.pad_token_id)
+        shifted[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, self.config.pad_token_id)
+        shifted[:, 0] = start
+        return shifted
+
+    def seq2seq(self, input_ids=None, attention_mask=None, decoder_input_ids=None, labels=None, encoder_outputs=None,
+                past_key_values=None, use_cache=None, task=None, skills=None, skill_mask=None, output_attentions=None,
+                output_hidden_states=None, **kwargs) -> SkillNetSeq2SeqOutput:
+        """The encoder-decoder's forward: `labels` (target ids, -100 where no loss is taken) give the decoder's
+        inputs shifted right and the loss; in generation `encoder_outputs` are the encoder's, computed once,
+        and `past_key_values` the cache of earlier steps."""
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("pass decoder_input_ids or labels")
+            decoder_input_ids = self.shift_right(labels)
+        route = self.skillnet.route(decoder_input_ids.shape[0], task, skills, skill_mask, decoder_input_ids.device)
+        if encoder_outputs is None:
+            encoder_outputs = self.skillnet(input_ids=input_ids, attention_mask=attention_mask, route=route, return_dict=True,
+                                            output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        encoder_mask = attention_mask if attention_mask is not None else encoder_outputs.attention_mask
+        if use_cache is None:
+            use_cache = getattr(config, "use_cache", True) and labels is None
+        if use_cache and past_key_values is None:
+            past_key_values = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        logits, stack = self.decode(decoder_input_ids, encoder_outputs.last_hidden_state, encoder_mask, route,
+                                    past_key_values if use_cache else None, output_attentions, output_hidden_states)
+        aux = torch.stack(route.aux_losses).sum() if route.aux_losses else None
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            loss = loss + aux if aux is not None else loss
+        return SkillNetSeq2SeqOutput(
+            loss, logits, past_key_values if use_cache else None, stack.hidden_states, stack.attentions,
+            stack.cross_attentions, encoder_outputs.last_hidden_state, encoder_outputs.hidden_states,
+            encoder_outputs.attentions, aux)
+
+    def generate(self, inputs=None, generation_config=None, task=None, skills=None, **kwargs):
+        """`GenerationMixin.generate` with the skills to run: `task=` (a name, or one per sample), `skills=`
+        or `skill_mask=`, or none for `config.default_task`. Per-sample tasks or skill lists become a skill
+        mask, one row per sample, which beam search and `num_return_sequences` expand with the inputs."""
+        per_sample = (task is not None and not isinstance(task, str)) or (
+            skills is not None and not all(isinstance(x, str) for x in skills))
+        if per_sample and self.config.router == "skill":
+            registry = self.registry
+            sets = [registry.task_skills(t) for t in task] if task is not None else [registry.resolve(x) for x in skills]
+            kwargs["skill_mask"] = torch.stack([registry.mask(x) for x in sets]).to(self.device)
+        else:
+            kwargs.update({k: v for k, v in (("task", task), ("skills", skills)) if v is not None})
+        return super().generate(inputs, generation_config, **kwargs)
 
 
 class PromptEncoder(nn.Module):
@@ -441,12 +618,13 @@ class PromptEncoder(nn.Module):
         return out
 
 
-class SkillNetForMultiTask(SkillNetPreTrainedModel):
+class SkillNetForMultiTask(SkillNetPreTrainedModel, SkillGenerationMixin):
     """The encoder with a head per downstream task (`config.task_heads`); every call names its task, which
     runs only its skills. One checkpoint serves every task. The contrastive projections and temperature
     keep the pretraining model's names, so an exported pretraining checkpoint fills them."""
 
     _keys_to_ignore_on_load_unexpected = [r"^mlm_", r"^pair_head\."]  # pretraining heads, not used here
+    _output_embeddings = "lm_head"  # with a decoder
 
     def __init__(self, config: SkillNetConfig):
         super().__init__(config)
@@ -463,15 +641,9 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel):
             _add_decoder(self, config)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.skillnet.get_input_embeddings()
-
-    def get_output_embeddings(self):
-        return getattr(self, "lm_head", None)
-
     def head(self, task: str) -> Head:
         """`task`'s head (`skillnet.heads`), of its spec's type."""
-        spec = self.config.task_heads.get(task)
+        spec = self.config.task_heads.get(task) if task is not None else None
         if spec is None:
             raise ValueError(f"task {task!r} has no head; tasks with heads: {sorted(self.config.task_heads)}")
         return head_for(task, spec)
@@ -497,10 +669,18 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel):
             module.apply(self._init_weights)
             module.to(self.device)
 
-    def forward(self, task: str, **inputs) -> SkillNetMultiTaskOutput:
-        """Run `task`'s head on a batch of its examples: the encoder's inputs and what the head's type reads
-        besides (`labels`, `word_mask`, `start_positions`, `candidate`, ...; see `skillnet.heads`). The head
-        calls this model's modules; its loss gets the routers' auxiliary loss added."""
+    @can_return_tuple
+    def forward(self, input_ids=None, task: str | None = None, **inputs) -> SkillNetMultiTaskOutput | SkillNetSeq2SeqOutput:
+        """Run `task`'s head (by default `config.default_task`'s) on a batch of its examples: the encoder's
+        inputs and what the head's type reads besides (`labels`, `word_mask`, `start_positions`, `candidate`,
+        ...; see `skillnet.heads`). The head calls this model's modules; its loss gets the routers' auxiliary
+        loss added. A generation step (`decoder_input_ids` or `encoder_outputs` given, as `generate` calls
+        it) is the encoder-decoder's forward."""
+        if "decoder_input_ids" in inputs or "encoder_outputs" in inputs:
+            return self.seq2seq(input_ids, task=task, **inputs)
+        task = task if task is not None else self.config.default_task
+        if input_ids is not None:
+            inputs["input_ids"] = input_ids
         loss, logits, aux_loss = self.head(task).forward(self, **inputs)
         if loss is not None and aux_loss is not None:
             loss = loss + aux_loss
@@ -508,11 +688,11 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel):
 
     def encode(self, task: str, **inputs) -> SkillNetModelOutput:
         """The encoder's output for `inputs`, run with `task`'s skills and prompts."""
-        return self.skillnet(**self.task_inputs(task, inputs))
+        return self.skillnet(**self.task_inputs(task, inputs), return_dict=True)
 
     def embed(self, modality: str, task: str, **inputs) -> torch.Tensor:
         """The L2-normalised contrastive embedding of one side, run with `task`'s skills."""
-        return self.embedding(self.skillnet(**self.task_inputs(task, inputs, modality)))
+        return self.embedding(self.skillnet(**self.task_inputs(task, inputs, modality), return_dict=True))
 
     def task_inputs(self, task: str, inputs: dict, modality: str | None = None) -> dict:
         """The encoder's arguments for `inputs` run as `task` (its skills and prompts), e.g. one entry of a
@@ -531,9 +711,11 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel):
         return self.logit_scale.exp().clamp(max=100.0) * queries @ candidates.T
 
 
-class SkillNetForConditionalGeneration(SkillNetPreTrainedModel):
+class SkillNetForConditionalGeneration(SkillNetPreTrainedModel, SkillGenerationMixin):
     """Encoder-decoder (SkillNet-NLG): encoder and decoder both carry skills, and the task's skills are
     active at every decoding step. The output projection is tied to the token embedding."""
+
+    _output_embeddings = "lm_head"
 
     def __init__(self, config: SkillNetConfig):
         super().__init__(config)
@@ -543,91 +725,10 @@ class SkillNetForConditionalGeneration(SkillNetPreTrainedModel):
         _add_decoder(self, config)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.skillnet.get_input_embeddings()
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
-
-    def get_encoder(self):
-        return self.skillnet
-
-    def decode(self, decoder_input_ids, encoder_states, encoder_mask, route, cache=None, position_offset=0):
-        n = decoder_input_ids.shape[1]
-        if position_offset + n > self.decoder_positions.num_embeddings:
-            raise ValueError(f"decoding past max_position_embeddings={self.decoder_positions.num_embeddings}")
-        positions = torch.arange(position_offset, position_offset + n, device=decoder_input_ids.device)
-        x = self.get_input_embeddings()(decoder_input_ids) + self.decoder_positions(positions)
-        x = self.skillnet.embed_dropout(self.decoder_embed_norm(x))
-        x, _ = self.decoder(x, None, route, encoder_states, padding_mask(encoder_mask), cache)
-        return self.lm_head(x)
-
-    def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
-        start = self.config.decoder_start_token_id
-        if start is None:
-            raise ValueError("config.decoder_start_token_id is not set")
-        shifted = labels.new_full(labels.shape, self.config.pad_token_id)
-        shifted[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, self.config.pad_token_id)
-        shifted[:, 0] = start
-        return shifted
-
-    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, labels=None, task=None,
-                skills=None, skill_mask=None, **kwargs) -> SkillNetSeq2SeqOutput:
-        if decoder_input_ids is None:
-            if labels is None:
-                raise ValueError("pass decoder_input_ids or labels")
-            decoder_input_ids = self.shift_right(labels)
-        route = self.skillnet.route(input_ids.shape[0], task, skills, skill_mask, input_ids.device)
-        enc = self.skillnet(input_ids=input_ids, attention_mask=attention_mask, route=route)
-        logits = self.decode(decoder_input_ids, enc.last_hidden_state, enc.attention_mask, route)
-        aux = torch.stack(route.aux_losses).sum() if route.aux_losses else None
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-            loss = loss + aux if aux is not None else loss
-        return SkillNetSeq2SeqOutput(loss, logits, enc.last_hidden_state, aux)
-
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, task=None, skills=None, skill_mask=None,
-                 max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Greedy or sampled decoding with a key/value cache; the task's skills run at every step.
-        Returns (batch, <= max_new_tokens + 1) ids starting with the decoder start token."""
-        was_training = self.training
-        self.eval()
-        route = self.skillnet.route(input_ids.shape[0], task, skills, skill_mask, input_ids.device)
-        enc = self.skillnet(input_ids=input_ids, attention_mask=attention_mask, route=route)
-        start = self.config.decoder_start_token_id
-        if start is None:
-            raise ValueError("config.decoder_start_token_id is not set")
-        eos, pad = self.config.eos_token_id, self.config.pad_token_id
-        out = input_ids.new_full((input_ids.shape[0], 1), start)
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        cache: dict = {}
-        for step in range(max_new_tokens):
-            logits = self.decode(out[:, -1:], enc.last_hidden_state, enc.attention_mask, route, cache, position_offset=step)[:, -1].float()
-            if do_sample:
-                logits = logits / max(temperature, 1e-5)
-                if top_k:
-                    kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
-            else:
-                token = logits.argmax(-1)
-            token = token.masked_fill(done, pad)
-            out = torch.cat([out, token[:, None]], dim=1)
-            if eos is not None:
-                done |= token == eos
-                if bool(done.all()):
-                    break
-        self.train(was_training)
-        return out
-
-
-# Generation tasks of the multi-task model decode exactly as the encoder-decoder does.
-SkillNetForMultiTask.decode = SkillNetForConditionalGeneration.decode
-SkillNetForMultiTask.shift_right = SkillNetForConditionalGeneration.shift_right
-SkillNetForMultiTask.generate = SkillNetForConditionalGeneration.generate
+    @can_return_tuple
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, labels=None, encoder_outputs=None,
+                past_key_values=None, use_cache=None, task=None, skills=None, skill_mask=None,
+                output_attentions=None, output_hidden_states=None, **kwargs) -> SkillNetSeq2SeqOutput:
+        """See `SkillGenerationMixin.seq2seq`."""
+        return self.seq2seq(input_ids, attention_mask, decoder_input_ids, labels, encoder_outputs, past_key_values,
+                            use_cache, task, skills, skill_mask, output_attentions, output_hidden_states)

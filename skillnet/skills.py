@@ -85,23 +85,25 @@ MULTIMODAL_TASKS = {
 
 MULTIMODAL_TASK_MODALITIES = {"image": "image", "audio": "audio", "video": "video", "code": "code", "masked_code": "code"}
 
-# name -> (skills, tasks, the input modality of each task that is not text)
+# name -> (skills, tasks, the input modality of each task that is not text, the task a call naming none runs)
 SKILL_SETS = {
-    "nlu": (NLU_SKILLS, NLU_TASKS, {}),
-    "nlg": (NLG_SKILLS, NLG_TASKS, {}),
-    "multimodal": (MULTIMODAL_SKILLS, MULTIMODAL_TASKS, MULTIMODAL_TASK_MODALITIES),
+    "nlu": (NLU_SKILLS, NLU_TASKS, {}, "masked_lm"),
+    "nlg": (NLG_SKILLS, NLG_TASKS, {}, "denoising"),
+    "multimodal": (MULTIMODAL_SKILLS, MULTIMODAL_TASKS, MULTIMODAL_TASK_MODALITIES, "masked_lm"),
 }
 
 
 def skill_set(name: str) -> dict:
-    """Config entries (`skills`, `tasks`, `task_modalities`) of a shipped set: 'nlu', 'nlg' or 'multimodal'."""
+    """Config entries (`skills`, `tasks`, `task_modalities`, `default_task`) of a shipped set: 'nlu', 'nlg'
+    or 'multimodal'."""
     if name not in SKILL_SETS:
         raise ValueError(f"unknown skill set {name!r}; shipped sets: {sorted(SKILL_SETS)}")
-    skills, tasks, modalities = SKILL_SETS[name]
+    skills, tasks, modalities, default_task = SKILL_SETS[name]
     return {
         "skills": [{"name": n, "description": d} for n, d in skills],
         "tasks": {t: list(s) for t, s in tasks.items()},
         "task_modalities": dict(modalities),
+        "default_task": default_task,
     }
 
 

@@ -64,6 +64,8 @@ def test_task_router_is_per_task_and_deterministic_at_inference():
     ids = torch.randint(7, 128, (2, 6))
     a = model(input_ids=ids, task="masked_lm").last_hidden_state
     torch.testing.assert_close(a, model(input_ids=ids, task="masked_lm").last_hidden_state)
+    torch.testing.assert_close(a, model(input_ids=ids).last_hidden_state)  # the default task
+    model.config.default_task = None
     with pytest.raises(ValueError, match="needs task="):
         model(input_ids=ids)
     model.train()

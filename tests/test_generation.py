@@ -1,6 +1,7 @@
 """The encoder-decoder (SkillNet-NLG) learns a task and generates with the task's skills at every step."""
 
 import torch
+from transformers.cache_utils import EncoderDecoderCache
 
 from skillnet import SkillNetConfig, SkillNetForConditionalGeneration
 
@@ -14,19 +15,25 @@ def _config(**overrides):
 
 
 def test_cached_decoding_equals_full_decoding():
+    """Step by step with the key/value cache (as `generate` decodes) = the whole target in one call."""
     model = SkillNetForConditionalGeneration(_config()).eval()
-    src = torch.randint(3, 20, (2, 7))
-    tgt = torch.randint(3, 20, (2, 5))
-    route = model.skillnet.route(2, task="summarization")
-    enc = model.skillnet(input_ids=src, route=route)
-    full = model.decode(tgt, enc.last_hidden_state, enc.attention_mask, route)
-    cache = {}
-    steps = [model.decode(tgt[:, i : i + 1], enc.last_hidden_state, enc.attention_mask, route, cache, position_offset=i) for i in range(5)]
+    src, tgt = torch.randint(3, 20, (2, 7)), torch.randint(3, 20, (2, 5))
+    full = model(input_ids=src, decoder_input_ids=tgt, task="summarization", use_cache=False).logits
+    encoded = model.get_encoder()(input_ids=src, task="summarization")
+    cache, steps = None, []
+    for i in range(5):
+        out = model(decoder_input_ids=tgt[:, i : i + 1], encoder_outputs=encoded, past_key_values=cache,
+                    use_cache=True, task="summarization")
+        cache = out.past_key_values
+        steps.append(out.logits)
+    assert isinstance(cache, EncoderDecoderCache) and cache.get_seq_length() == 5
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
 def test_learns_to_reverse_and_generates_it():
-    """Two tasks on the same inputs: 'paraphrase' copies, 'dialogue' reverses; skills tell them apart."""
+    """Two tasks on the same inputs: 'paraphrase' copies, 'dialogue' reverses; skills tell them apart. Greedy
+    and beam search decode both; a batch mixing the tasks decodes each sample with its own skills."""
+    torch.manual_seed(0)
     model = SkillNetForConditionalGeneration(_config())
     g = torch.Generator().manual_seed(0)
     src = torch.randint(3, 20, (16, 5), generator=g)
@@ -39,31 +46,48 @@ def test_learns_to_reverse_and_generates_it():
         opt.zero_grad()
         loss.backward()
         opt.step()
+    model.eval()
     for task, target in targets.items():
-        out = model.generate(src, task=task, max_new_tokens=8)
-        assert out[:, 0].eq(1).all()
-        accuracy = (out[:, 1:7] == target).float().mean().item()
-        assert accuracy > 0.9, (task, accuracy)
-    # one batch mixing both tasks decodes each sample with its own skills
-    mixed = model.generate(src[:4], task=["paraphrase", "dialogue"] * 2, max_new_tokens=8)
-    for i, task in enumerate(["paraphrase", "dialogue"] * 2):
-        torch.testing.assert_close(mixed[i], model.generate(src[i : i + 1], task=task, max_new_tokens=8)[0][: mixed.shape[1]])
+        for beams in (1, 3):
+            out = model.generate(src, task=task, max_new_tokens=8, num_beams=beams)
+            assert out[:, 0].eq(1).all()
+            accuracy = (out[:, 1:7] == target).float().mean().item()
+            assert accuracy > 0.9, (task, beams, accuracy)
+    tasks = ["paraphrase", "dialogue"] * 2
+    for beams in (1, 2):
+        mixed = model.generate(src[:4], task=tasks, max_new_tokens=8, num_beams=beams)
+        for i, task in enumerate(tasks):
+            alone = model.generate(src[i : i + 1], task=task, max_new_tokens=8, num_beams=beams)[0]
+            torch.testing.assert_close(mixed[i][: alone.shape[0]], alone)
 
 
-def test_sampling_is_reproducible_with_a_generator():
-    model = SkillNetForConditionalGeneration(_config())
+def test_generation_config_lengths_and_sampling():
+    """`GenerationConfig` settings reach the decoding: `min_new_tokens` holds back the end token,
+    `max_length` bounds the output, sampling is reproducible under a seed."""
+    model = SkillNetForConditionalGeneration(_config()).eval()
+    with torch.no_grad():
+        model.lm_head.bias[2] = 50.0  # the end token always wins, unless held back
     src = torch.randint(3, 20, (2, 6))
-    a = model.generate(src, task="dialogue", do_sample=True, top_k=5, generator=torch.Generator().manual_seed(1))
-    b = model.generate(src, task="dialogue", do_sample=True, top_k=5, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(a, b) and a.shape[1] > 1
+    assert model.generate(src, task="dialogue").shape[1] == 2  # start token, end token
+    held = model.generate(src, task="dialogue", min_new_tokens=4, max_new_tokens=10)
+    assert held.shape[1] >= 5 and not held[:, 1:4].eq(2).any()
+    assert model.generate(src, task="dialogue", min_new_tokens=20, max_length=7).shape[1] == 7
+    torch.manual_seed(1)
+    a = model.generate(src, task="dialogue", do_sample=True, top_k=5, min_new_tokens=5, max_new_tokens=5)
+    torch.manual_seed(1)
+    b = model.generate(src, task="dialogue", do_sample=True, top_k=5, min_new_tokens=5, max_new_tokens=5)
+    assert torch.equal(a, b) and a.shape[1] == 6
 
 
 def test_round_trip_through_auto_seq2seq(tmp_path):
-    from transformers import AutoModelForSeq2SeqLM
+    from transformers import AutoModelForSeq2SeqLM, GenerationConfig
 
     model = SkillNetForConditionalGeneration(_config()).eval()
+    assert model.can_generate()
+    model.generation_config.num_beams = 2
     model.save_pretrained(tmp_path)
+    assert GenerationConfig.from_pretrained(tmp_path).num_beams == 2  # generation_config.json
     loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
-    assert isinstance(loaded, SkillNetForConditionalGeneration)
+    assert isinstance(loaded, SkillNetForConditionalGeneration) and loaded.generation_config.num_beams == 2
     src = torch.randint(3, 20, (2, 6))
     assert torch.equal(loaded.generate(src, task="dialogue"), model.generate(src, task="dialogue"))

@@ -109,9 +109,25 @@ def test_skill_layers_placement_builds_dense_layers_elsewhere():
     ],
 )
 def test_bad_routing_is_refused(kwargs, message):
-    model = SkillNetModel(nlu_config())
+    config = nlu_config()
+    config.default_task = None  # every call names its skills
     with pytest.raises(ValueError, match=message):
-        model(input_ids=torch.randint(1, 128, (2, 5)), **kwargs)
+        SkillNetModel(config)(input_ids=torch.randint(1, 128, (2, 5)), **kwargs)
+
+
+def test_a_call_naming_no_skills_runs_the_default_task():
+    """As a pipeline calls it (the tokenizer's outputs only): the config's `default_task`, from its shipped
+    skill set or set by the user."""
+    model = SkillNetModel(nlu_config()).eval()
+    ids = torch.randint(1, 128, (2, 5))
+    assert model.config.default_task == "masked_lm"
+    torch.testing.assert_close(model(input_ids=ids).last_hidden_state,
+                               model(input_ids=ids, task="masked_lm").last_hidden_state)
+    model.config.default_task = "sentiment_analysis"
+    torch.testing.assert_close(model(input_ids=ids).last_hidden_state,
+                               model(input_ids=ids, task="sentiment_analysis").last_hidden_state)
+    with pytest.raises(ValueError, match="default_task 'poetry' is not in the task table"):
+        nlu_config(default_task="poetry")
 
 
 def test_mlm_logits_only_at_masked_positions():

@@ -31,8 +31,8 @@ class Generation(Head):
         if labels is None:
             raise ValueError(f"generation task {self.task!r}: pass labels (training) or call generate()")
         route = model.skillnet.route(inputs["input_ids"].shape[0], task=self.task, device=inputs["input_ids"].device)
-        encoded = model.skillnet(**inputs, route=route)
-        logits = model.decode(model.shift_right(labels), encoded.last_hidden_state, encoded.attention_mask, route)
+        encoded = model.skillnet(**inputs, route=route, return_dict=True)
+        logits, _ = model.decode(model.shift_right(labels), encoded.last_hidden_state, encoded.attention_mask, route)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         return loss, logits, encoded.aux_loss
 
@@ -48,8 +48,8 @@ class Generation(Head):
         """Greedy generation of at most `max_length` tokens per source."""
         out = []
         for inputs, _ in batches:
-            ids = model.generate(inputs["input_ids"], inputs["attention_mask"], task=self.task,
-                                 max_new_tokens=fields.max_length)
+            ids = model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], task=self.task,
+                                 max_new_tokens=fields.max_length, do_sample=False, num_beams=1)
             out += [tokenizer.decode(row[1:], skip_special_tokens=True).strip() for row in ids.tolist()]
         return out
 
