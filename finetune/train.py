@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from skillnet.hub import save_model_code, write_model_card
 from training import checkpoint, distributed, zero
 from training.distributed import Topology, detect
 from training.loop import train_loop
@@ -261,13 +262,15 @@ def train(config: FinetuneConfig, prepared) -> dict:
 
 
 def _save_model(config: FinetuneConfig, run: Finetuning, tokenizer, train_data: dict, evaluation: dict) -> None:
-    """The finetuned model as a Hugging Face folder, with its tokenizer, data fields and results."""
+    """The finetuned model as a Hugging Face folder, with its tokenizer, data fields and results, its code
+    (`trust_remote_code=True` loads it without `skillnet`) and a model card."""
     out, model = Path(config.output_dir), run.engine.module
     with zero.full_parameters(model, run.zero3):  # every process joins the gathering of ZeRO-3's partitions
         state = {k: v.detach().clone() for k, v in model.state_dict().items()} if run.topology.is_main else None
     if not run.topology.is_main:
         return
     model.save_pretrained(out, state_dict=state)
+    tokenizer.model_max_length = model.config.max_position_embeddings  # `truncation=True` fits the model
     tokenizer.save_pretrained(out)
     fields = {t.name: dataclasses.asdict(t.data) for t in config.tasks}
     (out / "task_data.json").write_text(json.dumps(fields, indent=1))
@@ -278,6 +281,11 @@ def _save_model(config: FinetuneConfig, run: Finetuning, tokenizer, train_data: 
         print(f"warning: {name}: {n} examples left out (cut off by data.max_length, or undecodable)", file=sys.stderr)
     (out / "results.json").write_text(json.dumps({"step": run.step(), "results": run.results, "dropped": dropped},
                                                  indent=1))
+    save_model_code(out)
+    data = {t.name: [f"{split}: {path}" for split, path in (("train", t.data.train), ("validation", t.data.validation))
+                     if path] for t in config.tasks}
+    write_model_card(out, (out / "finetune_config.yaml").read_text(), data, run.results,
+                     f"Validation metrics after step {run.step()} (`results.json`).")
 
 
 def main(argv: list[str] | None = None) -> int:

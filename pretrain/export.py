@@ -8,6 +8,10 @@ checkpoint), then each parameter is gathered from the ranks' fp32 partitions, ca
 skill-parallel checkpoint's skills, each held by some of the ranks, are merged into one model. The
 partition files are memory-mapped a bounded batch of parameters at a time, so peak memory stays near
 the size of the largest batch rather than of the model.
+
+Beside the weights go the run's tokenizer (truncating to the model's positions), the model code as flat
+files (`trust_remote_code=True` loads the folder where `skillnet` is not installed: `skillnet.hub`) and a
+model card, `README.md`, generated from the config and the run.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
+from skillnet.hub import save_model_code, set_model_max_length, write_model_card
 from training.checkpoint import COMPLETE, complete_checkpoints
 from training.zero.layout import open_partitions, parameter_layout
 
@@ -42,7 +48,8 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {list(DTYPES)}")
     torch_dtype, st_dtype = DTYPES[dtype]
-    world = json.loads((folder / COMPLETE).read_text())["world_size"]
+    complete = json.loads((folder / COMPLETE).read_text())
+    world = complete["world_size"]
     # skill parallelism's padding skills are all DeepSpeed finds frozen; they are not part of the model
     layout, buffers, key = parameter_layout(folder, world, skip=lambda name: f".{PADDING}" in name)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,11 +97,35 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path
     config["architectures"] = ["SkillNetForPreTraining"]
     config["torch_dtype"] = "bfloat16" if dtype == "bf16" else "float32"
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer = folder.parent.parent / "tokenizer"
-    if tokenizer.is_dir():
-        for file in tokenizer.iterdir():
+    run = folder.parent.parent
+    if (run / "tokenizer").is_dir():
+        for file in (run / "tokenizer").iterdir():
             shutil.copy2(file, out / file.name)
+        set_model_max_length(out, config["max_position_embeddings"])
+    save_model_code(out)
+    _write_card(out, run, complete["step"])
     return out
+
+
+def _write_card(out: Path, run: Path, step: int) -> None:
+    """The export's model card, from the run folder: its resolved config, its data, and the last loss logged
+    for each task up to the checkpoint's step (a later step's loss would describe other weights)."""
+    config = (run / "config.yaml").read_text() if (run / "config.yaml").exists() else None
+    tree = yaml.safe_load(config) if config else {}
+    data = {t["name"]: [s["shards"] for s in t["sources"]] for t in tree.get("data", {}).get("tasks", [])}
+    last = {}
+    lines = (run / "steps.jsonl").read_text().splitlines() if (run / "steps.jsonl").exists() else []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a killed run
+            continue
+        if record["step"] <= step:
+            names = [n for t in record.get("tasks", []) for n in (t if isinstance(t, list) else [t])]
+            last["+".join(sorted(set(names))) or "all"] = {"step": record["step"], "loss": record["loss"]}
+    write_model_card(out, config, data, dict(sorted(last.items())),
+                     f"The last training loss logged for each task (or group of tasks trained in one step) up to "
+                     f"step {step}, the exported checkpoint's (the run's `steps.jsonl`).")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,6 +163,22 @@ def test_a_model_exported_by_pretraining_loads_and_finetunes(tmp_path):
     before, after = exported.projections["image"].weight, model.projections["image"].weight
     assert torch.allclose(after, before * decay, rtol=1e-6, atol=0) and not torch.equal(after, before)
     assert "accuracy" in json.loads((out / "results.json").read_text())["results"]["sentiment_analysis"]
+    # both folders carry their code (`skillnet.hub`), a model card from their run, and a tokenizer that
+    # truncates to the model's positions
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    export, positions = tmp_path / "export", exported.config.max_position_embeddings
+    for folder, architecture in ((export, "SkillNetForPreTraining"), (out, "SkillNetForMultiTask")):
+        assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == positions
+        assert (folder / "modeling_skillnet.py").exists() and "auto_map" in json.loads((folder / "config.json").read_text())
+        assert f"saved as `{architecture}`" in (folder / "README.md").read_text()
+    card = (export / "README.md").read_text()
+    assert "```yaml\nmodel: tiny\n" in card and f"| masked_lm | {sample}/text/" in card and "## Metrics" in card
+    card = (out / "README.md").read_text()
+    assert "| sentiment_analysis | train: " in card and "| sentiment_analysis | " in card.split("## Metrics")[1]
+    remote = get_class_from_dynamic_module("modeling_skillnet.SkillNetForMultiTask", out).from_pretrained(out)
+    assert type(remote).__module__.startswith("transformers_modules.")
+    assert torch.equal(remote.heads["sentiment_analysis"].out.weight, model.heads["sentiment_analysis"].out.weight)
 
 
 def _tone_shards(folder, n: int, seed: int) -> str:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,13 @@ def test_readme_main_job_runs(tmp_path):
     assert f"exported:    {tmp_path / 'run' / 'export'}" in out.stdout
     assert (tmp_path / "run" / "export" / "model.safetensors").exists()
     assert list((tmp_path / "run" / "tensorboard").iterdir())
+
+    # the export serves transformers' pipelines as it is: its default task's skills, its own tokenizer
+    from transformers import pipeline
+
+    export = str(tmp_path / "run" / "export")
+    assert len(pipeline("fill-mask", model=export, top_k=2)("a [MASK] of text")) == 2
+    assert torch.tensor(pipeline("feature-extraction", model=export)("a line of text")).shape[-1] == 32
 
     # the quick start's next step: finetune the export (the sample corpus is under SAMPLE here)
     finetune = [line for line in (ROOT / "README.md").read_text().splitlines() if "-m finetune --config" in line][0]

@@ -1,4 +1,5 @@
-"""The interface of a downstream head type, and the registry every head type enters by being defined."""
+"""The interface of a downstream head type, the registry every head type enters by being defined, and the
+look-ups of a spec's type in it."""
 
 from __future__ import annotations
 
@@ -121,6 +122,31 @@ class Head(ABC):
         if isinstance(value, bool) or value not in labels:
             raise ValueError(f"{where}: label {value!r} is not in the label set {labels}")
         return labels.index(value)
+
+
+def head_type(kind: str, task: str | None = None) -> type[Head]:
+    """The class of head type `kind`; a ValueError (naming `task`) for an unknown one."""
+    if kind not in HEADS:
+        where = f"task {task!r}: " if task is not None else ""
+        raise ValueError(f"{where}head type {kind!r} is not one of {sorted(HEADS)}")
+    return HEADS[kind]
+
+
+def head_for(task: str, spec: dict) -> Head:
+    """`task`'s head, of the type its spec names."""
+    return head_type(spec.get("type"), task)(task, spec)
+
+
+def check_head(task: str, spec: dict, config) -> None:
+    """Raise a ValueError naming what is wrong with `task`'s head spec."""
+    head = head_for(task, spec)
+    if task not in config.tasks:
+        raise ValueError(f"task {task!r} has a head but is not in the task table (declare its skills)")
+    prompts = spec.get("prompts")
+    if prompts is not None and (not isinstance(prompts, dict) or not isinstance(prompts.get("length"), int)
+                                or prompts["length"] < 1 or set(prompts) - {"length", "instance_wise"}):
+        raise ValueError(f"task {task!r}: prompts must be {{length: n >= 1, instance_wise: true|false}}, got {prompts!r}")
+    head.check(config)
 
 
 def field(row: dict, name: str, where: str):
