@@ -11,6 +11,14 @@ keys of an uninterrupted one. With `resample`, each round draws its shards with 
 Batches are built inside the workers. Batch i of a rank comes from worker i mod W (the DataLoader's
 round-robin order), and its task is drawn for index i from the shared seed with probability
 proportional to (task size)^alpha, so every rank trains the same task at the same step.
+
+A resume with another number of ranks or workers, or another split of tasks over ranks, *reshards* the
+stream: what every slot of the saved run had left of its current epoch (the rest of its current round,
+replayed and cut where it stopped, and its untouched rounds) is dealt to the new slots, which read it
+before starting the next epoch, laid out for the new slots. So no sample of an epoch under way is read
+twice or left out, and the task mixture is the same; the order of the samples is not the one a run of the
+new size would have read from the start. Resampled sources carry over their current rounds and then draw
+new ones.
 """
 
 from __future__ import annotations
@@ -118,17 +126,27 @@ _rng = seeded
 
 
 class SourceStream:
-    """The raw samples of one source for one slot, round after round, shuffled and resumable."""
+    """The raw samples of one source for one slot, round after round, shuffled and resumable.
 
-    def __init__(self, source: Source, name: str, slot: int, num_slots: int, cfg: DataConfig, skipped: SkipCounter):
+    A round is read from a *spec*: its shards, the key of its shuffle, and how many of its samples to pass
+    over (already read). A stream first reads the rounds *carried* to it when a run was resharded, then
+    its own regular rounds: those of epoch `base_epoch` onwards, dealt over the slots of its generation
+    (the number of reshardings behind it, part of every seed it draws, so a resharded run draws anew)."""
+
+    def __init__(self, source: Source, name: str, slot: int, num_slots: int, cfg: DataConfig, skipped: SkipCounter,
+                 generation: int = 0):
         self.source, self.name, self.slot, self.num_slots, self.cfg, self.skipped = source, name, slot, num_slots, cfg, skipped
+        self.generation = generation
         mine = len(range(slot, len(source.urls), num_slots))
         self.rounds_per_epoch = max(1, math.ceil(mine / cfg.shards_per_round))
-        self.round, self.emitted = 0, 0
+        self.round, self.emitted, self.carry, self.base_epoch = 0, 0, [], 0
         self._samples: Iterator[dict] | None = None
+        self.reading: int | None = None
+        """The epoch of the round being read."""
 
     def state(self) -> dict:
-        return {"round": self.round, "emitted": self.emitted}
+        return {"round": self.round, "emitted": self.emitted, "carry": [dict(c) for c in self.carry],  # a copy: the
+                "base_epoch": self.base_epoch}                                                # stream moves on
 
     def describe(self) -> str:
         urls = self.source.urls
@@ -136,20 +154,44 @@ class SourceStream:
 
     def load_state(self, state: dict) -> None:
         self.round, self.emitted, self._samples = state["round"], state["emitted"], None
+        self.carry, self.base_epoch = [dict(c) for c in state.get("carry", [])], state.get("base_epoch", 0)
+
+    def _key(self, kind: str, *rest) -> list:
+        return [self.cfg.seed, self.name, kind, *([self.generation] if self.generation else []), *rest]
 
     def round_shards(self, r: int) -> list[str]:
         urls, per = self.source.urls, self.cfg.shards_per_round
         if self.cfg.resample:
-            return _rng(self.cfg.seed, self.name, "resample", self.slot, r).choices(urls, k=per)
+            return _rng(*self._key("resample", self.slot, r)).choices(urls, k=per)
         epoch, j = divmod(r, self.rounds_per_epoch)
         order = list(urls)
-        _rng(self.cfg.seed, self.name, "epoch", epoch).shuffle(order)
+        _rng(self.cfg.seed, self.name, "epoch", self.base_epoch + epoch).shuffle(order)
         return order[self.slot :: self.num_slots][j * per : (j + 1) * per]
 
-    def _round(self, r: int) -> Iterator[dict]:
-        rng = _rng(self.cfg.seed, self.name, "shuffle", self.slot, r)
+    def round_spec(self, r: int) -> dict:
+        """Round `r`'s shards, shuffle key and epoch (None: resampled)."""
+        epoch = None if self.cfg.resample else self.base_epoch + r // self.rounds_per_epoch
+        return {"urls": self.round_shards(r), "shuffle": self._key("shuffle", self.slot, r), "skip": 0, "epoch": epoch}
+
+    def epoch(self) -> int:
+        """The epoch this stream is in (before its generation's first while it reads carried rounds)."""
+        return self.base_epoch - 1 if self.carry else self.base_epoch + self.round // self.rounds_per_epoch
+
+    def remainder(self, through_epoch: int) -> list[dict]:
+        """The specs of what this stream has left to read: its carried rounds and current round less the
+        samples read, then (unless resampled) its untouched rounds of the epochs up to `through_epoch`."""
+        specs = [dict(c) for c in self.carry] or [self.round_spec(self.round)]
+        specs[0]["skip"] += self.emitted
+        r = 0 if self.carry else self.round + 1
+        while not self.cfg.resample and self.base_epoch + r // self.rounds_per_epoch <= through_epoch:
+            specs.append(self.round_spec(r))
+            r += 1
+        return [spec for spec in specs if spec["urls"]]
+
+    def _round(self, spec: dict) -> Iterator[dict]:
+        rng = _rng(*spec["shuffle"])
         size, buffer = self.cfg.shuffle_buffer, []
-        for url in self.round_shards(r):
+        for url in spec["urls"]:
             for sample in read_raw_samples(url, self.skipped):
                 if len(buffer) < size:
                     buffer.append(sample)
@@ -164,18 +206,23 @@ class SourceStream:
         empty_rounds = 0
         while True:
             if self._samples is None:
-                self._samples = self._round(self.round)
+                spec = self.carry[0] if self.carry else self.round_spec(self.round)
+                self._samples, self.reading = self._round(spec), spec.get("epoch")
                 with self.skipped.muted():  # the replayed part was counted before the restart
-                    for _ in range(self.emitted):
+                    for _ in range(spec["skip"] + self.emitted):
                         next(self._samples, None)
             sample = next(self._samples, None)
             if sample is not None:
                 self.emitted += 1
                 return sample
-            empty_rounds = empty_rounds + 1 if self.emitted == 0 else 0
+            empty_rounds = empty_rounds + 1 if self.emitted == 0 and not self.carry else 0
             if empty_rounds > self.rounds_per_epoch + 10:
                 raise DataError(f"source {self.describe()} yields no readable samples (skipped so far: {dict(self.skipped)})")
-            self.round, self.emitted, self._samples = self.round + 1, 0, None
+            if self.carry:
+                self.carry.pop(0)
+            else:
+                self.round += 1
+            self.emitted, self._samples = 0, None
 
 
 class Collator:
@@ -189,7 +236,7 @@ class Collator:
         return {f"{prefix}input_ids": enc["input_ids"], f"{prefix}attention_mask": enc["attention_mask"]}
 
     def __call__(self, samples: list[dict], modality: str) -> dict:
-        batch = {"keys": [s["key"] for s in samples]}
+        batch = {"keys": [s["key"] for s in samples], "epochs": [s.get("epoch") for s in samples]}
         if modality == "text":
             batch["texts"] = [s["text"] for s in samples]
             batch.update(self._tokens(batch["texts"]))
@@ -299,7 +346,7 @@ class MultiTaskLoader:
         self.sizes = [sum(s.samples for s in self.sources[t.name]) for t in cfg.tasks]
         self.sampler = TaskSampler([t.name for t in cfg.tasks], self.sizes, cfg.alpha, cfg.seed)
         self.probabilities = self.sampler.probabilities
-        self.consumed = 0
+        self.consumed, self.generation = 0, 0
         self.slot_states: dict[int, dict] = {}
         self.task_groups, self.group = None, 0
         self.collate = Collator(tokenizer, cfg.max_text_tokens)
@@ -308,9 +355,21 @@ class MultiTaskLoader:
 
     def split_tasks(self, task_groups: list[list[str]], group: int) -> None:
         """Train this rank on the tasks of `task_groups[group]` only (skill parallelism's data-local
-        placement): batch i of a rank at position g is drawn from group g's tasks, by the alpha rule
-        among them, with the same seed everywhere, so every rank knows every position's task."""
+        placement; rank r is at position r mod the number of groups): batch i of a rank at position g is
+        drawn from group g's tasks, by the alpha rule among them, with the same seed everywhere, so every
+        rank knows every position's task. A task's shards are dealt over the ranks that train it."""
         self.task_groups, self.group = task_groups, group
+
+    def readers(self) -> dict[str, list[int]]:
+        """The ranks reading each task: every rank, or (split tasks) those at the positions training it."""
+        ranks = range(self.world_size)
+        if self.task_groups is None:
+            return {t.name: list(ranks) for t in self.cfg.tasks}
+        return {t.name: [r for r in ranks if t.name in self.task_groups[r % len(self.task_groups)]] for t in self.cfg.tasks}
+
+    def layout(self) -> dict:
+        """What a resume must share with the saved run to continue each slot as it was (else: `reshard`)."""
+        return {"world_size": self.world_size, "num_workers": self.cfg.num_workers, "readers": self.readers()}
 
     def task_for_batch(self, index: int, group: int | None = None) -> str:
         """The task of batch `index` of the ranks at position `group` (this rank's by default); without
@@ -320,12 +379,23 @@ class MultiTaskLoader:
 
     # -- inside a worker -------------------------------------------------------------------------------
 
+    def _streams(self, rank: int, logical: int, workers: int, readers: dict[str, list[int]], generation: int,
+                 skipped: SkipCounter) -> dict[str, list[SourceStream]]:
+        """The streams of slot (rank, logical worker) for the tasks the rank reads; a task's slots are its
+        readers' workers, rank by rank."""
+        streams = {}
+        for t in self.cfg.tasks:
+            if rank in readers[t.name]:
+                slot, num_slots = readers[t.name].index(rank) * workers + logical, len(readers[t.name]) * workers
+                streams[t.name] = [SourceStream(src, f"{t.name}.{i}", slot, num_slots, self.cfg, skipped, generation)
+                                   for i, src in enumerate(self.sources[t.name])]
+        return streams
+
     def _slot_batches(self, logical: int, state: dict | None) -> Iterator[dict]:
         cfg, workers = self.cfg, max(1, self.cfg.num_workers)
-        slot, num_slots = self.rank * workers + logical, self.world_size * workers
         skipped = SkipCounter()
-        streams = {t.name: [SourceStream(src, f"{t.name}.{i}", slot, num_slots, cfg, skipped)
-                            for i, src in enumerate(self.sources[t.name])] for t in cfg.tasks}
+        generation = state.get("generation", 0) if state is not None else self.generation
+        streams = self._streams(self.rank, logical, workers, self.readers(), generation, skipped)
         modality = {t.name: t.modality for t in cfg.tasks}
         draws = Counter()
         made = 0
@@ -341,7 +411,7 @@ class MultiTaskLoader:
                 tasks = [self.task_for_batch(index)] * cfg.batch_size
             else:
                 tasks = self.sampler.tasks(cfg.batch_size, self.rank, index)
-            samples = [self._next_sample(streams[t], t, modality[t], slot, draws, skipped) for t in tasks]
+            samples = [self._next_sample(streams[t], t, modality[t], draws, skipped) for t in tasks]
             batch = self.collate(samples, modality[tasks[0]])
             made += 1
             if self.task_groups is not None:
@@ -349,21 +419,22 @@ class MultiTaskLoader:
             batch.update(task=tasks[0] if cfg.batch_mode == "task" else tasks, modality=modality[tasks[0]],
                          skills=self.task_skills[tasks[0]] if cfg.batch_mode == "task" else [self.task_skills[t] for t in tasks])
             batch["_state"] = {"slot": logical, "batches": made, "draws": dict(draws), "skipped": dict(skipped),
-                               "sources": {s.name: s.state() for ss in streams.values() for s in ss}}
+                               "generation": generation, "sources": {s.name: s.state() for ss in streams.values() for s in ss}}
             yield batch
 
-    def _next_sample(self, streams: list[SourceStream], task: str, modality: str, slot: int, draws: Counter,
+    def _next_sample(self, streams: list[SourceStream], task: str, modality: str, draws: Counter,
                      skipped: SkipCounter) -> dict:
         weights = [s.source.weight for s in streams]
         failed, tried = Counter(), set()
         while sum(failed.values()) < self.cfg.max_consecutive_skips:
             stream = streams[0]
             if len(streams) > 1:
-                stream = _rng(self.cfg.seed, "source", task, slot, draws[task]).choices(streams, weights)[0]
+                g, slot = streams[0].generation, streams[0].slot
+                stream = _rng(self.cfg.seed, "source", *([g] if g else []), task, slot, draws[task]).choices(streams, weights)[0]
             draws[task] += 1
             raw = next(stream)
             try:
-                return decode_sample(raw, modality, self.media)
+                return {**decode_sample(raw, modality, self.media), "epoch": stream.reading}
             except BadSample as e:
                 skipped.skip(e.reason, raw["__url__"], raw["__key__"], e.detail)
                 failed[e.reason] += 1
@@ -402,16 +473,90 @@ class MultiTaskLoader:
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "slots": self.slot_states, "num_workers": self.cfg.num_workers,
-                "world_size": self.world_size, "rank": self.rank, "seed": self.cfg.seed}
+                "world_size": self.world_size, "rank": self.rank, "seed": self.cfg.seed, "readers": self.readers(),
+                "generation": self.generation, "shards": self._shards()}
+
+    def _shards(self) -> dict[str, int]:
+        return {f"{t.name}.{i}": len(src.urls) for t in self.cfg.tasks for i, src in enumerate(self.sources[t.name])}
+
+    def saved_layout(self, state: dict) -> dict:
+        """The `layout` of a saved state (one written before task splits were recorded: every rank read every task)."""
+        every = list(range(state["world_size"]))
+        readers = state.get("readers") or {}
+        return {"world_size": state["world_size"], "num_workers": state["num_workers"],
+                "readers": {t.name: readers.get(t.name, every) for t in self.cfg.tasks}}
+
+    def check_state(self, state: dict) -> None:
+        """Refuse a saved state whose positions do not map onto this run's sources (another seed, other shards)."""
+        if state["seed"] != self.cfg.seed:
+            raise ValueError(f"data loader state was saved with data.seed={state['seed']}, this run has {self.cfg.seed}")
+        now = self._shards()
+        for name, n in state.get("shards", {}).items():
+            if now.get(name) != n:
+                task, i = name.rsplit(".", 1)
+                raise ValueError(f"data loader state was saved with {n} shards in task {task!r} source {i}; this run has "
+                                 f"{now.get(name, 'no such source')}: the saved positions do not map")
+
+    def needs_reshard(self, state: dict) -> bool:
+        """Whether a saved state (any rank's) was written by another layout (ranks, workers, task split)."""
+        return self.saved_layout(state) != self.layout()
 
     def load_state_dict(self, state: dict) -> None:
-        mine = (self.cfg.num_workers, self.world_size, self.rank, self.cfg.seed)
-        saved = (state["num_workers"], state["world_size"], state["rank"], state["seed"])
-        if saved != mine:
-            raise ValueError(f"data loader state was saved with (num_workers, world_size, rank, seed) = {saved}, "
-                             f"this run has {mine}: exact resume needs the same")
-        self.consumed = state["consumed"]
+        """Continue exactly where this rank stopped; the layout must be the saved one (else `reshard`)."""
+        self.check_state(state)
+        if self.needs_reshard(state) or state["rank"] != self.rank:
+            raise ValueError(f"data loader state was saved with layout {self.saved_layout(state)}, this run has "
+                             f"{self.layout()}: reshard it")
+        self.consumed, self.generation = state["consumed"], state.get("generation", 0)
         self.slot_states = {int(k): v for k, v in state["slots"].items()}
+
+    def reshard(self, states: list[dict]) -> None:
+        """Continue the stream of a run of another layout from every one of its ranks' states (in rank order):
+        each source's leftovers of the epochs under way, dealt to this run's slots (see the module
+        docstring), the batch count and the skip counts carried over."""
+        for state in states:
+            self.check_state(state)
+        old = self.saved_layout(states[0])
+        old_workers, old_readers = max(1, old["num_workers"]), old["readers"]
+        old_generation = max(state.get("generation", 0) for state in states)
+        generation, workers, readers = old_generation + 1, max(1, self.cfg.num_workers), self.readers()
+        dealt: dict[str, tuple[list[list[dict]], int]] = {}  # stream -> (specs per new slot, base epoch)
+        for t in self.cfg.tasks:
+            old_streams = []
+            for rank in old_readers[t.name]:
+                for logical in range(old_workers):
+                    slot = states[rank]["slots"].get(logical) or states[rank]["slots"].get(str(logical))
+                    streams = self._streams(rank, logical, old_workers, old_readers,
+                                            slot.get("generation", 0) if slot else states[rank].get("generation", 0),
+                                            SkipCounter())[t.name]
+                    for i, stream in enumerate(streams):
+                        if slot is not None:
+                            stream.load_state(slot["sources"][f"{t.name}.{i}"])
+                    old_streams.append(streams)
+            new_slots = len(readers[t.name]) * workers
+            for i in range(len(self.sources[t.name])):
+                through = max(streams[i].epoch() for streams in old_streams)
+                specs = [spec for streams in old_streams for spec in streams[i].remainder(through)]
+                dealt[f"{t.name}.{i}"] = ([specs[j::new_slots] for j in range(new_slots)], through + 1)
+        self.consumed, self.generation = states[0]["consumed"], generation
+        skipped = Counter()
+        for state in states:
+            for slot in state["slots"].values():
+                skipped.update(slot["skipped"])
+        self.slot_states = {}
+        for logical in range(workers):
+            sources = {}
+            for t in self.cfg.tasks:
+                if self.rank in readers[t.name]:
+                    slot = readers[t.name].index(self.rank) * workers + logical
+                    for i in range(len(self.sources[t.name])):
+                        specs, base = dealt[f"{t.name}.{i}"]
+                        sources[f"{t.name}.{i}"] = {"round": 0, "emitted": 0, "carry": specs[slot],
+                                                    "base_epoch": base}
+            made = max(0, -(-(self.consumed - logical) // workers))  # batches this worker would have made
+            self.slot_states[logical] = {"slot": logical, "batches": made, "draws": {}, "generation": generation,
+                                         "skipped": dict(skipped) if self.rank == 0 and logical == 0 else {},
+                                         "sources": sources}
 
 
 __all__ = ["DataConfig", "MODALITIES", "MultiTaskLoader", "SourceConfig", "TaskConfig"]

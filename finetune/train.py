@@ -102,7 +102,10 @@ def prepare(config: FinetuneConfig):
     engine_config(config)  # the DeepSpeed config file is readable
     resume = checkpoint.resolve_resume(config.checkpoint.resume, Path(config.output_dir) / "checkpoints")
     if resume is not None:
-        checkpoint.check_compatible(resume, _comparable(model), detect().world_size, model_keys=MODEL_KEYS)
+        meta, world = checkpoint.check_compatible(resume, _comparable(model), model_keys=MODEL_KEYS), detect().world_size
+        if checkpoint.resized(meta, world) and detect().is_main:
+            print(checkpoint.describe_resize(resume, meta, world), file=sys.stderr)
+        resume = (resume, meta["world_size"])
     return model, tokenizer, train, evaluation, resume
 
 
@@ -113,24 +116,30 @@ def _comparable(model) -> dict:
 class TaskBatches:
     """Endless batches of one task: pass e visits the examples in an order drawn from (seed, task, e); each
     step takes the next `batch_size x processes` of them, this process its own `batch_size`. Its position
-    is part of the train state, so a resumed run continues with the batch the uninterrupted one would."""
+    (pass, examples taken) is part of the train state, so a resumed run continues with the batch the
+    uninterrupted one would, and one with another number of processes with the examples after it."""
 
     def __init__(self, data: TaskData, batch_size: int, seed: int, rank: int, world: int):
         self.data, self.batch_size, self.seed, self.rank, self.world = data, batch_size, seed, rank, world
-        self.position = {"epoch": 0, "batch": 0}
+        self.position = {"epoch": 0, "offset": 0}
         self.order: tuple[int, list[int]] | None = None
+
+    def load_position(self, position: dict, saved_world: int) -> None:
+        """A saved position (one written before offsets were kept counts batches of the saving run's size)."""
+        offset = position.get("offset", position.get("batch", 0) * self.batch_size * saved_world)
+        self.position = {"epoch": position["epoch"], "offset": offset}
 
     def __next__(self) -> dict:
         n, per_step = len(self.data.examples), self.batch_size * self.world
-        if self.position["batch"] >= max(1, n // per_step):  # a pass ends before a batch would repeat examples
-            self.position = {"epoch": self.position["epoch"] + 1, "batch": 0}
+        if self.position["offset"] and self.position["offset"] + per_step > n:  # a pass ends before a batch
+            self.position = {"epoch": self.position["epoch"] + 1, "offset": 0}  # would repeat examples
         epoch = self.position["epoch"]
         if self.order is None or self.order[0] != epoch:
             order = list(range(n))
             seeded(self.seed, self.data.task, "epoch", epoch).shuffle(order)
             self.order = (epoch, order)
-        start = self.position["batch"] * per_step + self.rank * self.batch_size
-        self.position["batch"] += 1
+        start = self.position["offset"] + self.rank * self.batch_size
+        self.position["offset"] += per_step
         examples = [self.data.examples[self.order[1][(start + i) % n]] for i in range(self.batch_size)]
         batch = collate(examples, self.data.tokenizer.pad_token_id)
         batch.pop("meta", None)
@@ -211,12 +220,18 @@ class Finetuning:
         return checkpoint.save(self.engine, Path(self.config.output_dir) / "checkpoints", self.state["step"], state,
                                _comparable(self.engine.module), self.config.checkpoint.keep_last)
 
-    def resume(self, folder: Path) -> None:
-        state = checkpoint.load(self.engine, folder)
-        self.window.load_state_dict(state.pop("window"))
-        for task, position in state.pop("batches").items():
-            self.batches[task].position = position
-        self.state.update(state)
+    def resume(self, folder: Path, saved_world: int) -> None:
+        """Continue from a checkpoint, written by this number of processes or another (then rank 0 carries
+        every saving rank's log window)."""
+        resize = saved_world != self.topology.world_size
+        states = checkpoint.load(self.engine, folder, resize)
+        state = states[min(states)]
+        windows = [s["window"] for s in states.values()]
+        if not resize or self.topology.rank == 0:
+            self.window.load_state_dict(Window.summed(windows))
+        for task, position in state["batches"].items():
+            self.batches[task].load_position(position, saved_world)
+        self.state["step"] = state["step"]
 
 
 def evaluate(model, evaluation: dict, batch_size: int, out_dir: Path | None = None) -> dict:
@@ -238,7 +253,7 @@ def train(config: FinetuneConfig, prepared) -> dict:
     model, tokenizer, train_data, evaluation, resume = prepared
     topology = detect()
     distributed.init(topology)
-    checkpoint.agree_on_resume(resume)
+    checkpoint.agree_on_resume(resume and resume[0])
     out = Path(config.output_dir)
     if topology.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -250,7 +265,7 @@ def train(config: FinetuneConfig, prepared) -> dict:
     torch.manual_seed(config.train.seed + topology.rank)  # dropout differs per rank; the weights do not
     run = Finetuning(config, topology, engine, train_data, evaluation, zero.zero_stage(ds) == 3)
     if resume is not None:
-        run.resume(resume)
+        run.resume(*resume)
     metrics = Metrics(out, topology.is_main, config.train.steps, run.step(), "finetuning")
     result = train_loop(run, config.train.steps, config.train.log_every, config.checkpoint.every, metrics,
                         topology.is_main)

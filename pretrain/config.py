@@ -43,6 +43,10 @@ class TrainConfig:
     accumulated and reduced in fp32 either way (the shipped DeepSpeed configs' `data_types` and
     `communication_data_type`)."""
     log_every: int = 10
+    log_samples: bool = False
+    """Each rank writes what it trains on, one line per micro-batch, to `samples/rank<r>.jsonl` in the run
+    folder: step, task, sample keys and the epoch of its source each was read in. After a resume the steps
+    since the checkpoint appear again; the later line is the one trained on."""
     profile_comm: bool = False
     """Time every collective (DeepSpeed's comms logger) to split step time into compute and
     communication; it synchronises around each collective, so leave it off for speed on GPUs."""

@@ -17,7 +17,6 @@ model card, `README.md`, generated from the config and the run.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import shutil
 import struct
@@ -29,12 +28,11 @@ import yaml
 
 from skillnet.hub import save_model_code, set_model_max_length, write_model_card
 from training.checkpoint import COMPLETE, complete_checkpoints
-from training.zero.layout import open_partitions, parameter_layout
+from training.zero.layout import parameter_layout, whole_parameters
 
 from .skill_parallel import PADDING
 
 DTYPES = {"fp32": (torch.float32, "F32"), "bf16": (torch.bfloat16, "BF16")}
-BATCH_BYTES = 256 * 2**20  # fp32 bytes of partitions mapped at once
 
 
 def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
@@ -51,7 +49,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path
     complete = json.loads((folder / COMPLETE).read_text())
     world = complete["world_size"]
     # skill parallelism's padding skills are all DeepSpeed finds frozen; they are not part of the model
-    layout, buffers, key = parameter_layout(folder, world, skip=lambda name: f".{PADDING}" in name)
+    layout, buffers = parameter_layout(folder, world, skip=lambda name: f".{PADDING}" in name)
     out.mkdir(parents=True, exist_ok=True)
 
     header, position = {}, 0
@@ -73,25 +71,12 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path
     with (out / "model.safetensors").open("wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
-        bar = tqdm(total=len(layout), desc="exporting", unit=" tensors")
-        i = 0
-        while i < len(layout):
-            batch, budget = [], 0
-            while i < len(layout) and (not batch or budget + layout[i][1].numel() * 4 <= BATCH_BYTES):
-                batch.append(layout[i])
-                budget += layout[i][1].numel() * 4
-                i += 1
-            flats = open_partitions(folder, world, key)
-            for name, shape, pieces in batch:
-                full = torch.cat([flats[r][group][lo:hi] for r, group, lo, hi in pieces])[: shape.numel()]
-                tensor = full.view(shape).to(torch_dtype).contiguous()
-                f.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-                bar.update(1)
-            del flats
-            gc.collect()
+        for name, shape, whole in tqdm(whole_parameters(folder, world, layout), total=len(layout), desc="exporting",
+                                       unit=" tensors"):
+            tensor = whole["fp32"].to(torch_dtype).contiguous()
+            f.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
         for tensor in buffers.values():
             f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
-        bar.close()
 
     config = json.loads((folder / "model_config.json").read_text())
     config["architectures"] = ["SkillNetForPreTraining"]

@@ -16,10 +16,12 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from skillnet.tokenizer import fingerprint
 from training import checkpoint, distributed, zero
 from training.distributed import Topology, check_accelerator, detect
 from training.loop import train_loop
@@ -70,10 +72,38 @@ def prepare(config: PretrainConfig, topology: Topology):
     placement = _placement(config, model_config, loader, topology)
     engine_config(config)  # the DeepSpeed config file is readable
     resume = checkpoint.resolve_resume(config.checkpoint.resume, Path(config.run_dir) / "checkpoints")
+    layout = None
     if resume is not None:
-        checkpoint.check_compatible(resume, _comparable(model_config), topology.world_size,
-                                    placement and placement.to_dict())
-    return model_config, tokenizer, loader, resume, placement
+        layout = _resume_layout(resume, model_config, loader, topology, placement)
+    return model_config, tokenizer, loader, Resume(resume, **layout) if resume else None, placement
+
+
+@dataclass
+class Resume:
+    folder: Path
+    resize: bool
+    """Another rank count or skill placement: the engine loads the checkpoint's universal copy."""
+    reshard: bool
+    """Another data layout (ranks, workers, task split): the loader deals out the saved run's leftovers."""
+
+
+def _resume_layout(folder: Path, model_config, loader, topology: Topology, placement) -> dict:
+    """Refuse a checkpoint that does not map onto this run (another model or tokenizer, another data seed or
+    shards), in one line, before any heavy work; say whether the engine and the loader must be remapped."""
+    meta = checkpoint.check_compatible(folder, _comparable(model_config))
+    saved, here = meta.get("tokenizer"), fingerprint(loader.tokenizer)
+    if saved is not None and saved != here:
+        raise ValueError(f"checkpoint {folder} was trained with another tokenizer ({saved['size']} tokens, vocabulary "
+                         f"hash {saved['sha'][:12]}) than this run's ({here['size']}, {here['sha'][:12]})")
+    try:
+        saved = torch.load(folder / "train_state_rank0.pt", weights_only=False)["loader"]
+        loader.check_state(saved)
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
+        raise ValueError(f"checkpoint {folder}: train_state_rank0.pt: {e}") from None
+    resize = checkpoint.resized(meta, topology.world_size, placement and placement.to_dict())
+    if resize and topology.is_main:
+        print(checkpoint.describe_resize(folder, meta, topology.world_size, placement and placement.to_dict()), file=sys.stderr)
+    return {"resize": resize, "reshard": loader.needs_reshard(saved)}
 
 
 def _placement(config: PretrainConfig, model_config, loader, topology: Topology):
@@ -146,6 +176,10 @@ class Pretraining:
         self.window = Window()
         self.comm = zero.internals.CommClock() if config.train.profile_comm else None
         self.batches = None
+        self.samples = None
+        if config.train.log_samples:
+            (Path(config.run_dir) / "samples").mkdir(parents=True, exist_ok=True)
+            self.samples = (Path(config.run_dir) / "samples" / f"rank{topology.rank}.jsonl").open("a", buffering=1)
         self.clock = {"skill_norms": {}}
         self.reset_clock()
 
@@ -186,6 +220,9 @@ class Pretraining:
                 record["tasks"].append(batch["group_tasks"] if self.data_local else batch["task"])
                 self.window.add(batch["task"], loss, batch["skills"])
                 tokens, samples = tokens + stats["tokens"], samples + len(batch["keys"])
+                if self.samples is not None:
+                    self.samples.write(json.dumps({"step": step + 1, "micro": micro, "task": batch["task"],
+                                                   "keys": batch["keys"], "epochs": batch["epochs"]}) + "\n")
         sent = sum(layer.take_bytes_sent() for layer in self.skill_layers)
         (tokens, samples, sent), stopping = stop.agree([tokens, samples, sent], self.device)
         self.state.update(step=step + 1, tokens_seen=self.state["tokens_seen"] + tokens,
@@ -228,20 +265,31 @@ class Pretraining:
         state = {**self.state, "loader": self.loader.state_dict(), "window": self.window.state_dict()}
         return checkpoint.save(self.engine, Path(self.config.run_dir) / "checkpoints", self.state["step"], state,
                                _comparable(self.engine.module.config), self.config.checkpoint.keep_last,
-                               self.placement and self.placement.to_dict())
+                               self.placement and self.placement.to_dict(),
+                               {"tokenizer": fingerprint(self.loader.tokenizer)})
 
-    def resume(self, folder: Path) -> None:
-        state = checkpoint.load(self.engine, folder)
-        self.loader.load_state_dict(state.pop("loader"))
-        if "window" in state:  # absent from checkpoints written before the window was kept
-            self.window.load_state_dict(state.pop("window"))
-        self.state.update(state)
+    def resume(self, resume: Resume) -> None:
+        """Continue from a checkpoint; one of another layout is mapped: the loader deals out what every saving
+        rank had left of its epochs, and rank 0 carries every rank's log window."""
+        states = checkpoint.load(self.engine, resume.folder, resume.resize, every_rank=resume.reshard)
+        rank = self.topology.rank
+        if resume.reshard:
+            self.loader.reshard([states[r]["loader"] for r in sorted(states)])
+        else:
+            self.loader.load_state_dict(states[rank]["loader"])
+        windows = [s["window"] for s in states.values() if "window" in s]  # absent before the window was kept
+        if resume.resize or resume.reshard:
+            windows = [Window.summed(windows)] if rank == 0 else []
+        if windows:
+            self.window.load_state_dict(windows[0])
+        first = states[min(states)]
+        self.state.update({k: first[k] for k in self.state})
 
 
 def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
     model_config, tokenizer, loader, resume, placement = prepared
     distributed.init(topology)
-    checkpoint.agree_on_resume(resume)
+    checkpoint.agree_on_resume(resume and resume.folder)
     run_dir = Path(config.run_dir)
     if topology.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

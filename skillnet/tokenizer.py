@@ -44,3 +44,12 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
         raise FileNotFoundError(f"no tokenizer.json at {path}")
     return PreTrainedTokenizerFast(tokenizer_file=str(file), model_input_names=["input_ids", "token_type_ids", "attention_mask"],
                                    **SPECIAL_TOKENS)
+
+
+def fingerprint(tokenizer) -> dict:
+    """What identifies a tokenizer's ids: its size and a hash of its vocabulary (token -> id)."""
+    import hashlib
+    import json
+
+    vocab = sorted(tokenizer.get_vocab().items())
+    return {"size": len(tokenizer), "sha": hashlib.sha256(json.dumps(vocab).encode()).hexdigest()}

@@ -214,8 +214,71 @@ def test_resume_continues_the_exact_key_sequence(corpus, tokenizer, workers):
     it = iter(resumed)
     got += [(b["task"], b["keys"]) for b in (next(it) for _ in range(9))]
     assert got == expected
-    with pytest.raises(ValueError, match="exact resume needs the same"):
+    with pytest.raises(ValueError, match="reshard it"):
         _loader(tokenizer, tasks, **{**cfg, "num_workers": workers + 1}).load_state_dict(state)
+
+
+def _layout_loaders(tokenizer, tasks, world, workers, cfg):
+    return [MultiTaskLoader(DataConfig(tasks=tasks, num_workers=workers, **cfg), tokenizer, MEDIA, SKILLS, rank, world)
+            for rank in range(world)]
+
+
+def _carried(loader, logical, stream) -> int:
+    """Samples a slot's carried rounds hold for `stream`, less those already read."""
+    source = loader.sources[stream.rsplit(".", 1)[0]][0]
+    carry = loader.slot_states[logical]["sources"][stream]["carry"]
+    return sum(sum(source.samples_per_url[source.urls.index(u)] for u in spec["urls"]) - spec["skip"] for spec in carry)
+
+
+def test_a_resharded_stream_reads_the_rest_of_the_epoch_once(corpus, tokenizer):
+    """2 ranks x 2 workers read part of an epoch of two tasks; 3 ranks x 1 worker go on from their states and
+    read a little; 4 ranks in one process each go on from those. What every slot reads first (its carried
+    rounds) and what was read before hold each sample of the epoch exactly once; every batch's task is the
+    one drawn for its index, as without a resize."""
+    tasks = [_task(corpus, "image"), _task(corpus, "text")]
+    cfg = dict(batch_size=2, shuffle_buffer=3, shards_per_round=1, seed=5)
+    names = {"image": "image.0", "masked_lm": "masked_lm.0"}
+    read = {task: [] for task in names}
+    states = None
+    for stage, (world, workers, batches) in enumerate([(2, 2, 5), (3, 1, 2), (4, 0, None)]):
+        loaders = _layout_loaders(tokenizer, tasks, world, workers, cfg)
+        for loader in loaders:
+            if states is not None:
+                assert loader.needs_reshard(states[0])
+                loader.reshard(states)
+        if batches is None:  # the last layout: each slot reads its carried rounds
+            for loader in loaders:
+                want = {task: _carried(loader, 0, stream) for task, stream in names.items()}
+                got, it, index = {task: [] for task in names}, iter(loader), loader.consumed
+                while any(len(got[t]) < want[t] for t in names):
+                    batch = next(it)
+                    assert batch["task"] == loader.task_for_batch(index)
+                    got[batch["task"]] += batch["keys"]
+                    index += 1
+                for task in names:
+                    read[task] += got[task][:want[task]]
+            break
+        for loader in loaders:
+            it = iter(loader)
+            for index in range(loader.consumed, loader.consumed + batches):
+                batch = next(it)
+                assert batch["task"] == loader.task_for_batch(index)
+                read[batch["task"]] += batch["keys"]
+        states = [json.loads(json.dumps(loader.state_dict())) for loader in loaders]
+    assert len(read["image"]) == len(set(read["image"])) == 40
+    assert len(read["masked_lm"]) == len(set(read["masked_lm"])) == 40
+
+
+def test_a_reshard_refuses_states_that_do_not_map(corpus, tokenizer):
+    tasks = [_task(corpus, "image")]
+    loader = _layout_loaders(tokenizer, tasks, 1, 0, dict(batch_size=2))[0]
+    next(iter(loader))
+    state = loader.state_dict()
+    with pytest.raises(ValueError, match="data.seed=0, this run has 1"):
+        _layout_loaders(tokenizer, tasks, 2, 0, dict(batch_size=2, seed=1))[0].reshard([state])
+    fewer = [{**tasks[0], "sources": [{"shards": str(corpus / "image" / "image-{000000..000004}.tar")}]}]
+    with pytest.raises(ValueError, match="10 shards in task 'image' source 0; this run has 5"):
+        _layout_loaders(tokenizer, fewer, 2, 0, dict(batch_size=2))[0].reshard([state])
 
 
 def _rewrite(src: Path, dst: Path, edit) -> None:
@@ -297,3 +360,18 @@ def test_train_tokenizer_on_shards(corpus, tmp_path):
     assert main(["--shards", _pattern(corpus, "text"), "--shards", _pattern(corpus, "code"), "--vocab-size", "300", "--out", str(tmp_path)]) == 0
     tok = load_tokenizer(tmp_path)
     assert len(tok) == 300 and tok.decode(tok("def f(x):\n    return x")["input_ids"], skip_special_tokens=True) == "def f(x):\n    return x"
+
+
+def test_a_task_trained_by_some_ranks_is_dealt_over_those_ranks_alone(corpus, tokenizer):
+    """Split tasks (data-local skill placement): a task's shards go to the ranks that train it, so an
+    epoch of it is every sample, not the share of ranks that never read it."""
+    tasks = [_task(corpus, "image"), _task(corpus, "text")]
+    loaders = _layout_loaders(tokenizer, tasks, 4, 0, dict(batch_size=2, shuffle_buffer=3, shards_per_round=1))
+    for rank, loader in enumerate(loaders):
+        loader.split_tasks([["image"], ["masked_lm"]], rank % 2)
+    assert loaders[0].readers() == {"image": [0, 2], "masked_lm": [1, 3]}
+    keys = []
+    for loader in loaders[0::2]:  # the ranks training images, 10 batches each: one epoch
+        it = iter(loader)
+        keys += [k for _ in range(10) for k in next(it)["keys"]]
+    assert len(keys) == len(set(keys)) == 40

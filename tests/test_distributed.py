@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 from conftest import finetune_config, free_port
 
 from skillnet import SkillNetForPreTraining, load_config
+from training.zero.layout import STATES, parameter_layout, whole_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 # every parameter partitioned: the tiny model's tensors are all below DeepSpeed's default persistence threshold
@@ -52,6 +54,9 @@ FINETUNE = ("train.log_every=2", "train.batch_size=8", "optim.lr=3e-3", PARTITIO
 SCENARIOS = [
     Scenario("zero3-2-ranks", "pretrain", 2, ("train.steps=24", "checkpoint.every=4", "checkpoint.keep_last=2"),
              ("killed_and_resumed_exactly", "exports_the_checkpoint", "one_trace_per_kind_of_call")),
+    Scenario("epochs-2-ranks", "pretrain", 2, ("train.steps=4", "checkpoint.every=4", "data.resample=false",
+                                               "train.log_samples=true"),
+             ("resizes:1+", "resizes:2/2", "resizes:2/2/data_local+")),
     Scenario("zero2-accumulation-recompute", "pretrain", 1,
              ("train.steps=4", "checkpoint.every=2", "train.gradient_accumulation=2", "train.activation_checkpointing=true",
               ZERO2), ("micro_batches_per_step:2", "resumes_exactly", "resumes_from_the_previous_layout"), "python"),
@@ -60,17 +65,19 @@ SCENARIOS = [
     *(Scenario(f"bf16-{ds}", "pretrain", 2, ("train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=3",
                                              "train.bf16=true", f"distributed.ds_config=ds_configs/{ds}.json"),
                ("bf16_reduced_in_fp32", "resumes_exactly", "exports_the_checkpoint")) for ds in ("zero2", "zero3")),
-    Scenario("all-skills-2-ranks", "pretrain", 2, ("train.steps=6", "checkpoint.every=6")),
+    Scenario("all-skills-2-ranks", "pretrain", 2, ("train.steps=6", "checkpoint.every=6"), ("resizes:4",)),
     Scenario("skills-split-2-ranks", "pretrain", 2, ("train.steps=6", "checkpoint.every=6", SPLIT),
-             ("trains_like:all-skills-2-ranks", "balanced_placement", "exports_like:all-skills-2-ranks")),
+             ("trains_like:all-skills-2-ranks", "balanced_placement", "exports_like:all-skills-2-ranks", "resizes:2/1",
+              "resizes:4/2")),
     Scenario("skills-data-local", "pretrain", 2, DATA_LOCAL,
              ("data_local_tasks", "every_rank_on_tensorboard", "resumes_exactly", "exports_without_padding",
-              "refuses_another_placement")),
+              "resizes:1/1", "resizes:4/2/data_local")),
     Scenario("all-skills-4-ranks", "pretrain", 4, ("train.steps=4", "checkpoint.every=4", "data.num_workers=0")),
     Scenario("skills-split-4-ranks", "pretrain", 4, ("train.steps=4", "checkpoint.every=4", "data.num_workers=0", SPLIT),
-             ("trains_like:all-skills-4-ranks", "skills_partitioned_over_two_ranks", "exports_like:all-skills-4-ranks")),
+             ("trains_like:all-skills-4-ranks", "skills_partitioned_over_two_ranks", "exports_like:all-skills-4-ranks",
+              "converts_offline", "resizes:2/2+")),
     Scenario("finetune-one-process", "finetune", 1, (*FINETUNE, "train.steps=24", "checkpoint.every=4", ZERO2),
-             ("killed_and_resumed_exactly", "predictions_reproduce_evaluation"), "python"),
+             ("killed_and_resumed_exactly", "predictions_reproduce_evaluation", "resizes:2+"), "python"),
     Scenario("finetune-accelerate-zero3", "finetune", 2, (*FINETUNE, "train.steps=12", "checkpoint.every=6"),
              ("resumes_exactly", "predictions_reproduce_evaluation"), "accelerate"),
 ]
@@ -158,6 +165,14 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in (folder / "checkpoints").iterdir() if (p / "complete.json").exists())
 
 
+def saved_states(folder: Path, states: tuple[str, ...] = STATES) -> dict[str, dict[str, torch.Tensor]]:
+    """A checkpoint's fp32 weights and AdamW moments by parameter name, reassembled from its ranks' files
+    (skills merged from the ranks holding them, padding left out)."""
+    world = json.loads((folder / "complete.json").read_text())["world_size"]
+    layout, _ = parameter_layout(folder, world, skip=lambda name: "._padding" in name, frozen_ok=True)
+    return {name: {k: v.clone() for k, v in whole.items()} for name, _, whole in whole_parameters(folder, world, layout, states)}
+
+
 def final_weights(s: Scenario, folder: Path) -> dict[str, torch.Tensor]:
     """Pretraining: the newest checkpoint's consolidated fp32 weights (DeepSpeed's zero_to_fp32, which
     cannot read skill-parallel checkpoints: those through the exporter's reader); finetuning: the saved
@@ -172,12 +187,7 @@ def final_weights(s: Scenario, folder: Path) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(last.parent), tag=last.name)
-    from training.zero.layout import open_partitions, parameter_layout
-
-    layout, _, key = parameter_layout(last, meta["world_size"], skip=lambda name: "._padding" in name)
-    flats = open_partitions(last, meta["world_size"], key)
-    return {name: torch.cat([flats[r][g][lo:hi] for r, g, lo, hi in pieces])[: shape.numel()].view(shape).clone()
-            for name, shape, pieces in layout}
+    return {name: whole["fp32"] for name, whole in saved_states(last, ("fp32",)).items()}
 
 
 def _steps(s: Scenario) -> tuple[int, int]:
@@ -296,6 +306,86 @@ def exports_the_checkpoint(s, folder, driver, tmp_path):
     assert export_main([str(tmp_path / "hf"), str(tmp_path / "nope")]) == 2
 
 
+def resizes(s, folder, driver, tmp_path, target):
+    """The last checkpoint resumed on another world: `ranks[/P[/placement]][+]`. Resumed at its own step
+    into a new run folder, the run writes the checkpoint again in its layout: every parameter's fp32
+    weights and AdamW moments equal the saved ones by name, skills included, and so do the step, tokens
+    seen, schedule and rank 0's RNG states. `+`: the resized run then trains two more steps; where the data
+    is not resampled, no sample is read twice in an epoch across the resize, and the run reads on in the
+    epochs under way."""
+    go_on, run = target.endswith("+"), tmp_path / f"resized-{target.replace('/', '-')}"
+    ranks, p, placement = (target.rstrip("+").split("/") + [None, None])[:3]
+    last = checkpoints(folder)[-1]
+    step = json.loads((last / "complete.json").read_text())["step"]
+    extra = [f"checkpoint.resume={last}", f"train.steps={step}"]
+    if s.program == "pretrain":
+        extra.append(f"data.num_workers={0 if int(ranks) == 4 else 1}")
+    extra += [f"distributed.skill_parallel_size={p}"] if p else []
+    extra += [f"distributed.skill_placement={placement}"] if placement else []
+    target_run = Scenario(f"{s.name}-on-{target}", s.program, int(ranks),
+                          tuple(o for o in s.overrides if not o.startswith(("distributed.skill", "data.num_workers"))))
+    out = driver.run(target_run, run, *extra)
+    assert f"resuming {last.name} ({s.ranks} rank" in out
+    again = checkpoints(run)[-1]
+    meta = json.loads((again / "complete.json").read_text())
+    mode = None if p in (None, "1") else placement or "balanced"
+    assert meta["world_size"] == int(ranks) and (meta["skill_placement"] or {}).get("mode") == mode
+    saved, loaded = saved_states(last), saved_states(again)
+    assert saved.keys() == loaded.keys() and len(saved) > 100
+    for name, states in saved.items():
+        for key in STATES:
+            assert torch.equal(loaded[name][key], states[key]), (name, key)
+    before, after = (torch.load(f / "train_state_rank0.pt", weights_only=False) for f in (last, again))
+    assert {k: after[k] for k in before if "seen" in k or k == "step"} == {k: before[k] for k in before if "seen" in k or k == "step"}
+    assert torch.equal(after["rng"]["torch"], before["rng"]["torch"])
+    schedules = [torch.load(next(f.glob("*model_states.pt")), weights_only=False)["lr_scheduler"] for f in (last, again)]
+    assert schedules[1]["last_epoch"] == schedules[0]["last_epoch"] == step and schedules[1]["_last_lr"][0] == schedules[0]["_last_lr"][0]
+    if go_on:
+        driver.run(target_run, run, *[e for e in extra if not e.startswith(("checkpoint.resume", "train.steps"))],
+                   f"train.steps={step + 2}")
+        rows = records(run)
+        assert [r["step"] for r in rows][-2:] == [step + 1, step + 2] and all(math.isfinite(r["loss"]) for r in rows)
+        if s.program == "pretrain":  # the export reads the resized run's checkpoints
+            exported = _export(checkpoints(run)[-1], run / "hf").state_dict()
+            assert all(torch.equal(exported[n], w["fp32"]) for n, w in saved_states(checkpoints(run)[-1]).items())
+        if "data.resample=false" in s.overrides:
+            _no_sample_twice_in_an_epoch(folder, run)
+
+
+def converts_offline(s, folder, driver, tmp_path):
+    """`python -m training.reshard` writes the universal copy (every parameter's weights and moments whole,
+    equal to the saved ones); a run of another size resuming from the checkpoint then loads it as it is."""
+    last = checkpoints(folder)[-1]
+    copy = tmp_path / "copy" / "checkpoints" / last.name
+    shutil.copytree(last, copy, ignore=shutil.ignore_patterns("universal*"))
+    done = subprocess.run([sys.executable, "-m", "training.reshard", str(copy.parent.parent)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and f"universal checkpoint: {copy / 'universal'}" in done.stdout, done.stderr[-2000:]
+    for name, states in saved_states(last).items():
+        for key in STATES:
+            assert torch.equal(torch.load(copy / "universal" / "zero" / name / f"{key}.pt")["param"], states[key]), name
+    out = driver.run(Scenario("on-2", s.program, 2, s.overrides), tmp_path / "resized", f"checkpoint.resume={copy}",
+                     "distributed.skill_parallel_size=1", "data.num_workers=1")
+    assert "resuming" in out and "converting" not in out
+    assert subprocess.run([sys.executable, "-m", "training.reshard", str(tmp_path / "nothing")], cwd=ROOT,
+                          capture_output=True, text=True).returncode == 2
+
+
+def _no_sample_twice_in_an_epoch(first: Path, second: Path) -> None:
+    def read(run):
+        by_step = {}
+        for log in (run / "samples").glob("rank*.jsonl"):
+            for line in log.read_text().splitlines():
+                r = json.loads(line)
+                by_step[(log.name, r["step"], r["micro"])] = r  # a step run again after a resume: the later line
+        return [(r["task"], k, e) for r in by_step.values() for k, e in zip(r["keys"], r["epochs"])]
+
+    before, after = read(first), read(second)
+    both = Counter(before + after)
+    assert before and after and max(both.values()) == 1, [k for k, n in both.items() if n > 1][:5]
+    assert {(t, e) for t, _, e in after} & {(t, e) for t, _, e in before}  # it read on in the epochs under way
+
+
 def one_trace_per_kind_of_call(s, folder, driver, tmp_path):
     """Every model call of a task seen before runs along its own ZeRO-3 trace (so it prefetches)."""
     rows, seen = records(folder), set()
@@ -375,16 +465,6 @@ def exports_without_padding(s, folder, driver, tmp_path):
     assert all(f"skillnet.encoder.layers.0.ffn.skills.{k}.fc1.weight" in names for k in load_config("tiny").registry.names)
 
 
-def refuses_another_placement(s, folder, driver, tmp_path):
-    """Resuming with another skill placement is refused in one line before training."""
-    from pretrain.train import main
-
-    run = tmp_path / "other"
-    shutil.copytree(checkpoints(folder)[-1], run / "checkpoints" / checkpoints(folder)[-1].name)
-    cmd, env = driver.command(s, run, ("train.steps=8", "distributed.skill_parallel_size=1"))
-    assert main(cmd[cmd.index("--config"):]) == 2
-
-
 def skills_partitioned_over_two_ranks(s, folder, driver, tmp_path):
     optim = torch.load(checkpoints(folder)[-1] / "zero_pp_rank_2_mp_rank_00_optim_states.pt",
                        weights_only=False)["optimizer_state_dict"]
@@ -407,12 +487,12 @@ def predictions_reproduce_evaluation(s, folder, driver, tmp_path):
 CHECKS = {f.__name__: f for f in (
     killed_and_resumed_exactly, resumes_exactly, resumes_from_the_previous_layout, exports_the_checkpoint, one_trace_per_kind_of_call,
     micro_batches_per_step, bf16_reduced_in_fp32, trains_like, exports_like, balanced_placement, data_local_tasks,
-    every_rank_on_tensorboard, exports_without_padding, refuses_another_placement, skills_partitioned_over_two_ranks,
-    predictions_reproduce_evaluation)}
+    every_rank_on_tensorboard, exports_without_padding, skills_partitioned_over_two_ranks,
+    predictions_reproduce_evaluation, resizes, converts_offline)}
 
 
 def test_every_check_of_the_table_exists():
     named = {c.partition(":")[0] for s in SCENARIOS for c in s.checks}
     assert named <= set(CHECKS) and set(CHECKS) <= named
-    references = {c.partition(":")[2] for s in SCENARIOS for c in s.checks if ":" in c and not c[-1].isdigit()}
+    references = {c.partition(":")[2] for s in SCENARIOS for c in s.checks if c.startswith(("trains_like:", "exports_like:"))}
     assert references <= set(BY_NAME)

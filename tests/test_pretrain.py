@@ -66,8 +66,11 @@ def test_checkpoint_of_another_model_is_refused(sample, tmp_path, capsys):
     (lambda folder: (folder / "train_state_rank1.pt").unlink(), "lacks train_state_rank1.pt"),
     (lambda folder: (folder / "complete.json").write_text("{"), "unreadable complete.json"),
     (lambda folder: _edit_meta(folder, world_size=3), "lacks train_state_rank2.pt"),
+    (lambda folder: _edit_meta(folder, tokenizer={"size": 300, "sha": "ab" * 32}),
+     "was trained with another tokenizer (300 tokens, vocabulary hash abababababab) than this run's (512,"),
+    (lambda folder: None, "train_state_rank0.pt: "),  # the state files are empty here
 ])
-def test_a_checkpoint_of_another_layout_is_refused_in_one_line(sample, tmp_path, capsys, change, message):
+def test_a_checkpoint_that_does_not_map_is_refused_in_one_line(sample, tmp_path, capsys, change, message):
     from pretrain.config import load_pretrain_config
     from pretrain.train import _comparable, _model_config
     from training.checkpoint import check_compatible
@@ -78,7 +81,7 @@ def test_a_checkpoint_of_another_layout_is_refused_in_one_line(sample, tmp_path,
     (folder / "complete.json").write_text(json.dumps({"format": 1, "step": 4, "world_size": 2, "model": model}))
     for rank in range(2):
         (folder / f"train_state_rank{rank}.pt").touch()
-    check_compatible(folder, model, 2)  # as written: fits
+    check_compatible(folder, model)  # as written: fits
     change(folder)
     assert main(["--config", "tiny", *_overrides(sample, tmp_path / "run")]) == 2
     err = capsys.readouterr().err

@@ -12,7 +12,7 @@ from torch import nn
 from training import checkpoint, distributed, zero
 from training.distributed import Topology
 from training.zero import internals
-from training.zero.layout import open_partitions, parameter_layout
+from training.zero.layout import STATES, parameter_layout, whole_parameters
 from training.zero.traces import TraceSwitch
 
 
@@ -147,10 +147,85 @@ def test_cpu_adam_resumes_bit_exactly(tmp_path):
     steps(first, X[:2])
     folder = checkpoint.save(first, tmp_path / "checkpoints", 2, {"step": 2}, {}, keep_last=1)
     resumed = engine()
-    assert checkpoint.load(resumed, folder)["step"] == 2
+    assert checkpoint.load(resumed, folder)[0]["step"] == 2
     steps(resumed, X[2:])
     for (name, a), b in zip(straight.module.named_parameters(), resumed.module.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_weight_decay_follows_a_partitioned_parameters_own_shape():
+    """Under `deepspeed.zero.Init` a parameter holds an empty tensor between gathers; its matrices still decay."""
+    from training.optim import parameter_groups
+
+    with deepspeed.zero.Init(config_dict_or_path=_config(3)):
+        model = Two()
+    assert model.a.weight.numel() == 0
+    decay, no_decay = parameter_groups(model, 0.1)
+    assert {id(p) for p in decay["params"]} == {id(model.a.weight), id(model.b.weight)}
+    assert {id(p) for p in no_decay["params"]} == {id(model.a.bias), id(model.b.bias)}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_universal_copy_loads_weights_moments_and_each_groups_settings(tmp_path, stage):
+    """Converted and loaded into a new engine: the weights and moments of every parameter are the saved
+    ones, and each optimizer group keeps its own weight decay (DeepSpeed's ZeRO-3 loader gives every group
+    the first one's) and the saved learning rate."""
+    from training.config import OptimConfig
+    from training.optim import build_optimizer, parameter_groups
+    from training.zero import universal
+
+    def engine():
+        torch.manual_seed(0)
+        model = Two()
+        optimizer, scheduler = build_optimizer(parameter_groups(model, 0.1), OptimConfig(lr=1e-2, warmup_steps=3), 10)
+        return zero.initialize(model, optimizer, scheduler, _config(stage))
+
+    first = engine()
+    for x in X[:2]:
+        first.backward(first(x))
+        first.step()
+    first.save_checkpoint(str(tmp_path), tag="step")
+    out = tmp_path / "step" / universal.FOLDER
+    assert universal.convert_parameters(tmp_path / "step", 1, out) == 4
+    universal.finish(tmp_path / "step", out)
+    resumed = engine()
+    universal.load(resumed, tmp_path / "step")
+    assert not resumed._config.load_universal_checkpoint  # set for the load only
+    resumed.save_checkpoint(str(tmp_path), tag="again")
+    layout, _ = parameter_layout(tmp_path / "step", 1)
+    again = {name: whole for name, _, whole in whole_parameters(tmp_path / "again", 1, layout, STATES)}
+    for name, _, whole in whole_parameters(tmp_path / "step", 1, layout, STATES):
+        for key in STATES:
+            assert torch.equal(again[name][key], whole[key]), (name, key)
+    groups = universal._base(resumed).param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert [g["lr"] for g in groups] == [g["lr"] for g in universal._base(first).param_groups]
+    assert resumed.lr_scheduler.last_epoch == first.lr_scheduler.last_epoch == 2
+
+
+def test_a_checkpoint_with_other_optimizer_groups_resumes_through_its_universal_copy(tmp_path):
+    """ZeRO-3 checkpoints written before the partitioned build kept the weight-decay groups apart hold one
+    optimizer group; an engine with two loads them parameter by parameter, weights and moments intact."""
+    from training.optim import parameter_groups
+
+    def engine(groups):
+        torch.manual_seed(0)
+        model = Two()
+        return zero.initialize(model, torch.optim.AdamW(groups(model), lr=1e-2), None, _config(3))
+
+    old = engine(lambda m: [{"params": list(m.parameters()), "weight_decay": 0.0}])
+    old.backward(old(X[0]))
+    old.step()
+    folder = checkpoint.save(old, tmp_path / "checkpoints", 1, {"step": 1}, {}, keep_last=1)
+    resumed = engine(lambda m: parameter_groups(m, 0.1))
+    assert checkpoint.load(resumed, folder)[0]["step"] == 1 and (folder / "universal").is_dir()
+    resumed.save_checkpoint(str(tmp_path), tag="again")
+    again = {name: whole for name, _, whole in whole_parameters(tmp_path / "again", 1,
+                                                                parameter_layout(tmp_path / "again", 1)[0], STATES)}
+    saved = list(whole_parameters(folder, 1, parameter_layout(folder, 1)[0], STATES))
+    assert len(saved) == len(again) == 4
+    for name, _, whole in saved:
+        assert all(torch.equal(again[name][key], whole[key]) for key in STATES), name
 
 
 def test_comm_clock_counts_the_gathered_bytes():
@@ -188,16 +263,23 @@ def test_trace_switch_keeps_one_trace_per_kind_of_call():
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_checkpoint_layout_gives_back_every_parameter(tmp_path, stage):
+def test_checkpoint_layout_gives_back_every_parameter_and_its_moments(tmp_path, stage):
+    """The weights and AdamW moments read back from the files equal the engine's, and a plain AdamW's."""
     torch.manual_seed(0)
-    engine = _engine(Two(), _config(stage))
+    model = Two()
+    reference = copy.deepcopy(model)
+    engine = _engine(model, _config(stage))
     engine.backward(engine(X[0]))
     engine.step()
     engine.save_checkpoint(str(tmp_path), tag="step")
-    layout, buffers, key = parameter_layout(tmp_path / "step", 1)
-    flats = open_partitions(tmp_path / "step", 1, key)
+    adamw = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    reference(X[0]).backward()
+    adamw.step()
+    layout, buffers = parameter_layout(tmp_path / "step", 1)
     expected = _full(engine)
     assert [name for name, *_ in layout] == list(expected) and buffers == {}
-    for name, shape, pieces in layout:
-        values = torch.cat([flats[r][group][lo:hi] for r, group, lo, hi in pieces])[: shape.numel()]
-        assert torch.equal(values.view(shape), expected[name]), name
+    moments = {name: adamw.state[p] for name, p in reference.named_parameters()}
+    for name, shape, whole in whole_parameters(tmp_path / "step", 1, layout, STATES, batch_bytes=1):
+        assert torch.equal(whole["fp32"], expected[name]), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert whole[key].abs().sum() > 0 and torch.allclose(whole[key], moments[name][key], rtol=1e-6, atol=0), (name, key)

@@ -5,7 +5,12 @@ rank's train state (step, data position, log window, RNG states) in one folder p
 
 Layout format 1 (`complete.json` without a `format` entry was written before the entry existed and has the
 same layout): `complete.json` {format, step, world_size, model, ...}, `model_config.json`,
-`train_state_rank<r>.pt` per rank, and DeepSpeed's own files of the step's tag."""
+`train_state_rank<r>.pt` per rank, and DeepSpeed's own files of the step's tag.
+
+A checkpoint resumes on another number of ranks or skill placement too: its ZeRO partitions are rewritten
+once, whole per parameter, into DeepSpeed's universal layout (`universal/` inside the folder, written by the
+resuming ranks together, or beforehand by `python -m training.reshard`), from which each rank cuts its own;
+the trainers map the train states (`load` returns every saving rank's)."""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .zero import universal
 from .zero.internals import replay_cpu_adam
 
 COMPLETE = "complete.json"
@@ -62,13 +68,26 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     return path
 
 
-def check_compatible(folder: Path, model_config: dict, world_size: int, placement: dict | None = None,
-                     model_keys: tuple[str, ...] = MODEL_KEYS) -> dict:
-    """Refuse, in one line naming what differs, a checkpoint whose layout, model, rank count or skill
-    placement differ from this run's; return its `complete.json`."""
+def check_compatible(folder: Path, model_config: dict, model_keys: tuple[str, ...] = MODEL_KEYS) -> dict:
+    """Refuse, in one line naming what differs, a checkpoint this run cannot continue from: another layout
+    format, a missing rank file, another model. Return its `complete.json`: another rank count or skill
+    placement is mapped (`resized`)."""
+    meta = check_readable(folder)
+    saved = meta["model"]
+    diff = [k for k in model_keys if saved.get(k) != model_config.get(k)]
+    if diff:
+        k = diff[0]
+        raise ValueError(f"checkpoint {folder} does not fit the config: {k} is {saved.get(k)!r} there, "
+                         f"{model_config.get(k)!r} here")
+    return meta
+
+
+def check_readable(folder: Path) -> dict:
+    """Refuse, in one line, a checkpoint of another layout format or missing a rank's file; return its
+    `complete.json`."""
     try:
         meta = json.loads((folder / COMPLETE).read_text())
-        saved, written_by = meta["model"], meta["world_size"]
+        meta["model"], written_by = dict(meta["model"]), int(meta["world_size"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"checkpoint {folder}: unreadable {COMPLETE} ({type(e).__name__}: {e})") from None
     if meta.get("format", FORMAT) != FORMAT:
@@ -76,20 +95,21 @@ def check_compatible(folder: Path, model_config: dict, world_size: int, placemen
     missing = [f"train_state_rank{r}.pt" for r in range(written_by) if not (folder / f"train_state_rank{r}.pt").exists()]
     if missing:
         raise ValueError(f"checkpoint {folder} lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    diff = [k for k in model_keys if saved.get(k) != model_config.get(k)]
-    if diff:
-        k = diff[0]
-        raise ValueError(f"checkpoint {folder} does not fit the config: {k} is {saved.get(k)!r} there, "
-                         f"{model_config.get(k)!r} here")
-    if written_by != world_size:
-        raise ValueError(f"checkpoint {folder} was written by {written_by} ranks; exact resume needs "
-                         f"{written_by}, this run has {world_size}")
-    if meta.get("skill_placement") != placement:
-        def describe(p):
-            return "no skill parallelism" if p is None else f"{p['mode']} skill placement {p['slots']}"
-        raise ValueError(f"checkpoint {folder} was written with {describe(meta.get('skill_placement'))}; this run has "
-                         f"{describe(placement)}: each rank's optimizer state holds only its skills, so they must match")
     return meta
+
+
+def resized(meta: dict, world_size: int, placement: dict | None = None) -> bool:
+    """Whether a checkpoint (its `complete.json`) was written by another number of ranks or skill placement
+    than this run's: then it loads through its universal copy."""
+    return meta["world_size"] != world_size or meta.get("skill_placement") != placement
+
+
+def describe_resize(folder: Path, meta: dict, world_size: int, placement: dict | None = None) -> str:
+    """The line a run prints when it resumes a checkpoint of another layout."""
+    def layout(world, p):
+        return f"{world} rank{'s' * (world > 1)}, " + ("no skill parallelism" if p is None else f"{p['mode']} skill placement {p['slots']}")
+
+    return f"resuming {folder.name} ({layout(meta['world_size'], meta.get('skill_placement'))}) on {layout(world_size, placement)}"
 
 
 def agree_on_resume(resume: Path | None) -> None:
@@ -115,7 +135,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, root: Path, step: int, train_state: dict, model_config: dict, keep_last: int,
-         placement: dict | None = None) -> Path:
+         placement: dict | None = None, extra: dict | None = None) -> Path:
+    """Write this rank's part of checkpoint `step` (a collective); `extra` joins `complete.json`."""
     rank, world = dist.get_rank(), dist.get_world_size()
     folder = root / _tag(step)
     if (folder / COMPLETE).exists():
@@ -128,7 +149,7 @@ def save(engine, root: Path, step: int, train_state: dict, model_config: dict, k
         (folder / "model_config.json").write_text(json.dumps(model_config, indent=1))
         tmp = folder / (COMPLETE + ".tmp")
         tmp.write_text(json.dumps({"format": FORMAT, "step": step, "world_size": world, "model": model_config,
-                                   "skill_placement": placement}))
+                                   "skill_placement": placement, **(extra or {})}))
         os.replace(tmp, folder / COMPLETE)  # atomic: the folder is complete or it is not
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -139,10 +160,52 @@ def save(engine, root: Path, step: int, train_state: dict, model_config: dict, k
     return folder
 
 
-def load(engine, folder: Path) -> dict:
-    """Restore the engine and return this rank's train state (its RNG states already restored)."""
-    engine.load_checkpoint(str(folder.parent), tag=folder.name)
+def ensure_universal(folder: Path) -> Path:
+    """The checkpoint's universal copy, written now if it is not there yet (by every rank, a share of the
+    parameters each, when a process group is up); complete once renamed into place."""
+    out = folder / universal.FOLDER
+    if out.is_dir():
+        return out
+    group = dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if group else (0, 1)
+    barrier = dist.barrier if group else lambda: None
+    tmp = folder / (universal.FOLDER + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed conversion
+        tmp.mkdir()
+    barrier()
+    saved_by = json.loads((folder / COMPLETE).read_text())["world_size"]
+    universal.convert_parameters(folder, saved_by, tmp, (rank, world), progress=rank == 0)
+    barrier()
+    if rank == 0:
+        universal.finish(folder, tmp)
+        os.replace(tmp, out)
+    barrier()
+    return out
+
+
+def load(engine, folder: Path, resize: bool = False, every_rank: bool = False) -> dict[int, dict]:
+    """Restore the engine and return the saved train states by rank: this rank's alone, or (after a `resize`,
+    or asked for `every_rank`) every saving rank's, for the trainer to map. `resize`: another rank count or
+    skill placement; the engine loads the universal copy, as it does when its optimizer groups differ from
+    the checkpoint's (one written before ZeRO-3's partitioned build kept the weight-decay groups apart).
+    This rank's RNG states are restored from the saving rank of its number; a rank the saving run did not
+    have starts streams seeded by (step, rank)."""
+    if resize or universal.saved_groups(folder) != universal.engine_groups(engine):
+        ensure_universal(folder)
+        universal.load(engine, folder)
+    else:
+        engine.load_checkpoint(str(folder.parent), tag=folder.name)
     replay_cpu_adam(engine)
-    state = torch.load(folder / f"train_state_rank{dist.get_rank()}.pt", weights_only=False)
-    set_rng_state(state.pop("rng"))
-    return state
+    saved_by = json.loads((folder / COMPLETE).read_text())["world_size"]
+    rank = dist.get_rank()
+    ranks = range(saved_by) if resize or every_rank else [rank]
+    states = {r: torch.load(folder / f"train_state_rank{r}.pt", weights_only=False) for r in ranks}
+    if rank in states:
+        set_rng_state(states[rank]["rng"])
+    else:
+        seed = states[0]["step"] * 1_000_003 + rank
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+    return states

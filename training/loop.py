@@ -1,6 +1,7 @@
 """The loop both trainers run: steps until the last, logging every `log_every` steps and checkpointing every
 `checkpoint_every`, on a stop signal (then stopping, and asking Slurm to requeue for SIGUSR1) and at the
-end. A trainer brings its step, its scalars and its checkpoint (see `Trainer`)."""
+end (also when it resumed at its last step: `resume=<another run's checkpoint>` with that step rewrites the
+checkpoint for this run's ranks and skill placement). A trainer brings its step, its scalars and its checkpoint (see `Trainer`)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ def train_loop(trainer: Trainer, steps: int, log_every: int, checkpoint_every: i
             if step % checkpoint_every == 0 or step == steps or stopping != GO_ON:
                 metrics.flush()
                 saved = trainer.save()
+        if saved is None:  # resumed at its last step: the run's folder still ends with its checkpoint (the
+            saved = trainer.save()  # same one, or, resumed from elsewhere, one in this run's layout)
         requeued = stopping == REQUEUE and is_main and requeue()
     except BaseException:
         metrics.close(flush=False)

@@ -78,6 +78,16 @@ class Window:
     def load_state_dict(self, state: dict) -> None:
         self.losses, self.counts, self.skills = dict(state["losses"]), Counter(state["counts"]), Counter(state["skills"])
 
+    @staticmethod
+    def summed(states: list[dict]) -> dict:
+        """Several ranks' saved windows as one (what a rank of a resized run carries for them all)."""
+        losses, counts, skills = Counter(), Counter(), Counter()
+        for state in states:
+            losses.update(state["losses"])
+            counts.update(state["counts"])
+            skills.update(state["skills"])
+        return {"losses": dict(losses), "counts": dict(counts), "skills": dict(skills)}
+
 
 class Metrics:
     """TensorBoard scalars, a tqdm bar and `steps.jsonl` (one record per step) on rank 0. Step records may

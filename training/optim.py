@@ -10,8 +10,9 @@ from .config import OptimConfig
 
 def decays(name: str, param: torch.Tensor) -> bool:
     """The one weight-decay rule: matrices decay; biases and normalisation weights (vectors, or anything
-    named `norm`) do not."""
-    return param.dim() >= 2 and "norm" not in name.lower()
+    named `norm`) do not. A ZeRO-3 partitioned parameter is judged by its own shape (`ds_shape`), not by
+    the empty tensor it holds between gathers."""
+    return len(getattr(param, "ds_shape", param.shape)) >= 2 and "norm" not in name.lower()
 
 
 def parameter_groups(model, weight_decay: float) -> list[dict]:

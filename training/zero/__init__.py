@@ -10,7 +10,10 @@ DeepSpeed internals, each tested in `tests/test_zero_internals.py`:
 - `internals.whole_on_rank0`: a ZeRO-3 parameter's partition layout (`ds_tensor`);
 - `internals.CommClock`: the comms logger's records;
 - `traces.TraceSwitch`: ZeRO-3's parameter coordinator (one prefetch trace per kind of model call);
-- `layout`: the file layout of ZeRO checkpoints (read by the exporter).
+- `layout`: the file layout of ZeRO checkpoints (read by the exporter and the converter);
+- `universal`: DeepSpeed's universal checkpoint layout, written from that (`ds_to_universal` cannot read
+  skill-parallel checkpoints), and loaded into an engine of any size (`load`: the engine's config flag
+  for it, and the ZeRO-3 loader's handling of parameter groups).
 
 They were written against, and are tested with, the DeepSpeed versions `pyproject.toml` pins (TESTED).
 """

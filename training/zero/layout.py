@@ -1,11 +1,14 @@
 """The file layout of a ZeRO checkpoint (stage 1, 2 or 3), as DeepSpeed writes it: where each parameter's
-fp32 values lie in the ranks' optimizer-state files. Read by the exporter, which streams a checkpoint into
-one safetensors file without loading it whole. A DeepSpeed internal (see the package docstring)."""
+fp32 values and optimizer states lie in the ranks' optimizer-state files. Read by the exporter and the
+universal-checkpoint converter, which stream a checkpoint parameter by parameter without loading it whole.
+A DeepSpeed internal (see the package docstring)."""
 
 from __future__ import annotations
 
+import gc
 import math
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -25,20 +28,21 @@ def _optim_file(folder: Path, rank: int) -> Path:
 Layout = list[tuple[str, torch.Size, Pieces]]
 
 
-def parameter_layout(folder: Path, world: int, skip=lambda name: False) -> tuple[Layout, dict[str, torch.Tensor], str]:
-    """(name, shape, pieces) for every parameter (but those `skip` names), the buffers and the
-    optimizer-state key of the flat fp32 groups. ZeRO-3 splits every parameter over the ranks (each rank lists its own:
+def parameter_layout(folder: Path, world: int, skip=lambda name: False,
+                     frozen_ok: bool = False) -> tuple[Layout, dict[str, torch.Tensor]]:
+    """(name, shape, pieces) for every parameter the optimizer holds (but those `skip` names), and the
+    buffers. Frozen parameters, which the optimizer does not hold, are refused unless `frozen_ok`. ZeRO-3 splits every parameter over the ranks (each rank lists its own:
     under skill parallelism a rank holds only its skills, partitioned over the ranks at the same position,
     which DeepSpeed records per group, so the skills of all positions are merged here); ZeRO-1 and -2
     split each group's flat vector of parameters, laid end to end, into one slice per rank."""
     optim0 = torch.load(_optim_file(folder, 0), map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
     if int(optim0["zero_stage"]) <= 2:
-        return (*_layout_zero12(folder, world, optim0), "single_partition_of_fp32_groups")
+        return _layout_zero12(folder, world, optim0, frozen_ok)
     layout, seen, buffers = [], set(), {}
     for rank in range(world):
         states = torch.load(folder / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", map_location="cpu",
                             weights_only=False, mmap=True)
-        if [name for name in states.get("frozen_param_shapes") or {} if not skip(name)]:
+        if not frozen_ok and [name for name in states.get("frozen_param_shapes") or {} if not skip(name)]:
             raise ValueError(f"{folder} holds frozen parameters, which its optimizer states do not hold")
         optim = torch.load(_optim_file(folder, rank), map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
         placement = optim.get("ds_zero_partition_groups")
@@ -53,12 +57,12 @@ def parameter_layout(folder: Path, world: int, skip=lambda name: False) -> tuple
                 offset += per_rank
         if rank == 0:
             buffers = {name: states["module"][name] for name in states.get("buffer_names", [])}
-    return layout, buffers, "fp32_flat_groups"
+    return layout, buffers
 
 
-def _layout_zero12(folder: Path, world: int, optim0: dict):
+def _layout_zero12(folder: Path, world: int, optim0: dict, frozen_ok: bool):
     states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False, mmap=True)
-    if states.get("frozen_param_shapes"):
+    if not frozen_ok and states.get("frozen_param_shapes"):
         raise ValueError(f"{folder} holds frozen parameters, which its optimizer states do not hold")
     sizes = [t.numel() for t in optim0["single_partition_of_fp32_groups"]]  # one rank's slice of each group
     paddings = optim0.get("param_alignment_paddings")
@@ -76,10 +80,49 @@ def _layout_zero12(folder: Path, world: int, optim0: dict):
     return layout, buffers
 
 
-def open_partitions(folder: Path, world: int, key: str) -> list[list[torch.Tensor]]:
-    """Each rank's fp32 flat groups, memory-mapped."""
-    flats = []
-    for rank in range(world):
-        state = torch.load(_optim_file(folder, rank), map_location="cpu", weights_only=False, mmap=True)
-        flats.append(state["optimizer_state_dict"][key])
-    return flats
+STATES = ("fp32", "exp_avg", "exp_avg_sq")
+"""What a checkpoint holds per parameter element: the fp32 weights and AdamW's two moments."""
+
+
+def _flat_states(folder: Path, rank: int) -> dict[str, list[torch.Tensor]]:
+    """A rank's flat groups, memory-mapped, per state: ZeRO-3 keeps the fp32 weights in `fp32_flat_groups`
+    and the optimizer's in `optimizer_state_dict`, ZeRO-1/2 in `single_partition_of_fp32_groups` and
+    `base_optimizer_state` (a group's moments may be longer by its alignment padding)."""
+    sd = torch.load(_optim_file(folder, rank), map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
+    zero3 = "fp32_flat_groups" in sd
+    fp32 = sd["fp32_flat_groups" if zero3 else "single_partition_of_fp32_groups"]
+    state = sd["optimizer_state_dict" if zero3 else "base_optimizer_state"]["state"]
+    return {"fp32": fp32, **{key: [state[g][key] for g in range(len(fp32))] for key in STATES[1:]}}
+
+
+def whole_parameters(folder: Path, world: int, layout: Layout, states: tuple[str, ...] = ("fp32",),
+                     batch_bytes: int = 256 * 2**20) -> Iterator[tuple[str, torch.Size, dict[str, torch.Tensor]]]:
+    """(name, shape, {state: tensor}) for every parameter of `layout`, in order, each state reassembled
+    from the ranks' pieces. The ranks' files are memory-mapped for a batch of parameters at a time (at most
+    `batch_bytes` of fp32 values, or one parameter), so memory stays near the batch, not the model."""
+    i = 0
+    while i < len(layout):
+        batch, budget = [], 0
+        while i < len(layout) and (not batch or budget + layout[i][1].numel() * 4 * len(states) <= batch_bytes):
+            batch.append(layout[i])
+            budget += layout[i][1].numel() * 4 * len(states)
+            i += 1
+        flats = [_flat_states(folder, rank) for rank in range(world)]
+        for name, shape, pieces in batch:
+            yield name, shape, {key: torch.cat([flats[r][key][g][lo:hi] for r, g, lo, hi in pieces])[: shape.numel()].view(shape)
+                                for key in states}
+        del flats
+        gc.collect()
+
+
+def optimizer_settings(folder: Path) -> dict:
+    """Rank 0's optimizer state without its per-element tensors: the loss scaler, clipping, DeepSpeed's
+    version and, per parameter group, its hyperparameters and step."""
+    saved = torch.load(_optim_file(folder, 0), map_location="cpu", weights_only=False, mmap=True)
+    sd = saved["optimizer_state_dict"]
+    inner = sd.get("optimizer_state_dict") or sd["base_optimizer_state"]
+    light = {k: v for k, v in sd.items() if k not in ("optimizer_state_dict", "base_optimizer_state", "fp32_flat_groups",
+                                                      "single_partition_of_fp32_groups", "param_slice_mappings")}
+    steps = {g: {"step": s["step"]} for g, s in inner["state"].items() if "step" in s}
+    return {**light, "ds_version": saved.get("ds_version"), "param_groups": inner["param_groups"],
+            "optimizer_state_dict": {"state": steps, "param_groups": inner["param_groups"]}}
