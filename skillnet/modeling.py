@@ -16,7 +16,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.generation import GenerationMixin
-from transformers.modeling_outputs import MaskedLMOutput, Seq2SeqLMOutput
+from transformers.modeling_outputs import BaseModelOutputWithCrossAttentions, MaskedLMOutput, Seq2SeqLMOutput
 from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration import SkillNetConfig
@@ -173,14 +173,6 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
-@dataclass
-class StackOutput:
-    last_hidden_state: torch.Tensor
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-    cross_attentions: tuple[torch.Tensor, ...] | None = None
-
-
 class SkillNetEncoder(nn.Module):
     """A stack of `SkillNetLayer`s; the layers named by `config.skill_layers` carry skills."""
 
@@ -190,7 +182,7 @@ class SkillNetEncoder(nn.Module):
         self.layers = nn.ModuleList(SkillNetLayer(config, i in skilled, decoder, i) for i in range(num_layers))
 
     def forward(self, x, mask, route, encoder_states=None, encoder_mask=None, past_key_values=None,
-                output_hidden_states=False, output_attentions=False) -> StackOutput:
+                output_hidden_states=False, output_attentions=False) -> BaseModelOutputWithCrossAttentions:
         hidden = [x] if output_hidden_states else None
         attentions, cross = ([], []) if output_attentions else (None, None)
         for layer in self.layers:
@@ -201,7 +193,7 @@ class SkillNetEncoder(nn.Module):
             if attentions is not None:
                 attentions.append(weights)
                 cross.append(cross_weights)
-        return StackOutput(x, tuple(hidden) if hidden is not None else None,
+        return BaseModelOutputWithCrossAttentions(x, tuple(hidden) if hidden is not None else None,
                            tuple(attentions) if attentions is not None else None,
                            tuple(cross) if cross and encoder_states is not None else None)
 
@@ -344,7 +336,7 @@ class SkillNetModel(SkillNetPreTrainedModel):
             input_ids is not None and attention_mask is None) or (input_features is not None and feature_attention_mask is None)
         return x, mask, None if unpadded else padding_mask(mask), route, n, modality
 
-    def _output(self, stack: StackOutput, mask, n, route, modality) -> SkillNetModelOutput:
+    def _output(self, stack: BaseModelOutputWithCrossAttentions, mask, n, route, modality) -> SkillNetModelOutput:
         hidden = stack.last_hidden_state
         if n:
             hidden, mask = (torch.cat([t[:, :1], t[:, 1 + n:]], dim=1) for t in (hidden, mask))
@@ -367,7 +359,7 @@ class SkillNetModel(SkillNetPreTrainedModel):
             def part(t, start=start):
                 return t[start:start + batch * length].view(batch, length, -1)
             states = tuple(part(h) for h in stack.hidden_states) if stack.hidden_states is not None else None
-            outputs.append(self._output(StackOutput(part(stack.last_hidden_state), states), mask, n,
+            outputs.append(self._output(BaseModelOutputWithCrossAttentions(part(stack.last_hidden_state), states), mask, n,
                                         route if i == 0 else None, modality))
             start += batch * length
         return tuple(outputs)
@@ -525,7 +517,7 @@ class SkillGenerationMixin(GenerationMixin):
     `skillnet` (the encoder) and the modules `_add_decoder` gives it."""
 
     def decode(self, decoder_input_ids, encoder_states, encoder_mask, route, past_key_values=None,
-               output_attentions=False, output_hidden_states=False) -> tuple[torch.Tensor, StackOutput]:
+               output_attentions=False, output_hidden_states=False) -> tuple[torch.Tensor, BaseModelOutputWithCrossAttentions]:
         """Vocabulary logits of the decoder for `decoder_input_ids`, following the positions already in
         `past_key_values` (an `EncoderDecoderCache`, updated in place), and the decoder stack's outputs."""
         if getattr(self, "decoder", None) is None:
