@@ -300,17 +300,17 @@ class SkillNetLayer(GradientCheckpointingLayer):
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x, mask, route, encoder_states=None, encoder_mask=None, past_key_values=None,
+    def forward(self, x, mask, route, encoder_states=None, encoder_mask=None, cache=None,
                 output_attentions=False):
         """The layer's output, its self-attention weights and its cross-attention weights (None unless
         `output_attentions`)."""
-        attended, weights = self.attn(x, mask, route, cache=past_key_values, is_causal=self.decoder,
+        attended, weights = self.attn(x, mask, route, cache=cache, is_causal=self.decoder,
                                       output_attentions=output_attentions)
         x = self.attn_norm(x + self.dropout(attended))
         cross_weights = None
         if self.decoder:
             attended, cross_weights = self.cross_attn(x, encoder_mask, route, kv_states=encoder_states,
-                                                      cache=past_key_values, output_attentions=output_attentions)
+                                                      cache=cache, output_attentions=output_attentions)
             x = self.cross_norm(x + self.dropout(attended))
         return self.ffn_norm(x + self.dropout(self.ffn(x, route))), weights, cross_weights
 

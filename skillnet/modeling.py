@@ -181,13 +181,16 @@ class SkillNetEncoder(nn.Module):
         skilled = set(config.skill_layer_indices(num_layers))
         self.layers = nn.ModuleList(SkillNetLayer(config, i in skilled, decoder, i) for i in range(num_layers))
 
-    def forward(self, x, mask, route, encoder_states=None, encoder_mask=None, past_key_values=None,
+    def forward(self, x, mask, route, encoder_states=None, encoder_mask=None, cache=None,
                 output_hidden_states=False, output_attentions=False) -> BaseModelOutputWithCrossAttentions:
         hidden = [x] if output_hidden_states else None
         attentions, cross = ([], []) if output_attentions else (None, None)
         for layer in self.layers:
+            # a layer recomputed in the backward pass must not write the cache twice (transformers' layer drops
+            # it by the keyword its version uses: `past_key_values` before 5.24, `cache` since)
+            recomputed = layer.gradient_checkpointing and self.training and torch.is_grad_enabled()
             x, weights, cross_weights = layer(x, mask, route, encoder_states, encoder_mask,
-                                              past_key_values=past_key_values, output_attentions=output_attentions)
+                                              cache=None if recomputed else cache, output_attentions=output_attentions)
             if hidden is not None:
                 hidden.append(x)
             if attentions is not None:
@@ -516,19 +519,19 @@ class SkillGenerationMixin(GenerationMixin):
     `GenerationConfig`), the task's skills active in the encoder and at every decoding step. For a model with
     `skillnet` (the encoder) and the modules `_add_decoder` gives it."""
 
-    def decode(self, decoder_input_ids, encoder_states, encoder_mask, route, past_key_values=None,
+    def decode(self, decoder_input_ids, encoder_states, encoder_mask, route, cache=None,
                output_attentions=False, output_hidden_states=False) -> tuple[torch.Tensor, BaseModelOutputWithCrossAttentions]:
         """Vocabulary logits of the decoder for `decoder_input_ids`, following the positions already in
-        `past_key_values` (an `EncoderDecoderCache`, updated in place), and the decoder stack's outputs."""
+        `cache` (an `EncoderDecoderCache`, updated in place), and the decoder stack's outputs."""
         if getattr(self, "decoder", None) is None:
             raise ValueError("this model has no decoder (config.num_decoder_layers is 0)")
-        offset, n = past_key_values.get_seq_length() if past_key_values is not None else 0, decoder_input_ids.shape[1]
+        offset, n = cache.get_seq_length() if cache is not None else 0, decoder_input_ids.shape[1]
         if offset + n > self.decoder_positions.num_embeddings:
             raise ValueError(f"decoding past max_position_embeddings={self.decoder_positions.num_embeddings}")
         positions = torch.arange(offset, offset + n, device=decoder_input_ids.device)
         x = self.get_input_embeddings()(decoder_input_ids) + self.decoder_positions(positions)
         x = self.skillnet.embed_dropout(self.decoder_embed_norm(x))
-        stack = self.decoder(x, None, route, encoder_states, padding_mask(encoder_mask), past_key_values,
+        stack = self.decoder(x, None, route, encoder_states, padding_mask(encoder_mask), cache,
                              output_hidden_states, output_attentions)
         return self.lm_head(stack.last_hidden_state), stack
 
@@ -542,11 +545,12 @@ class SkillGenerationMixin(GenerationMixin):
         return shifted
 
     def seq2seq(self, input_ids=None, attention_mask=None, decoder_input_ids=None, labels=None, encoder_outputs=None,
-                past_key_values=None, use_cache=None, task=None, skills=None, skill_mask=None, output_attentions=None,
-                output_hidden_states=None, **kwargs) -> SkillNetSeq2SeqOutput:
+                cache=None, use_cache=None, task=None, skills=None, skill_mask=None, output_attentions=None,
+                output_hidden_states=None, past_key_values=None, **kwargs) -> SkillNetSeq2SeqOutput:
         """The encoder-decoder's forward: `labels` (target ids, -100 where no loss is taken) give the decoder's
         inputs shifted right and the loss; in generation `encoder_outputs` are the encoder's, computed once,
-        and `past_key_values` the cache of earlier steps."""
+        and `cache` the cache of earlier steps (`past_key_values`, its name before transformers 5.24, too)."""
+        cache = cache if cache is not None else past_key_values
         config = self.config
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -561,17 +565,17 @@ class SkillGenerationMixin(GenerationMixin):
         encoder_mask = attention_mask if attention_mask is not None else encoder_outputs.attention_mask
         if use_cache is None:
             use_cache = getattr(config, "use_cache", True) and labels is None
-        if use_cache and past_key_values is None:
-            past_key_values = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        if use_cache and cache is None:
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         logits, stack = self.decode(decoder_input_ids, encoder_outputs.last_hidden_state, encoder_mask, route,
-                                    past_key_values if use_cache else None, output_attentions, output_hidden_states)
+                                    cache if use_cache else None, output_attentions, output_hidden_states)
         aux = torch.stack(route.aux_losses).sum() if route.aux_losses else None
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
             loss = loss + aux if aux is not None else loss
         return SkillNetSeq2SeqOutput(
-            loss, logits, past_key_values if use_cache else None, stack.hidden_states, stack.attentions,
+            loss, logits, cache if use_cache else None, stack.hidden_states, stack.attentions,
             stack.cross_attentions, encoder_outputs.last_hidden_state, encoder_outputs.hidden_states,
             encoder_outputs.attentions, aux)
 
@@ -719,8 +723,8 @@ class SkillNetForConditionalGeneration(SkillNetPreTrainedModel, SkillGenerationM
 
     @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, labels=None, encoder_outputs=None,
-                past_key_values=None, use_cache=None, task=None, skills=None, skill_mask=None,
-                output_attentions=None, output_hidden_states=None, **kwargs) -> SkillNetSeq2SeqOutput:
+                cache=None, use_cache=None, task=None, skills=None, skill_mask=None,
+                output_attentions=None, output_hidden_states=None, past_key_values=None, **kwargs) -> SkillNetSeq2SeqOutput:
         """See `SkillGenerationMixin.seq2seq`."""
-        return self.seq2seq(input_ids, attention_mask, decoder_input_ids, labels, encoder_outputs, past_key_values,
-                            use_cache, task, skills, skill_mask, output_attentions, output_hidden_states)
+        return self.seq2seq(input_ids, attention_mask, decoder_input_ids, labels, encoder_outputs, cache,
+                            use_cache, task, skills, skill_mask, output_attentions, output_hidden_states, past_key_values)

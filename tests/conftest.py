@@ -76,6 +76,20 @@ def sample(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def small_shards(sample, tmp_path_factory):
+    """The sample corpus's kinds of data with two samples per shard (at least 4 shards per modality, so 4
+    ranks read every source without resampling, and an epoch ends within a few steps), and its tokenizer."""
+    import shutil
+
+    from data_pipeline.sample_corpus import write_corpus
+
+    out = tmp_path_factory.mktemp("small_shards")
+    write_corpus(out, seed=1, images_n=20, audio_n=10, video_n=10, code_n=12, text_n=20, max_samples=2, progress=False)
+    shutil.copytree(sample / "tokenizer", out / "tokenizer")
+    return out
+
+
 CITIES = ["paris", "rome", "oslo", "lima", "cairo", "delhi"]
 WORDS = ["the", "a", "film", "day", "trip", "food", "was", "very", "to", "we", "went", "in", "it", "is"]
 

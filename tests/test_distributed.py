@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import finetune_config, free_port
 
 from skillnet import SkillNetForPreTraining, load_config
@@ -40,6 +41,7 @@ class Scenario:
     overrides: tuple[str, ...]
     checks: tuple[str, ...] = ()  # names in CHECKS, "name:argument" passes an argument
     launcher: str = "torchrun"  # "torchrun", "accelerate" (DeepSpeed ZeRO-3 through accelerate) or "python"
+    corpus: str = "sample"  # pretraining's data: "sample" or "small_shards" (conftest.py)
 
     def __str__(self) -> str:
         return self.name
@@ -52,11 +54,11 @@ DATA_LOCAL = ("train.steps=6", "checkpoint.every=3", "checkpoint.keep_last=5", "
 FINETUNE = ("train.log_every=2", "train.batch_size=8", "optim.lr=3e-3", PARTITION_ALL)
 
 SCENARIOS = [
-    Scenario("zero3-2-ranks", "pretrain", 2, ("train.steps=24", "checkpoint.every=4", "checkpoint.keep_last=2"),
+    Scenario("zero3-2-ranks", "pretrain", 2, ("train.steps=16", "checkpoint.every=4", "checkpoint.keep_last=2"),
              ("killed_and_resumed_exactly", "exports_the_checkpoint", "one_trace_per_kind_of_call")),
     Scenario("epochs-2-ranks", "pretrain", 2, ("train.steps=4", "checkpoint.every=4", "data.resample=false",
                                                "train.log_samples=true"),
-             ("resizes:1+", "resizes:2/2", "resizes:2/2/data_local+")),
+             ("resizes:1+6", "resizes:4+4", "resizes:2/2", "resizes:2/2/data_local"), corpus="small_shards"),
     Scenario("zero2-accumulation-recompute", "pretrain", 1,
              ("train.steps=4", "checkpoint.every=2", "train.gradient_accumulation=2", "train.activation_checkpointing=true",
               ZERO2), ("micro_batches_per_step:2", "resumes_exactly", "resumes_from_the_previous_layout"), "python"),
@@ -65,7 +67,7 @@ SCENARIOS = [
     *(Scenario(f"bf16-{ds}", "pretrain", 2, ("train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=3",
                                              "train.bf16=true", f"distributed.ds_config=ds_configs/{ds}.json"),
                ("bf16_reduced_in_fp32", "resumes_exactly", "exports_the_checkpoint")) for ds in ("zero2", "zero3")),
-    Scenario("all-skills-2-ranks", "pretrain", 2, ("train.steps=6", "checkpoint.every=6"), ("resizes:4",)),
+    Scenario("all-skills-2-ranks", "pretrain", 2, ("train.steps=6", "checkpoint.every=6")),
     Scenario("skills-split-2-ranks", "pretrain", 2, ("train.steps=6", "checkpoint.every=6", SPLIT),
              ("trains_like:all-skills-2-ranks", "balanced_placement", "exports_like:all-skills-2-ranks", "resizes:2/1",
               "resizes:4/2")),
@@ -75,9 +77,9 @@ SCENARIOS = [
     Scenario("all-skills-4-ranks", "pretrain", 4, ("train.steps=4", "checkpoint.every=4", "data.num_workers=0")),
     Scenario("skills-split-4-ranks", "pretrain", 4, ("train.steps=4", "checkpoint.every=4", "data.num_workers=0", SPLIT),
              ("trains_like:all-skills-4-ranks", "skills_partitioned_over_two_ranks", "exports_like:all-skills-4-ranks",
-              "converts_offline", "resizes:2/2+")),
+              "converts_offline", "resizes:2/2")),
     Scenario("finetune-one-process", "finetune", 1, (*FINETUNE, "train.steps=24", "checkpoint.every=4", ZERO2),
-             ("killed_and_resumed_exactly", "predictions_reproduce_evaluation", "resizes:2+"), "python"),
+             ("killed_and_resumed_exactly", "predictions_reproduce_evaluation", "resizes:2+2"), "python"),
     Scenario("finetune-accelerate-zero3", "finetune", 2, (*FINETUNE, "train.steps=12", "checkpoint.every=6"),
              ("resumes_exactly", "predictions_reproduce_evaluation"), "accelerate"),
 ]
@@ -90,13 +92,13 @@ FINETUNE_TASKS = ["sentiment", "ner", "qa"]
 class Driver:
     """Launches scenarios into folders; `finished(name)` runs a row once per session and reuses it."""
 
-    def __init__(self, sample: Path, workspace, root: Path):
-        self.sample, self.workspace, self.root, self.done = sample, workspace, root, {}
+    def __init__(self, corpora: dict[str, Path], workspace, root: Path):
+        self.corpora, self.workspace, self.root, self.done = corpora, workspace, root, {}
 
     def command(self, s: Scenario, folder: Path, extra: tuple[str, ...] = ()) -> tuple[list[str], dict]:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         if s.program == "pretrain":
-            args = ["-m", "pretrain", "--config", "tiny", f"data_root={self.sample}", f"run_dir={folder}",
+            args = ["-m", "pretrain", "--config", "tiny", f"data_root={self.corpora[s.corpus]}", f"run_dir={folder}",
                     "train.log_every=2", PARTITION_ALL, *s.overrides, *extra]
         else:
             base, files, init = self.workspace
@@ -141,8 +143,8 @@ class Driver:
 
 
 @pytest.fixture(scope="session")
-def driver(sample, workspace, tmp_path_factory):
-    return Driver(sample, workspace, tmp_path_factory.mktemp("distributed"))
+def driver(sample, small_shards, workspace, tmp_path_factory):
+    return Driver({"sample": sample, "small_shards": small_shards}, workspace, tmp_path_factory.mktemp("distributed"))
 
 
 @pytest.mark.parametrize("scenario", [s for s in SCENARIOS if s.checks], ids=str)
@@ -307,14 +309,15 @@ def exports_the_checkpoint(s, folder, driver, tmp_path):
 
 
 def resizes(s, folder, driver, tmp_path, target):
-    """The last checkpoint resumed on another world: `ranks[/P[/placement]][+]`. Resumed at its own step
+    """The last checkpoint resumed on another world: `ranks[/P[/placement]][+steps]`. Resumed at its own step
     into a new run folder, the run writes the checkpoint again in its layout: every parameter's fp32
     weights and AdamW moments equal the saved ones by name, skills included, and so do the step, tokens
-    seen, schedule and rank 0's RNG states. `+`: the resized run then trains two more steps; where the data
-    is not resampled, no sample is read twice in an epoch across the resize, and the run reads on in the
-    epochs under way."""
-    go_on, run = target.endswith("+"), tmp_path / f"resized-{target.replace('/', '-')}"
-    ranks, p, placement = (target.rstrip("+").split("/") + [None, None])[:3]
+    seen, schedule and rank 0's RNG states. `+steps`: the resized run then trains on; where the data is not
+    resampled, no sample is read twice in an epoch across the resize, and every epoch the new ranks have all
+    finished holds every sample of its source (at least one of them read on both sides of the resize)."""
+    run = tmp_path / f"resized-{target.replace('/', '-')}"
+    target, _, go_on = target.partition("+")
+    ranks, p, placement = (target.split("/") + [None, None])[:3]
     last = checkpoints(folder)[-1]
     step = json.loads((last / "complete.json").read_text())["step"]
     extra = [f"checkpoint.resume={last}", f"train.steps={step}"]
@@ -323,7 +326,8 @@ def resizes(s, folder, driver, tmp_path, target):
     extra += [f"distributed.skill_parallel_size={p}"] if p else []
     extra += [f"distributed.skill_placement={placement}"] if placement else []
     target_run = Scenario(f"{s.name}-on-{target}", s.program, int(ranks),
-                          tuple(o for o in s.overrides if not o.startswith(("distributed.skill", "data.num_workers"))))
+                          tuple(o for o in s.overrides if not o.startswith(("distributed.skill", "data.num_workers"))),
+                          corpus=s.corpus)
     out = driver.run(target_run, run, *extra)
     assert f"resuming {last.name} ({s.ranks} rank" in out
     again = checkpoints(run)[-1]
@@ -342,14 +346,15 @@ def resizes(s, folder, driver, tmp_path, target):
     assert schedules[1]["last_epoch"] == schedules[0]["last_epoch"] == step and schedules[1]["_last_lr"][0] == schedules[0]["_last_lr"][0]
     if go_on:
         driver.run(target_run, run, *[e for e in extra if not e.startswith(("checkpoint.resume", "train.steps"))],
-                   f"train.steps={step + 2}")
+                   f"train.steps={step + int(go_on)}")
         rows = records(run)
-        assert [r["step"] for r in rows][-2:] == [step + 1, step + 2] and all(math.isfinite(r["loss"]) for r in rows)
+        assert [r["step"] for r in rows][-int(go_on):] == list(range(step + 1, step + int(go_on) + 1))
+        assert all(math.isfinite(r["loss"]) for r in rows)
         if s.program == "pretrain":  # the export reads the resized run's checkpoints
             exported = _export(checkpoints(run)[-1], run / "hf").state_dict()
             assert all(torch.equal(exported[n], w["fp32"]) for n, w in saved_states(checkpoints(run)[-1]).items())
         if "data.resample=false" in s.overrides:
-            _no_sample_twice_in_an_epoch(folder, run)
+            _each_sample_once_per_epoch(folder, run, driver.corpora[s.corpus])
 
 
 def converts_offline(s, folder, driver, tmp_path):
@@ -371,19 +376,38 @@ def converts_offline(s, folder, driver, tmp_path):
                           capture_output=True, text=True).returncode == 2
 
 
-def _no_sample_twice_in_an_epoch(first: Path, second: Path) -> None:
+def _each_sample_once_per_epoch(first: Path, second: Path, corpus: Path) -> None:
+    """From both runs' sample logs (`train.log_samples`): no (task, epoch) holds a key twice; the resized run
+    read on in the epochs under way; and each (task, epoch) that every rank reading the task has finished
+    (it logged a later epoch of that task) holds every sample of the task's source."""
+    from data_pipeline.shards import SkipCounter, read_raw_samples
+
     def read(run):
-        by_step = {}
+        by_line = {}
         for log in (run / "samples").glob("rank*.jsonl"):
             for line in log.read_text().splitlines():
                 r = json.loads(line)
-                by_step[(log.name, r["step"], r["micro"])] = r  # a step run again after a resume: the later line
-        return [(r["task"], k, e) for r in by_step.values() for k, e in zip(r["keys"], r["epochs"])]
+                by_line[(log.name, r["step"], r["micro"])] = r  # a step run again after a resume: the later line
+        return by_line
 
     before, after = read(first), read(second)
-    both = Counter(before + after)
-    assert before and after and max(both.values()) == 1, [k for k, n in both.items() if n > 1][:5]
-    assert {(t, e) for t, _, e in after} & {(t, e) for t, _, e in before}  # it read on in the epochs under way
+    keys = Counter((r["task"], e, k) for r in [*before.values(), *after.values()] for k, e in zip(r["keys"], r["epochs"]))
+    assert max(keys.values()) == 1, [k for k, n in keys.items() if n > 1][:5]
+    under_way = {(r["task"], e) for r in before.values() for e in r["epochs"]}
+    readers, latest = {}, {}
+    for (rank, _, _), r in after.items():
+        readers.setdefault(r["task"], set()).add(rank)
+        latest[(r["task"], rank)] = max(latest.get((r["task"], rank), 0), *r["epochs"])
+    config = yaml.safe_load((second / "config.yaml").read_text())
+    sources = {t["name"]: t["sources"][0]["shards"] for t in config["data"]["tasks"]}
+    complete = [(t, e) for t, e in under_way if all(latest.get((t, rank), -1) > e for rank in readers.get(t, [None]))]
+    straddling = under_way & {(r["task"], e) for r in after.values() for e in r["epochs"]}
+    assert set(complete) & straddling, f"no epoch read on both sides of the resize ended: train longer ({straddling})"
+    for task, epoch in complete:
+        index = json.loads((corpus / sources[task]).read_text())
+        names = [shard["name"] for shard in index["shards"]]
+        every = {s["__key__"] for name in names for s in read_raw_samples(str(corpus / Path(sources[task]).parent / name), SkipCounter())}
+        assert {k for t, e, k in keys if (t, e) == (task, epoch)} == every, (task, epoch)
 
 
 def one_trace_per_kind_of_call(s, folder, driver, tmp_path):

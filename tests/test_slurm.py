@@ -53,9 +53,9 @@ def _submit(cluster, script: str, env: dict[str, str], out: Path) -> str:
 
 def test_sbatch_trains_requeues_on_signal_resumes_and_exports(cluster, tmp_path):
     run, out = tmp_path / "run", tmp_path / "job.out"
-    env = {"RUN_DIR": str(run), "SAMPLE": str(tmp_path / "sample"), "ARGS": "train.steps=30 checkpoint.every=5"}
+    env = {"RUN_DIR": str(run), "SAMPLE": str(tmp_path / "sample"), "ARGS": "train.steps=16 checkpoint.every=4"}
     job = _submit(cluster, "pretrain_multimodal.sh", env, out)
-    first = run / "checkpoints" / "step00000005" / "complete.json"
+    first = run / "checkpoints" / "step00000004" / "complete.json"
     _wait(first.exists, 600, "the first checkpoint")
     assert cluster.cmd("scancel", "--signal=USR1", job).returncode == 0  # as --signal=USR1@300 would
     _wait(lambda: cluster.job(job).get("Restarts") == "1", 300, "the job to requeue itself")
@@ -65,10 +65,10 @@ def test_sbatch_trains_requeues_on_signal_resumes_and_exports(cluster, tmp_path)
     log = out.read_text()
     assert state["JobState"] == "COMPLETED", log[-3000:]
     stopped = re.search(r"trained to step (\d+) \(stopped by signal, checkpointed, requeued\)", log)
-    assert stopped and 5 <= int(stopped.group(1)) < 30 and "trained to step 30\n" in log
+    assert stopped and 4 <= int(stopped.group(1)) < 16 and "trained to step 16\n" in log
     assert "Traceback" not in log
     steps = [json.loads(line)["step"] for line in (run / "steps.jsonl").read_text().splitlines()]
-    assert set(steps) == set(range(1, 31))  # the signalled run's steps, then the resumed run's
+    assert set(steps) == set(range(1, 17))  # the signalled run's steps, then the resumed run's
     from skillnet import SkillNetForPreTraining
 
     model = SkillNetForPreTraining.from_pretrained(run / "export")
