@@ -122,7 +122,11 @@ class Driver:
 
     def run(self, s: Scenario, folder: Path, *extra: str) -> str:
         """Run to the end; a rank killed by a signal from native code (seen about once in ten 4-rank runs
-        on 2 cores, cause not found) is reported with its stacks (faulthandler) and the run repeated once."""
+        on 2 cores, cause not found) is reported with its stacks (faulthandler) and the run repeated once,
+        from the folder as it was before (a run continuing another's checkpoint continues it again)."""
+        before = folder.with_name(folder.name + ".before")
+        if folder.exists():
+            shutil.copytree(folder, before, dirs_exist_ok=True)
         for attempt in range(2):
             proc = self.start(s, folder, *extra)
             out, _ = proc.communicate(timeout=900)
@@ -131,6 +135,9 @@ class Driver:
                 break
             warnings.warn(f"{s.name}: a rank died by a signal, running again: {crashed[:4]}")
             shutil.rmtree(folder, ignore_errors=True)
+            if before.exists():
+                shutil.copytree(before, folder)
+        shutil.rmtree(before, ignore_errors=True)
         assert proc.returncode == 0, out[-4000:]
         return out
 

@@ -7,5 +7,6 @@
 - `step`: one optimizer step over several micro-batches (`optimizer_step`);
 - `loop`: the loop both trainers run (logs, checkpoints, stop signals);
 - `metrics`: TensorBoard, tqdm and `steps.jsonl`, summed over ranks;
-- `checkpoint`: save, find and resume checkpoints; `signals`: stop and requeue; `distributed`: ranks.
+- `checkpoint`: save, find and resume checkpoints (at any world size: `reshard` writes the universal copy
+  offline); `signals`: stop and requeue; `distributed`: ranks.
 """
