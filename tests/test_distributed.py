@@ -384,9 +384,9 @@ def converts_offline(s, folder, driver, tmp_path):
 
 
 def _each_sample_once_per_epoch(first: Path, second: Path, corpus: Path) -> None:
-    """From both runs' sample logs (`train.log_samples`): no (task, epoch) holds a key twice; the resized run
-    read on in the epochs under way; and each (task, epoch) that every rank reading the task has finished
-    (it logged a later epoch of that task) holds every sample of the task's source."""
+    """From both runs' sample logs (`train.log_samples`): no (task, epoch) holds a key twice, and each epoch
+    under way at the resize that every rank reading the task has since finished (it logged a later epoch)
+    holds every sample of the task's source; at least one of them was read on both sides of the resize."""
     from data_pipeline.shards import SkipCounter, read_raw_samples
 
     def read(run):

@@ -33,12 +33,19 @@ def _wait(predicate, timeout: float, what: str, poll: float = 0.5):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+_HELD_SINCE: dict[str, float] = {}
+
+
 def _ended(cluster, job: str) -> bool:
     state = cluster.job(job)
     if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
         # skip Slurm's hold of a requeued job (about 2 minutes); set while the requeue is still being
-        # processed, the start time can be overwritten, so it is set again while the hold lasts
-        cluster.cmd("scontrol", "update", f"JobId={job}", "StartTime=now")
+        # processed, the start time can be overwritten, so it is set again while the hold lasts. Not in the
+        # first seconds: a job started in the second its previous run's credential was revoked is refused
+        # by the nodes ("Job credential revoked") and fails
+        held = _HELD_SINCE.setdefault(job, time.monotonic())
+        if time.monotonic() - held >= 2:
+            cluster.cmd("scontrol", "update", f"JobId={job}", "StartTime=now")
     return state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED")
 
 
