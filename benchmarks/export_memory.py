@@ -30,6 +30,14 @@ def peak_rss(code: str) -> int:
     return usage.ru_maxrss * 1024
 
 
+def benchmark_model(hidden: int, layers: int) -> str:
+    """The inline model config of the checkpoint benchmarks: multimodal, 6 skills in FFN and attention."""
+    return (f"{{skill_set: multimodal, modalities: [text, code, image, audio, video], vocab_size: 512, "
+            f"hidden_size: {hidden}, num_hidden_layers: {layers}, num_attention_heads: {hidden // 64}, "
+            f"intermediate_size: {4 * hidden}, skill_attention: true, image_size: 32, patch_size: 8, "
+            f"num_mel_bins: 16, max_audio_frames: 256, num_frames: 4, projection_dim: 64}}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=768)
@@ -39,10 +47,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         subprocess.run([sys.executable, "-m", "pretrain.prepare_sample", "--out", str(tmp / "sample")], cwd=ROOT,
                        check=True, capture_output=True)
-        model = (f"{{skill_set: multimodal, modalities: [text, code, image, audio, video], vocab_size: 512, "
-                 f"hidden_size: {args.hidden}, num_hidden_layers: {args.layers}, num_attention_heads: {args.hidden // 64}, "
-                 f"intermediate_size: {4 * args.hidden}, skill_attention: true, image_size: 32, patch_size: 8, "
-                 f"num_mel_bins: 16, max_audio_frames: 256, num_frames: 4, projection_dim: 64}}")
+        model = benchmark_model(args.hidden, args.layers)
         run = tmp / "run"
         train = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29741", "-m",

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from export_memory import peak_rss  # noqa: E402
+from export_memory import benchmark_model, peak_rss  # noqa: E402
 
 PARTITION_ALL = "distributed.ds_overrides.zero_optimization.stage3_param_persistence_threshold=0"
 
@@ -56,10 +56,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         subprocess.run([sys.executable, "-m", "pretrain.prepare_sample", "--out", str(tmp / "sample")], cwd=ROOT,
                        check=True, capture_output=True)
-        model = (f"{{skill_set: multimodal, modalities: [text, code, image, audio, video], vocab_size: 512, "
-                 f"hidden_size: {args.hidden}, num_hidden_layers: {args.layers}, num_attention_heads: {args.hidden // 64}, "
-                 f"intermediate_size: {4 * args.hidden}, skill_attention: true, image_size: 32, patch_size: 8, "
-                 f"num_mel_bins: 16, max_audio_frames: 256, num_frames: 4, projection_dim: 64}}")
+        model = benchmark_model(args.hidden, args.layers)
         common = ["--config", "tiny", f"model={model}", f"data_root={tmp / 'sample'}", "train.micro_batch_size=2",
                   "train.steps=1", PARTITION_ALL]
         launch(2, 29751, [*common, f"run_dir={tmp / 'run'}"])
@@ -82,7 +79,7 @@ def main(argv=None) -> int:
           f"{largest / 2**20:.0f} MiB)")
     print(f"  {'resume':<34}{'load s':>8}{'x same size':>13}{'rank 0 peak GiB':>17}")
     for label, seconds, gib in rows:
-        print(f"  {label:<34}{seconds:>8.1f}{seconds / same:>13.2f}{gib:>17.2f}")
+        print(f"  {label:<34}{seconds:>8.2f}{seconds / same:>13.2f}{gib:>17.2f}")
     ratio = (converter - baseline) / largest
     print(f"  offline conversion (python -m training.reshard): {convert_s:.1f} s wall (process start included), "
           f"peak {converter / 2**20:.0f} MiB, above imports {(converter - baseline) / 2**20:.0f} MiB = "

@@ -312,7 +312,7 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
             import resource
 
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-            print(f"resumed {resume.folder.name} in {time.perf_counter() - start:.1f} s (rank 0's peak resident "
+            print(f"resumed {resume.folder.name} in {time.perf_counter() - start:.2f} s (rank 0's peak resident "
                   f"memory so far {peak:.2f} GiB)", file=sys.stderr)
     metrics = Metrics(run_dir, topology.is_main, config.train.steps, run.step(), "pretraining")
     result = train_loop(run, config.train.steps, config.train.log_every, config.checkpoint.every, metrics,
