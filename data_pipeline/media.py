@@ -267,8 +267,8 @@ def decode_video(data: bytes, cfg: MediaConfig) -> torch.Tensor:
     seeking; others are decoded in order up to the last sampled frame."""
     import av
 
-    def shrink(frame):
-        return _image_tensor(frame.to_image(), cfg.image_size)
+    def shrink(frame):  # converted on one thread (swscale's default is one per core): a loader worker is one core
+        return _image_tensor(frame.reformat(format="rgb24", threads=1).to_image(), cfg.image_size)
 
     try:
         with av.open(io.BytesIO(data)) as container:

@@ -121,8 +121,9 @@ def videos(n: int, rng: np.random.Generator, size: int = 64, frames: int = 8) ->
             stream = container.add_stream("libx264", rate=8)
             stream.width = stream.height = size
             stream.pix_fmt = "yuv420p"
-            stream.codec_context.thread_count = 1  # bit-identical output for a seed
-            stream.options = {"crf": "20", "preset": "veryfast"}
+            stream.codec_context.thread_count = 1  # bit-identical output for a seed; and no lookahead, whose own
+            # thread makes frame decisions that depend on how far ahead it got (seen under load)
+            stream.options = {"crf": "20", "preset": "veryfast", "x264-params": "rc-lookahead=0:sync-lookahead=0"}
             for f in range(frames):
                 a = f / (frames - 1)
                 image = background.copy()
