@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from skillnet.heads import head_type
+from training import distributed
 
 from .config import load_finetune_config
 from .train import prepare, train
@@ -127,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    table = compare(config, pretrained, out)
+    try:
+        table = compare(config, pretrained, out)
+    finally:
+        distributed.shutdown()
     text = markdown(table, config)
     (out / "table.md").write_text(text)
     (out / "results.json").write_text(json.dumps(table, indent=1))

@@ -89,6 +89,7 @@ def prepare(config: FinetuneConfig):
 
     if not config.init:
         raise ValueError("no model to start from: pass --init <exported folder> (or set init: in the config)")
+    distributed.check_accelerator(detect())
     torch.manual_seed(config.train.seed)  # new heads, prompts and skills start the same on every rank and run
     model, _ = build_model(config)
     tokenizer = load_tokenizer(config.tokenizer or config.init)
@@ -189,9 +190,7 @@ class Finetuning:
         record = {"loss": 0.0, "task": task}
         with optimizer_step(self.engine, n) as backward:
             for _ in range(n):
-                batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in next(self.batches[task]).items()}
-                if "candidate" in batch:
-                    batch["candidate"] = {k: v.to(self.device) for k, v in batch["candidate"].items()}
+                batch = distributed.to_device(next(self.batches[task]), self.device)
                 self.engine.train()
                 loss = self.engine(task=task, **batch).loss
                 backward(loss)
@@ -252,7 +251,7 @@ def train(config: FinetuneConfig, prepared) -> dict:
 
     model, tokenizer, train_data, evaluation, resume = prepared
     topology = detect()
-    distributed.init(topology)
+    distributed.init(topology)  # joined already by `main`, which reports a device error in one line
     checkpoint.agree_on_resume(resume and resume[0])
     out = Path(config.output_dir)
     if topology.is_main:
@@ -267,12 +266,15 @@ def train(config: FinetuneConfig, prepared) -> dict:
     if resume is not None:
         run.resume(*resume)
     metrics = Metrics(out, topology.is_main, config.train.steps, run.step(), "finetuning")
-    result = train_loop(run, config.train.steps, config.train.log_every, config.checkpoint.every, metrics,
-                        topology.is_main)
-    if result["step"] >= config.train.steps:
-        if evaluation and not run.results:  # resumed from the last step's checkpoint
-            run.after_step(result["step"], last=True)
-        _save_model(config, run, tokenizer, train_data, evaluation)
+    try:
+        result = train_loop(run, config.train.steps, config.train.log_every, config.checkpoint.every, metrics,
+                            topology.is_main)
+        if result["step"] >= config.train.steps:
+            if evaluation and not run.results:  # resumed from the last step's checkpoint
+                run.after_step(result["step"], last=True)
+            _save_model(config, run, tokenizer, train_data, evaluation)
+    finally:
+        zero.release(engine)
     return {**result, "results": run.results}
 
 
@@ -311,10 +313,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     show_each_warning_once()
     try:
+        return _run(args)
+    finally:
+        distributed.shutdown()
+
+
+def _run(args) -> int:
+    try:
         config = load_finetune_config(args.config, args.overrides)
         if args.init:
             config.init = args.init
         prepared = prepare(config)
+        distributed.init(detect())
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,17 +9,17 @@ import torch
 
 def build_model(model_config, seed: int, ds_config: dict | None = None):
     """The pretraining model as every rank builds it: the modules' own default initialisation skipped, then
-    each module's parameters initialised from `seed`, children first, on rank 0 and broadcast, so every
-    rank starts from the same weights. Under ZeRO-3 (`ds_config` given) the model is built partitioned
-    (`deepspeed.zero.Init`): each module's parameters are split over the ranks as soon as it exists and
-    gathered on rank 0 only while they are initialised, so no rank ever holds the whole model. Both ways give the
-    same weights. (Skill parallelism moves skills after building, so it builds whole.)"""
+    each module's parameters initialised from `seed`, children first, so every rank starts from the same
+    weights. Built whole, every rank initialises the whole model itself (on the CPU, where the same seed
+    gives the same weights on every rank; no collective runs before the engine moves the model to its
+    device). Under ZeRO-3 (`ds_config` given) the model is built partitioned (`deepspeed.zero.Init`): each
+    module's parameters are split over the ranks as soon as it exists and gathered on rank 0 only while they
+    are initialised, so no rank ever holds the whole model. Both ways give the same weights. (Skill
+    parallelism moves skills after building, so it builds whole.)"""
     import contextlib
 
     import deepspeed
-    import torch.distributed as dist
     from transformers import initialization as init
-    from transformers.integrations.deepspeed import initialize_weights_zero3
 
     from skillnet import SkillNetForPreTraining
 
@@ -29,40 +29,39 @@ def build_model(model_config, seed: int, ds_config: dict | None = None):
     with init.no_init_weights(), zero_init:
         model = SkillNetForPreTraining(model_config)
     torch.manual_seed(seed)
-    # module by module, initialised on rank 0 (as `initialize_weights_zero3` does, without its all-gathers)
-    (_initialise_partitioned if partitioned else initialize_weights_zero3)(model)
+    _initialise(model, partitioned)
     _mmap_threshold(32 << 20)  # glibc's own upper bound for the threshold it adapts by default
-    if not partitioned:  # the other ranks hold what no_init_weights left: rank 0's weights replace it
-        with torch.no_grad():
-            for param in model.parameters():
-                dist.broadcast(param.data, 0)
     model.tie_weights()
     return model
 
 
-def _initialise_partitioned(model) -> None:
-    """Hugging Face's `initialize_weights_zero3` (the same modules in the same order, so the same weights as
-    a whole build), except that each module's parameters (with its direct children's, which `_init_weights`
-    may touch) are gathered on rank 0 alone, initialised there on the CPU and scattered back as partitions:
-    the other ranks never hold a whole tensor, rank 0 one module's."""
+def _initialise(model, partitioned: bool) -> None:
+    """Hugging Face's `initialize_weights_zero3`: the same modules in the same order (children first; each
+    module with its direct children's parameters, which `_init_weights` may touch), so the same weights
+    either way. Partitioned, each module's parameters are gathered on rank 0 alone, initialised there on
+    the CPU and scattered back as partitions: the other ranks never hold a whole tensor, rank 0 one
+    module's. Whole, every rank initialises every module."""
     import torch.distributed as dist
     from transformers import PreTrainedModel
     from transformers.initialization import guard_torch_init_functions
 
     from training.zero.internals import whole_on_rank0
 
-    rank, remote = dist.get_rank(), model.is_remote_code()
+    remote = model.is_remote_code()
 
     def visit(module, fn):
         for child in module.children():
             visit(child, child._initialize_weights if isinstance(child, PreTrainedModel) else fn)
+        if not partitioned:
+            fn(module, remote)
+            return
         params = [*module.parameters(recurse=False), *(p for c in module.children() if not isinstance(c, PreTrainedModel)
                                                        for p in c.parameters(recurse=False))]
         if not params:
             fn(module, remote)
             return
         with whole_on_rank0(list({id(p): p for p in params}.values())):
-            if rank == 0:
+            if dist.get_rank() == 0:
                 fn(module, remote)
 
     with torch.no_grad(), guard_torch_init_functions():

@@ -80,6 +80,12 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
+    def model_config(self):
+        """The model's `SkillNetConfig`."""
+        from skillnet import SkillNetConfig, load_config
+
+        return SkillNetConfig(**self.model) if isinstance(self.model, dict) else load_config(self.model)
+
     def objective(self, task: str) -> str:
         return self.objectives.get(task, DEFAULT_OBJECTIVES.get(task, ""))
 

@@ -41,22 +41,14 @@ from .config import PretrainConfig, dump, load_pretrain_config
 from .objectives import Objectives
 
 
-def _model_config(config: PretrainConfig):
-    from skillnet import SkillNetConfig, load_config
-
-    if isinstance(config.model, dict):
-        return SkillNetConfig(**config.model)
-    return load_config(config.model)
-
-
 def prepare(config: PretrainConfig, topology: Topology):
     """Everything that can fail on bad input, before any process group or heavy work."""
     from data_pipeline.loader import MultiTaskLoader
     from data_pipeline.media import MediaConfig
     from skillnet.tokenizer import load_tokenizer
 
-    check_accelerator()
-    model_config = _model_config(config)
+    check_accelerator(topology)
+    model_config = config.model_config()
     registry = model_config.registry
     for t in config.data.tasks:
         registry.task_skills(t.name)
@@ -196,7 +188,7 @@ class Pretraining:
     def train_step(self, stop: Stop) -> tuple[dict, int]:
         """One optimizer step over `gradient_accumulation` micro-batches."""
         n, step = self.config.train.gradient_accumulation, self.state["step"]
-        record, tokens, samples = {"loss": 0.0, "tasks": []}, 0, 0
+        record, tokens, samples = {"loss": 0.0, "tasks": [], "data_wait_s": 0.0}, 0, 0
         self.batches = self.batches or iter(self.loader)
 
         def read_norms():  # after the last backward, before the optimizer step
@@ -215,6 +207,7 @@ class Pretraining:
                                                    self.device, *group)
                 backward(loss)
                 self.clock["data_wait_s"] += t1 - t0
+                record["data_wait_s"] += t1 - t0  # the loader keeps up while this stays near zero
                 self.clock["compute_s"] += time.perf_counter() - t1
                 record["loss"] = record["loss"] + loss.detach() / n  # on the device: read when flushed
                 record["tasks"].append(batch["group_tasks"] if self.data_local else batch["task"])
@@ -231,18 +224,23 @@ class Pretraining:
         for key, value in (("skill_bytes", sent), ("calls", calls), ("traced", traced), ("steps", 1),
                            ("tokens", tokens), ("samples", samples)):
             self.clock[key] += value
-        record.update(grad_norm=float(self.engine.get_global_grad_norm() or 0.0), tokens=tokens, skill_bytes=sent,
+        record.update(grad_norm=self.grad_norm(), tokens=tokens, skill_bytes=sent,
                       zero3_calls=calls, zero3_traced=traced)
         if self.comm is not None:
             record["gathered_bytes"] = self.comm.read()  # this rank's
         return record, stopping
+
+    def grad_norm(self) -> torch.Tensor | float:
+        """The last step's gradient norm, left on the device (reading it would stop the host every step)."""
+        norm = self.engine.get_global_grad_norm()
+        return 0.0 if norm is None else norm.detach() if torch.is_tensor(norm) else float(norm)
 
     def scalars(self) -> dict:
         """The logging window's scalars, every rank's (under data-local placement they train different tasks)."""
         clock, elapsed = self.clock, time.perf_counter() - self.clock["since"]
         scalars, extra = self.window.scalars(skipped=self.loader.skipped)
         scalars.update({f"data/skipped/{r}": n for r, n in extra["skipped"].items()})
-        scalars.update({"lr": self.engine.get_lr()[0], "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+        scalars.update({"lr": self.engine.get_lr()[0], "grad_norm": float(self.grad_norm()),
                         "throughput/tokens_per_s": clock["tokens"] / elapsed,
                         "throughput/samples_per_s": clock["samples"] / elapsed,
                         "time/data_wait_s": clock["data_wait_s"], "time/compute_s": clock["compute_s"],
@@ -260,6 +258,14 @@ class Pretraining:
 
     def after_step(self, step: int, last: bool) -> dict:
         return {}
+
+    def close(self) -> None:
+        """Stop the loader's workers and close the sample log (on every way out of training)."""
+        if self.batches is not None:
+            self.batches.close()  # the DataLoader iterator it runs shuts its workers down
+            self.batches = None
+        if self.samples is not None:
+            self.samples.close()
 
     def save(self) -> Path:
         state = {**self.state, "loader": self.loader.state_dict(), "window": self.window.state_dict()}
@@ -288,7 +294,7 @@ class Pretraining:
 
 def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
     model_config, tokenizer, loader, resume, placement = prepared
-    distributed.init(topology)
+    distributed.init(topology)  # joined already by `main`, which reports a device error in one line
     checkpoint.agree_on_resume(resume and resume.folder)
     run_dir = Path(config.run_dir)
     if topology.is_main:
@@ -315,8 +321,12 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
             print(f"resumed {resume.folder.name} in {time.perf_counter() - start:.2f} s (rank 0's peak resident "
                   f"memory so far {peak:.2f} GiB)", file=sys.stderr)
     metrics = Metrics(run_dir, topology.is_main, config.train.steps, run.step(), "pretraining")
-    result = train_loop(run, config.train.steps, config.train.log_every, config.checkpoint.every, metrics,
-                        topology.is_main)
+    try:
+        result = train_loop(run, config.train.steps, config.train.log_every, config.checkpoint.every, metrics,
+                            topology.is_main)
+    finally:
+        run.close()
+        zero.release(engine)
     skipped = summed_over_ranks(skipped=loader.skipped)["skipped"]
     return {**result, "run_dir": run_dir, "skipped": {k: int(v) for k, v in skipped.items()}}
 
@@ -329,8 +339,16 @@ def main(argv: list[str] | None = None) -> int:
     show_each_warning_once()
     topology = detect()
     try:
+        return _run(args, topology)
+    finally:
+        distributed.shutdown()
+
+
+def _run(args, topology: Topology) -> int:
+    try:
         config = load_pretrain_config(args.config, args.overrides)
         prepared = prepare(config, topology)
+        distributed.init(topology)
     except (ValueError, FileNotFoundError, TypeError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """Run under torchrun by test_pretrain: builds the tiny pretraining model whole and partitioned
-(`deepspeed.zero.Init`) as the trainer does, and saves both sets of initial weights from rank 0."""
+(`deepspeed.zero.Init`) as the trainer does, and saves both sets of initial weights from rank 0, and
+each rank's whole build."""
 
 import sys
 
@@ -23,5 +24,6 @@ held = {n: p.ds_tensor.numel() for n, p in partitioned.named_parameters()}  # th
 full = {n: p.ds_numel for n, p in partitioned.named_parameters()}
 with deepspeed.zero.GatheredParameters(list(partitioned.parameters())):
     gathered = {n: p.detach().clone() for n, p in partitioned.named_parameters()}
+torch.save(dict(whole.named_parameters()), f"{sys.argv[1]}.rank{topology.rank}")
 if topology.rank == 0:
     torch.save({"whole": dict(whole.named_parameters()), "partitioned": gathered, "held": held, "full": full}, sys.argv[1])

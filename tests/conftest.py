@@ -59,6 +59,16 @@ def tokenizer(tmp_path_factory):
     return train_tokenizer(texts, vocab_size=400, out_dir=tmp_path_factory.mktemp("tokenizer"))
 
 
+COLLECTIVES_CHECKED = os.path.join(os.path.dirname(__file__), "collective_check")
+
+
+def rank_env(**extra: str) -> dict[str, str]:
+    """The environment of the ranks a test launches: one thread each, and every collective's tensors checked
+    against the rank's device (`collective_check/sitecustomize.py`)."""
+    path = os.pathsep.join(p for p in (COLLECTIVES_CHECKED, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (for a launcher's rendezvous)."""
     with socket.socket() as s:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import signal
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import finetune_config, free_port
+from conftest import finetune_config, free_port, rank_env
 
 from skillnet import SkillNetForPreTraining, load_config
 from training.zero.layout import STATES, parameter_layout, whole_parameters
@@ -96,7 +95,7 @@ class Driver:
         self.corpora, self.workspace, self.root, self.done = corpora, workspace, root, {}
 
     def command(self, s: Scenario, folder: Path, extra: tuple[str, ...] = ()) -> tuple[list[str], dict]:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = rank_env()
         if s.program == "pretrain":
             args = ["-m", "pretrain", "--config", "tiny", f"data_root={self.corpora[s.corpus]}", f"run_dir={folder}",
                     "train.log_every=2", PARTITION_ALL, *s.overrides, *extra]
@@ -133,7 +132,9 @@ class Driver:
             crashed = re.findall(r"(?:Fatal Python error|exitcode: -\d+).*", out)
             if proc.returncode == 0 or not crashed or attempt:
                 break
-            warnings.warn(f"{s.name}: a rank died by a signal, running again: {crashed[:4]}")
+            fatal = out.find("Fatal Python error")
+            stacks = "\n".join(out[fatal:].splitlines()[:60]) if fatal >= 0 else ""
+            warnings.warn(f"{s.name}: a rank died by a signal, running again: {crashed[:4]}\n{stacks}")
             shutil.rmtree(folder, ignore_errors=True)
             if before.exists():
                 shutil.copytree(before, folder)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import free_port, rank_env
 
 from pretrain.train import main
 
@@ -72,12 +72,12 @@ def test_checkpoint_of_another_model_is_refused(sample, tmp_path, capsys):
 ])
 def test_a_checkpoint_that_does_not_map_is_refused_in_one_line(sample, tmp_path, capsys, change, message):
     from pretrain.config import load_pretrain_config
-    from pretrain.train import _comparable, _model_config
+    from pretrain.train import _comparable
     from training.checkpoint import check_compatible
 
     folder = tmp_path / "run" / "checkpoints" / "step00000004"
     folder.mkdir(parents=True)
-    model = _comparable(_model_config(load_pretrain_config("tiny")))
+    model = _comparable(load_pretrain_config("tiny").model_config())
     (folder / "complete.json").write_text(json.dumps({"format": 1, "step": 4, "world_size": 2, "model": model}))
     for rank in range(2):
         (folder / f"train_state_rank{rank}.pt").touch()
@@ -95,11 +95,12 @@ def _edit_meta(folder, **changes):
 
 def test_partitioned_build_gives_the_same_initial_weights(tmp_path):
     """Under ZeRO-3 every rank builds its share of the model only (`deepspeed.zero.Init`), with the same
-    initial weights as a whole build."""
+    initial weights as a whole build; built whole, every rank initialises the same weights by itself (no
+    collective before the engine has moved them to the rank's device)."""
     out = tmp_path / "weights.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "tests" / "build_worker.py"), str(out)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=rank_env())
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     saved = torch.load(out, weights_only=False)
     assert saved["whole"].keys() == saved["partitioned"].keys()
@@ -107,6 +108,26 @@ def test_partitioned_build_gives_the_same_initial_weights(tmp_path):
         assert torch.equal(saved["partitioned"][name], tensor), name
         assert saved["held"][name] <= -(-saved["full"][name] // 2)  # each rank held its half at most
     assert saved["whole"]["skillnet.encoder.layers.0.ffn.skills.text.fc1.weight"].std() > 0.01  # initialised
+    other = torch.load(f"{out}.rank1", weights_only=False)
+    assert all(torch.equal(other[name], tensor) for name, tensor in saved["whole"].items())
+
+
+def test_a_finished_run_leaves_nothing_running(sample, tmp_path):
+    """Every rank ends its run with the process group destroyed and nothing left running: no gloo thread
+    (one still running when the interpreter tears down aborts the process, after the run has printed that
+    it finished), no Python thread but the main one. (`benchmarks/exit_stress.py` repeats whole runs.)"""
+    import re
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests" / "exit_worker.py"), "--config", "tiny", f"data_root={sample}",
+           f"run_dir={tmp_path / 'run'}", "train.steps=4", "checkpoint.every=4"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=rank_env())
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    left = [json.loads(m) for m in re.findall(r"LEFT (\{.*\})", done.stdout)]
+    assert sorted(r["rank"] for r in left) == [0, 1]
+    for rank in left:
+        assert rank["code"] == 0 and rank["python"] == ["MainThread"], rank
+        assert not [name for name in rank["native"] if "gloo" in name], rank
 
 
 def test_a_task_whose_data_never_decodes_stops_the_run_in_one_line(sample, tmp_path):

@@ -121,6 +121,59 @@ def test_whole_on_rank0_writes_back_into_the_partitions():
         assert bool((layer.weight == 2).all()) and bool((layer.bias == -1).all())
 
 
+class Nested(nn.Module):
+    """Containers without parameters of their own around the modules that hold them, as in a skill layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.ModuleDict({"one": Two(), "two": Two()})
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x, use_b: bool = True):
+        return self.block["one"](self.drop(x), use_b) + self.block["two"](x, use_b)
+
+
+def test_zero3_hooks_only_the_modules_holding_parameters():
+    """ZeRO-3's per-module hooks go on the modules that hold parameters and on the model, not on the
+    containers; training is the same, bit for bit, as with DeepSpeed's hooks on every module."""
+    torch.manual_seed(0)
+    model = Nested()
+    ours, theirs = _engine(copy.deepcopy(model), _config(3)), copy.deepcopy(model)
+    everywhere, *_ = deepspeed.initialize(model=theirs, config=_config(3),
+                                          optimizer=torch.optim.AdamW(theirs.parameters(), lr=1e-2))
+    hooked = {name for name, m in ours.module.named_modules() if m._forward_pre_hooks}
+    assert hooked == {"", "block.one.a", "block.one.b", "block.two.a", "block.two.b"}
+    assert all(m._forward_pre_hooks for m in everywhere.module.modules())  # DeepSpeed's own: every module
+    for engine in (ours, everywhere):
+        for step, x in enumerate(X):
+            engine.backward(engine(x, use_b=step % 2 == 0))
+            engine.step()
+    got, expected = _full(ours), _full(everywhere)
+    assert all(torch.equal(got[name], tensor) for name, tensor in expected.items())
+    persistent = _engine(copy.deepcopy(model), _config(3, zero_optimization={"stage3_param_persistence_threshold": 100}))
+    assert {name for name, m in persistent.module.named_modules() if m._forward_pre_hooks} == {""}  # none to gather
+
+
+def test_a_released_engine_leaves_nothing_alive():
+    """After `zero.release`, a ZeRO-3 engine whose trace was complete (so DeepSpeed cached what to release
+    per module) and its model are garbage: nothing keeps the process groups their parameters hold."""
+    import gc
+    import weakref
+
+    def trained():
+        torch.manual_seed(0)
+        engine = _engine(Nested(), _config(3))
+        for x in X:
+            engine.backward(engine(x))
+            engine.step()
+        zero.release(engine)
+        return weakref.ref(engine), weakref.ref(engine.module)
+
+    engine, model = trained()
+    gc.collect()
+    assert engine() is None and model() is None
+
+
 def test_cpu_adam_resumes_bit_exactly(tmp_path):
     """The offloaded optimizer (DeepSpeed's CPU Adam, ZeRO-2): 4 steps straight equal 2 steps, a checkpoint,
     a new engine resumed from it (bias corrections replayed) and 2 more steps, bit for bit."""

@@ -103,6 +103,7 @@ class Metrics:
             from tqdm import tqdm
 
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            tqdm.monitor_interval = 0  # no monitor thread: nothing of ours runs on after `close`
             self.bar = tqdm(total=total, initial=start, desc=desc, unit=" steps", dynamic_ncols=True)
             self.steps = (run_dir / "steps.jsonl").open("a")
 

@@ -8,6 +8,9 @@ DeepSpeed internals, each tested in `tests/test_zero_internals.py`:
   API and AutoEP's parameter tags (skill-parallel process groups, skills partitioned per position);
 - `internals.replay_cpu_adam`: the CPU-Adam kernel's running bias corrections after a resume;
 - `internals.whole_on_rank0`: a ZeRO-3 parameter's partition layout (`ds_tensor`);
+- `internals.hooks_on_parameter_holders`: ZeRO-3's hook registration (`_register_deepspeed_module`);
+- `internals.forget_module`: ZeRO-3's module-level references to the model (the stack of modules in their
+  forward, the parameter coordinator's release cache);
 - `internals.CommClock`: the comms logger's records;
 - `traces.TraceSwitch`: ZeRO-3's parameter coordinator (one prefetch trace per kind of model call);
 - `layout`: the file layout of ZeRO checkpoints (read by the exporter and the converter);
@@ -107,12 +110,35 @@ def offloads_optimizer(ds: dict) -> bool:
 
 
 def initialize(model, optimizer, scheduler, ds: dict):
-    """The DeepSpeed engine (its scheduler steps with it)."""
+    """The DeepSpeed engine (its scheduler steps with it). Under ZeRO-3 each skill's FFN is gathered as one
+    unit (a z3 leaf: one fetch for both its layers, no hooks inside it), and only modules holding
+    parameters get ZeRO-3's hooks (`internals.hooks_on_parameter_holders`)."""
     import deepspeed
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from skillnet.layers import FFN
+
+    from . import internals
 
     check_version()
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    zero3 = zero_stage(ds) == 3
+    if zero3 and any(isinstance(m, FFN) for m in model.modules()):
+        set_z3_leaf_modules(model, [FFN])
+    with internals.hooks_on_parameter_holders() if zero3 else contextlib.nullcontext():
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     return engine
+
+
+def release(engine) -> None:
+    """Give back what an engine keeps beyond its own life: its hooks and buffers (`engine.destroy()`), and the
+    references ZeRO-3 keeps to the model in module-level state (`internals.forget_module`). Those would keep
+    the model and, through its parameters, the process groups and their communication threads alive until
+    the interpreter's teardown, where a gloo thread still running aborts the process ("terminate called
+    without an active exception")."""
+    from . import internals
+
+    engine.destroy()
+    internals.forget_module(engine.module)
 
 
 def full_parameters(model, zero3: bool):

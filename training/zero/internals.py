@@ -30,6 +30,54 @@ def clear_gradient_partitions(engine) -> None:
             flat.grad.zero_()
 
 
+@contextlib.contextmanager
+def hooks_on_parameter_holders():
+    """While a ZeRO-3 engine is set up, put its per-module hooks (fetch and release parameters around each
+    call and its backward, record the prefetch trace) only on modules that hold partitioned parameters
+    themselves, on z3 leaves and on the model: DeepSpeed hooks every module, and a container that holds
+    none (a layer, attention, a skill dictionary, dropout, an activation), or only persistent ones (a
+    LayerNorm under the persistence threshold), has nothing to gather, while its hooks cost host time at
+    every call and add two autograd nodes each. (A parameter read from outside its module is still gathered
+    on access, by DeepSpeed's parameter dictionaries.) Reads `DeepSpeedZeRoOffload._register_deepspeed_module`,
+    which numbers the modules and hooks them, after marking the persistent parameters (`ds_persist`)."""
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+    from deepspeed.utils import z3_leaf_module
+
+    original = DeepSpeedZeRoOffload._register_deepspeed_module
+
+    def register(self, module, count=[0]):  # noqa: B006 (DeepSpeed numbers modules across calls the same way)
+        partitioned = any(not getattr(p, "ds_persist", False) for p in module.parameters(recurse=False))
+        if module is self.module or z3_leaf_module(module) or partitioned:
+            return original(self, module, count)
+        module.ds_id = count[0]
+        module.ds_recompute_parameters = set()
+        for child in module.children():
+            count[0] += 1
+            register(self, child, count)
+
+    DeepSpeedZeRoOffload._register_deepspeed_module = register
+    try:
+        yield
+    finally:
+        DeepSpeedZeRoOffload._register_deepspeed_module = original
+
+
+def forget_module(module) -> None:
+    """Drop the references ZeRO-3 keeps to `module` in module-level state, which `engine.destroy()` leaves:
+    the stack of modules in their forward (`parameter_offload.FWD_MODULE_STACK`), where setting up an engine
+    puts the model, and the parameter coordinator's cache of what to release after each submodule (an
+    `lru_cache` on a method, keyed by coordinator and submodule, filled once a step's trace is complete).
+    Clearing that cache costs other live engines a recomputation, nothing else."""
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if m is not module]
+    release = PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release
+    # the cache sits under DeepSpeed's nvtx wrapper, which keeps it in its closure
+    cached = [release, *(cell.cell_contents for cell in release.__closure__ or ())]
+    next(f for f in cached if hasattr(f, "cache_clear")).cache_clear()
+
+
 def expert_groups(size: int) -> tuple[str, object, object]:
     """DeepSpeed's expert-parallel groups of `size` consecutive ranks: (their name, this rank's expert-parallel
     group, its expert-data-parallel group). ZeRO-3 partitions a parameter tagged with the name over the
@@ -80,20 +128,24 @@ def whole_on_rank0(params: list):
     """ZeRO-3 partitioned parameters whole on rank 0 (on the CPU) inside the context, what rank 0 leaves in
     them scattered back as partitions at its end; the other ranks never hold a whole tensor. Reads
     DeepSpeed's partition layout: the flattened tensor, padded to a multiple of the ranks, split in rank
-    order (`ds_tensor`); moved 1M elements at a time, as gloo stages a collective's whole buffer."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    order (`ds_tensor`); moved 1M elements at a time, as gloo stages a collective's whole buffer. The
+    pieces cross on the device the default group's collectives take (an offloaded partition lives on the
+    CPU, which NCCL refuses)."""
+    from training.distributed import collective_device
 
-    def pieces(p, flat):  # (this rank's slice of its partition, every rank's in `flat`)
+    rank, world, device = dist.get_rank(), dist.get_world_size(), collective_device()
+
+    def pieces(p, flat):  # (slice of this rank's partition, every rank's slice of `flat` on rank 0)
         size = p.ds_tensor.numel()
         for start in range(0, size, 1 << 20):
             end = min(size, start + (1 << 20))
-            yield p.ds_tensor[start:end], [flat[r * size + start:r * size + end] for r in range(world)] if rank == 0 else None
+            yield slice(start, end), [flat[r * size + start:r * size + end] for r in range(world)] if rank == 0 else None
 
     flats = []
     for p in params:
-        flat = p.ds_tensor.new_empty(p.ds_tensor.numel() * world) if rank == 0 else None
-        for mine, every in pieces(p, flat):
-            dist.gather(mine, every, dst=0)
+        flat = torch.empty(p.ds_tensor.numel() * world, dtype=p.dtype, device=device) if rank == 0 else None
+        for piece, every in pieces(p, flat):
+            dist.gather(p.ds_tensor[piece].to(device), every, dst=0)
         if rank == 0:
             p.data = flat[:p.ds_numel].view(p.ds_shape).cpu()
         flats.append(flat)
@@ -102,8 +154,11 @@ def whole_on_rank0(params: list):
         if rank == 0:
             flat[:p.ds_numel].copy_(p.data.flatten())
             p.data = torch.empty(0, dtype=p.dtype, device=p.ds_tensor.device)
-        for mine, every in pieces(p, flat):
-            dist.scatter(mine, every, src=0)
+        for piece, every in pieces(p, flat):
+            mine = p.ds_tensor[piece]
+            received = mine if mine.device == device else torch.empty_like(mine, device=device)
+            dist.scatter(received, every, src=0)
+            mine.copy_(received)
 
 
 class CommClock:
