@@ -455,7 +455,8 @@ class MultiTaskLoader:
                              worker_init_fn=_leave_signals_to_the_trainer,
                              generator=torch.Generator().manual_seed(self.cfg.seed),
                              prefetch_factor=self.cfg.prefetch_batches if workers else None,
-                             persistent_workers=False)
+                             persistent_workers=False,
+                             pin_memory=torch.cuda.is_available())  # copied to the GPU without stopping the host
         for batch in batches:
             batch = _unpack(batch)
             state = batch.pop("_state")

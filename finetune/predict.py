@@ -19,12 +19,9 @@ from pathlib import Path
 import torch
 
 from skillnet.heads import head_type
+from training.distributed import to_device
 
 from .data import DataFiles, TaskData, collate
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: _to(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
 
 
 def _batches(data: TaskData, batch_size: int, device):
@@ -34,7 +31,7 @@ def _batches(data: TaskData, batch_size: int, device):
         meta = batch.pop("meta", None)
         for key in data.head.targets:
             batch.pop(key, None)
-        yield _to(batch, device), meta
+        yield to_device(batch, device), meta
 
 
 @torch.no_grad()

@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
+from training.distributed import to_device
+
 
 def mask_tokens(input_ids: torch.Tensor, special: torch.Tensor, mask_id: int, vocab_size: int, probability: float,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +91,8 @@ class Objectives:
         ranks at the other positions train on their tasks in the same step: the same call also runs each
         of those tasks on one blank sample, with zero weight (see `_idle`), so that every rank's ZeRO-3
         gathers, skill exchanges and gradient reductions line up."""
-        entry, finish, stats = self._entry(batch, self._generator(step, rank), device)
+        entry, finish, stats = self._entry(batch, self._generator(step, rank))
+        entry = to_device(entry, device)
         entries, finishes = [entry], [finish]
         if group_tasks is not None:
             calls = [(entry, finish) if g == position else self._idle(task, device) for g, task in enumerate(group_tasks)]
@@ -99,30 +102,30 @@ class Objectives:
         loss = sum(f(o) for f, o in zip(finishes, outs))
         return loss if outs[0].aux_loss is None else loss + outs[0].aux_loss, stats
 
-    def _entry(self, batch: dict, generator: torch.Generator, device):
-        """(the model inputs of `batch`'s objective, their loss from the model's output, stats)."""
+    def _entry(self, batch: dict, generator: torch.Generator):
+        """(the model inputs of `batch`'s objective, on the host, their loss from the model's output, stats)."""
         task, kind = batch["task"], self.config.objective(batch["task"])
         if kind == "mlm":
             ids = batch["input_ids"]
             special = torch.isin(ids, self.special_ids)
             inputs, labels = mask_tokens(ids, special, self.tokenizer.mask_token_id, self.vocab_size,
                                          self.config.train.mlm_probability, generator)
-            entry = {"input_ids": inputs.to(device), "attention_mask": batch["attention_mask"].to(device),
-                     "modality": batch["modality"], "task": task, "labels": labels.to(device)}
+            # the masked positions found here, on the host: the model need not read the labels back
+            entry = {"input_ids": inputs, "attention_mask": batch["attention_mask"], "modality": batch["modality"],
+                     "task": task, "labels": labels, "masked_positions": torch.nonzero(labels.flatten() != -100).flatten()}
             return entry, lambda out: out.loss, {"tokens": int(batch["attention_mask"].sum())}
         if kind == "nsp":
             first, second, labels = sentence_pairs(batch["texts"], generator)
             enc = self.tokenizer(first, second, padding=True, truncation=True,
                                  max_length=self.config.data.max_text_tokens, return_tensors="pt")
-            entry = {**{k: v.to(device) for k, v in enc.items()}, "task": task, "next_sentence_label": labels.to(device)}
+            entry = {**enc, "task": task, "next_sentence_label": labels}
             return entry, lambda out: out.loss, {"tokens": int(enc["attention_mask"].sum())}
-        media = {k: batch[k].to(device) for k in ("pixel_values", "input_features", "feature_attention_mask",
-                                                  "pixel_values_videos") if k in batch}
+        media = {k: batch[k] for k in ("pixel_values", "input_features", "feature_attention_mask", "pixel_values_videos")
+                 if k in batch}
         if batch["modality"] == "code":
-            media = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
-                     "modality": "code"}
-        caption = {"input_ids": batch["caption_input_ids"].to(device),
-                   "attention_mask": batch["caption_attention_mask"].to(device), "task": self.config.train.caption_task}
+            media = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "modality": "code"}
+        caption = {"input_ids": batch["caption_input_ids"], "attention_mask": batch["caption_attention_mask"],
+                   "task": self.config.train.caption_task}
         entry = {**media, "task": task, "pair": caption}  # both sides in one call
 
         def finish(out):
@@ -149,6 +152,5 @@ class Objectives:
                            "feature_attention_mask": torch.ones(1, 16, dtype=torch.long)},
                  "video": {"pixel_values_videos": torch.zeros(1, cfg.num_frames, channels, size, size, dtype=torch.uint8)},
                  "code": {**tokens, "modality": "code"}}[modality]
-        entry = {**{k: v.to(device) if torch.is_tensor(v) else v for k, v in media.items()}, "task": task,
-                 "pair": {**tokens, "task": self.config.train.caption_task}}
+        entry = {**to_device(media, device), "task": task, "pair": {**tokens, "task": self.config.train.caption_task}}
         return entry, lambda out: 0.0 * (out.embeddings.sum() + out.pair_embeddings.sum() + out.logit_scale.sum())

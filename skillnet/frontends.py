@@ -49,8 +49,10 @@ class TextEmbedding(nn.Module):
         vocab, max_len = self.word_embeddings.num_embeddings, self.position_embeddings.num_embeddings
         if n + position_offset > max_len:
             raise ValueError(f"sequence of {n + position_offset} tokens exceeds max_position_embeddings={max_len}")
-        # a data-dependent check (it reads the ids back): left out of compiled and exported graphs
-        if not torch.compiler.is_compiling() and input_ids.numel() and (
+        # a data-dependent check, made where reading the ids back is free (on an accelerator it would stop the
+        # host until the device caught up; there an id out of range fails in the embedding's kernel), and
+        # left out of compiled and exported graphs
+        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling() and input_ids.numel() and (
                 int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
             raise ValueError(f"input_ids hold ids outside the vocabulary [0, {vocab})")
         if token_type_ids is None:

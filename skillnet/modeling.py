@@ -399,11 +399,15 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
 
     @can_return_tuple
     def forward(self, input_ids=None, labels=None, next_sentence_label=None, pair: dict | None = None,
-                packed: list[dict] | None = None, **inputs) -> SkillNetPreTrainingOutput | tuple[SkillNetPreTrainingOutput, ...]:
+                packed: list[dict] | None = None, masked_positions=None,
+                **inputs) -> SkillNetPreTrainingOutput | tuple[SkillNetPreTrainingOutput, ...]:
         """The encoder's inputs (`SkillNetModel.forward`), and the pretraining targets:
         `labels`: token ids at masked positions, -100 elsewhere; the vocabulary logits are then computed
         at the masked positions only, and `prediction_logits` is (masked positions, vocabulary), in
         row-major order of the positions (`mlm_logits(hidden)` gives them anywhere on demand).
+        `masked_positions`: those positions' indices in the flattened (batch x tokens) labels, where they
+        are known already (a trainer that masked on the host): finding them in `labels` reads the labels
+        back, which on an accelerator stops the host until the device has caught up.
         `next_sentence_label`: 0/1 per sample. With `projection_dim`, `embeddings` holds the normalised
         contrastive embedding of the mean of the output vectors (`mean_pool`).
         `pair`: the inputs (and task) of the other side of a contrastive pair, e.g. the captions of images,
@@ -415,28 +419,33 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
         if input_ids is not None:
             inputs["input_ids"] = input_ids
         if single:
-            packed = [dict(inputs, labels=labels, next_sentence_label=next_sentence_label, pair=pair)]
-        elif inputs or labels is not None or next_sentence_label is not None or pair is not None:
+            packed = [dict(inputs, labels=labels, next_sentence_label=next_sentence_label, pair=pair,
+                           masked_positions=masked_positions)]
+        elif inputs or labels is not None or next_sentence_label is not None or pair is not None or \
+                masked_positions is not None:
             raise ValueError("pass the inputs either as packed= or as arguments, not both")
         streams, heads = [], []
         for entry in packed:
             entry = dict(entry)
-            heads.append([entry.pop(k, None) for k in ("labels", "next_sentence_label", "pair")])
+            heads.append([entry.pop(k, None) for k in ("labels", "masked_positions", "next_sentence_label", "pair")])
             streams.append(entry)
-            if heads[-1][2] is not None:
+            if heads[-1][3] is not None:
                 if self.projections is None:
                     raise ValueError("contrastive pairs need projection_dim > 0 in the config")
-                streams.append(heads[-1][2])
+                streams.append(heads[-1][3])
         encoded = iter(self.skillnet(packed=streams) if len(streams) > 1 else [self.skillnet(**streams[0], return_dict=True)])
-        results = tuple(self._heads(next(encoded), mlm, nsp, next(encoded) if other is not None else None, single)
-                        for mlm, nsp, other in heads)
+        results = tuple(self._heads(next(encoded), mlm, positions, nsp, next(encoded) if other is not None else None,
+                                    single) for mlm, positions, nsp, other in heads)
         return results[0] if single else results
 
-    def _heads(self, out: SkillNetModelOutput, labels, next_sentence_label, pair, add_aux: bool) -> SkillNetPreTrainingOutput:
+    def _heads(self, out: SkillNetModelOutput, labels, positions, next_sentence_label, pair,
+               add_aux: bool) -> SkillNetPreTrainingOutput:
         hidden, pooled = out.last_hidden_state, out.pooler_output
         if labels is not None:
-            predicted = labels != -100
-            prediction_logits, labels = mlm_logits(self, hidden[predicted]), labels[predicted]
+            if positions is None:
+                positions = torch.nonzero(labels.flatten() != -100).flatten()
+            labels = labels.flatten().index_select(0, positions)
+            prediction_logits = mlm_logits(self, hidden.flatten(0, 1).index_select(0, positions))
         else:
             prediction_logits = None
         pair_logits = self.pair_head(pooled)

@@ -1,5 +1,7 @@
 """The skill layer: outputs are the mean of the active skills, inactive skills cost nothing."""
 
+from unittest.mock import patch
+
 import pytest
 import torch
 from conftest import nlu_config
@@ -141,6 +143,24 @@ def test_mlm_logits_only_at_masked_positions():
         return _flops(lambda: model(input_ids=ids, task="masked_lm", labels=labels).loss.backward())
 
     assert step(0.15) < 0.6 * step(1.0)
+
+
+def test_masked_positions_given_spare_reading_the_labels():
+    """A trainer that masked on the host passes the masked positions: the same logits and loss as finding
+    them in the labels, and no read of the labels (a host synchronisation on an accelerator)."""
+    from skillnet import SkillNetForPreTraining
+
+    model = SkillNetForPreTraining(nlu_config(vocab_size=512)).eval()
+    ids = torch.randint(1, 512, (3, 16))
+    labels = ids.masked_fill(torch.rand(ids.shape) > 0.3, -100)
+    found = model(input_ids=ids, task="masked_lm", labels=labels)
+    positions = torch.nonzero(labels.flatten() != -100).flatten()
+    read = []
+    nonzero = torch.nonzero
+    with patch.object(torch, "nonzero", lambda *a, **k: read.append(1) or nonzero(*a, **k)):
+        given = model(input_ids=ids, task="masked_lm", labels=labels, masked_positions=positions)
+    assert not read
+    assert torch.equal(given.prediction_logits, found.prediction_logits) and torch.equal(given.loss, found.loss)
 
 
 def test_attention_gets_no_mask_without_padding(monkeypatch):
