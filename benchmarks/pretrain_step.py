@@ -17,7 +17,12 @@ Prints, in one run:
     model's bytes: built whole on every rank, and partitioned (`deepspeed.zero.Init`), target at most 0.6;
   - skill parallelism (P=2 on 2 ranks): bytes the skill exchanges send per step and per token, with the
     balanced and the data-local placement, from real training runs (`python -m pretrain`, tiny config, every
-    objective of the multimodal set on the sample corpus).
+    objective of the multimodal set on the sample corpus);
+  - the host-work proxy (`--only proxy`): the trainer's step on its ZeRO-2 and ZeRO-3 engines over a plain
+    PyTorch step of the same model where compute is tiny (12 layers of `multimodal-base`'s structure at
+    hidden 64, 4 x 32 tokens, masked-token prediction, one rank, every parameter partitioned under ZeRO-3):
+    what is left is host work, which on a GPU decides the step time; target at most 1.5 for both. Measured
+    by `benchmarks/gpu_step.py --device cpu`, the GPU benchmark's own rows.
 The first three (gathers excepted) use masked-token prediction with the `masked_lm` skills of the multimodal set.
 """
 
@@ -250,6 +255,34 @@ def _ranks(args, n: int, ds: str = "zero3", partition_all: bool = False) -> dict
     return {"seconds": max(r["seconds"] for r in results), "gathered": max(r["gathered"] for r in results)}
 
 
+PROXY_MODEL = {"hidden_size": 64, "num_attention_heads": 1, "intermediate_size": 256}
+
+
+def proxy(args) -> dict[str, float]:
+    """Engine step / plain step of the host-work proxy, per engine (see the module docstring)."""
+    import yaml
+
+    from skillnet.configuration import resolve_config_path
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = yaml.safe_load((root / "pretrain" / "configs" / "multimodal-base.yaml").read_text())
+    model = yaml.safe_load(resolve_config_path("multimodal-base").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "proxy.yaml"
+        config.write_text(yaml.safe_dump({**shipped, "model": {**model, **PROXY_MODEL}}))
+        cmd = [sys.executable, str(root / "benchmarks" / "gpu_step.py"), "--device", "cpu", "--config", str(config),
+               "--batch", "4", "--tokens", "32", "--objectives", "mlm", "--rounds", str(args.proxy_rounds),
+               "distributed.ds_overrides.zero_optimization.stage3_param_persistence_threshold=0"]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                                        "MASTER_PORT": str(_free_port())})
+    if out.returncode:
+        raise RuntimeError(out.stdout[-2000:] + out.stderr[-2000:])
+    ms = {row.split(" | ")[1]: float(row.split(" | ")[2]) for row in out.stdout.splitlines()
+          if row.startswith("| MLM")}
+    plain = ms.pop("plain PyTorch")
+    return {"plain_ms": plain, **{step.split(", ")[1]: value / plain for step, value in ms.items()}}
+
+
 def placements(args) -> dict[str, tuple[float, float]]:
     """Mean skill-exchange bytes per step and per token (all ranks, forward and backward) of each placement."""
     runs = _pretrain_runs(args, {p: ["distributed.skill_parallel_size=2", f"distributed.skill_placement={p}"]
@@ -274,7 +307,8 @@ def main(argv=None) -> int:
     parser.add_argument("--partition-all", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--build-worker", help=argparse.SUPPRESS)
     parser.add_argument("--objective", choices=["mlm", "contrastive", "separate"], default="mlm", help=argparse.SUPPRESS)
-    parser.add_argument("--only", choices=["build", "traces", "gather"], help="run one part only")
+    parser.add_argument("--proxy-rounds", type=int, default=15, help="timing rounds of the proxy (3 steps per row each)")
+    parser.add_argument("--only", choices=["build", "traces", "gather", "proxy"], help="run one part only")
     args = parser.parse_args(argv)
     if args.worker:
         print("RESULT " + json.dumps(engine_step_time(args)), flush=True)
@@ -303,6 +337,10 @@ def main(argv=None) -> int:
             print(f"  {what}: {gathered / 2**20:.2f} MiB gathered, {needed / 2**20:.2f} MiB called, {passes} pass(es), "
                   f"{gathered / (passes * needed):.3f} per pass")
         args.objective = "mlm"
+    if args.only in (None, "proxy"):
+        ratios = proxy(args)
+        print(f"host-work proxy (12 layers, hidden 64, 4 x 32 tokens, one rank, CPU): plain step {ratios['plain_ms']:.1f} ms; "
+              f"trainer step / plain step: ZeRO-2 {ratios['zero2']:.2f}, ZeRO-3 {ratios['zero3']:.2f} (target <= 1.5)")
     if args.only:
         return 0
 
