@@ -191,7 +191,8 @@ class Finetuning:
         with optimizer_step(self.engine, n) as backward:
             for _ in range(n):
                 batch = distributed.to_device(next(self.batches[task]), self.device)
-                self.engine.train()
+                if not self.engine.module.training:  # set once: it walks every module
+                    self.engine.train()
                 loss = self.engine(task=task, **batch).loss
                 backward(loss)
                 record["loss"] = record["loss"] + loss.detach() / n

@@ -200,7 +200,8 @@ class Pretraining:
                 t0 = time.perf_counter()
                 batch = next(self.batches)
                 t1 = time.perf_counter()
-                self.engine.train()
+                if not self.engine.module.training:  # set once: it walks every module
+                    self.engine.train()
                 # data-local: every position's task runs on every rank (a blank sample where not its own)
                 group = (batch["group_tasks"], self.loader.group) if self.data_local else ()
                 loss, stats = self.objectives.loss(self.engine, batch, step * n + micro, self.topology.rank,
