@@ -211,7 +211,7 @@ def engine_steps(mode: str, config, model_config, tokenizer, batches: dict, devi
 
 
 def plain_steps(compiled: bool, config, model_config, tokenizer, batches: dict, device) -> dict:
-    """The same objectives on the bare model: autocast bf16, AdamW (fused on GPUs), gradient clipping; one
+    """The same objectives on the bare model: autocast bf16, fused AdamW, gradient clipping; one
     step per objective, warmed up: {objective: (step, peak memory)}."""
     from pretrain.objectives import Objectives
     from skillnet import SkillNetForPreTraining
@@ -219,7 +219,7 @@ def plain_steps(compiled: bool, config, model_config, tokenizer, batches: dict, 
     before = _allocated(device)
     torch.manual_seed(0)
     model = SkillNetForPreTraining(model_config).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     call = torch.compile(model) if compiled else model
     objectives, steps = Objectives(config, tokenizer, model_config), {}
     for kind, batch in batches.items():
@@ -333,9 +333,9 @@ def main(argv=None) -> int:
     from pretrain.config import load_pretrain_config
     from training import distributed
     from training.distributed import Topology
-    from training.metrics import show_each_warning_once
+    from training.metrics import quiet_third_party
 
-    show_each_warning_once()
+    quiet_third_party()
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)

@@ -82,6 +82,29 @@ def test_clear_gradient_partitions_keeps_untouched_parameters_out_of_the_next_st
     assert float(engine.get_global_grad_norm()) == pytest.approx(float(expected), rel=1e-5)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_batched_grad_norm_is_the_norm_over_every_gradient(stage):
+    """The engine's norm (the batched one `zero.initialize` installs) is DeepSpeed's own per-tensor norm, and
+    the norm of the gradients a plain backward gives; with clipping it scales the step alike."""
+    torch.manual_seed(0)
+    model = Two()
+    reference = copy.deepcopy(model)
+    engine = _engine(model, _config(stage, gradient_clipping=1e-3))
+    assert engine.optimizer.get_grad_norm_direct.__name__ == "grad_norm"
+    engine.backward(engine(X[0]))
+    optimizer = engine.optimizer
+    grads, params = ((optimizer.averaged_gradients[0], optimizer.params_in_partition[0]) if stage == 2 else
+                     (optimizer.averaged_gradients[0], optimizer.fp16_groups[0]))
+    own = type(optimizer).get_grad_norm_direct(optimizer, grads, params)
+    batched = optimizer.get_grad_norm_direct(grads, params)
+    reference(X[0]).backward()
+    expected = torch.cat([p.grad.flatten() for p in reference.parameters()]).double().norm()
+    assert float(batched) == pytest.approx(float(own), rel=1e-9)
+    assert float(batched) == pytest.approx(float(expected), rel=1e-5)
+    engine.step()
+    assert float(engine.get_global_grad_norm()) == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_one_reduction_equals_one_backward_of_the_mean():
     torch.manual_seed(0)
     model = Two()

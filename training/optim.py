@@ -35,7 +35,7 @@ def build_optimizer(groups: list[dict], config: OptimConfig, total_steps: int, c
 
         optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
     else:
-        optimizer = torch.optim.AdamW(groups, **kwargs)
+        optimizer = torch.optim.AdamW(groups, fused=True, **kwargs)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(config.warmup_steps, total_steps))
 
 

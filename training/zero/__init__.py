@@ -9,6 +9,7 @@ DeepSpeed internals, each tested in `tests/test_zero_internals.py`:
 - `internals.replay_cpu_adam`: the CPU-Adam kernel's running bias corrections after a resume;
 - `internals.whole_on_rank0`: a ZeRO-3 parameter's partition layout (`ds_tensor`);
 - `internals.hooks_on_parameter_holders`: ZeRO-3's hook registration (`_register_deepspeed_module`);
+- `internals.batched_grad_norm`: ZeRO's gradient-norm method (`get_grad_norm_direct`);
 - `internals.forget_module`: ZeRO-3's module-level references to the model (the stack of modules in their
   forward, the parameter coordinator's release cache);
 - `internals.CommClock`: the comms logger's records;
@@ -112,7 +113,8 @@ def offloads_optimizer(ds: dict) -> bool:
 def initialize(model, optimizer, scheduler, ds: dict):
     """The DeepSpeed engine (its scheduler steps with it). Under ZeRO-3 each skill's FFN is gathered as one
     unit (a z3 leaf: one fetch for both its layers, no hooks inside it), and only modules holding
-    parameters get ZeRO-3's hooks (`internals.hooks_on_parameter_holders`)."""
+    parameters get ZeRO-3's hooks (`internals.hooks_on_parameter_holders`). The gradient norm is taken over
+    all tensors at once (`internals.batched_grad_norm`)."""
     import deepspeed
     from deepspeed.utils import set_z3_leaf_modules
 
@@ -126,6 +128,8 @@ def initialize(model, optimizer, scheduler, ds: dict):
         set_z3_leaf_modules(model, [FFN])
     with internals.hooks_on_parameter_holders() if zero3 else contextlib.nullcontext():
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    if zero_stage(ds) > 0:
+        internals.batched_grad_norm(engine.optimizer)
     return engine
 
 

@@ -62,6 +62,25 @@ def hooks_on_parameter_holders():
         DeepSpeedZeRoOffload._register_deepspeed_module = original
 
 
+def batched_grad_norm(optimizer) -> None:
+    """Compute a ZeRO optimizer's gradient norm (for clipping) from one `torch._foreach_norm` over the
+    gradients instead of one norm, one copy and one kernel per tensor (about 1,900 a step for the base
+    model). DeepSpeed's own `get_grad_norm_direct` still does the rest (the all-reduce, the -1 for a
+    non-finite norm), handed the vector of per-tensor norms, whose norm is the same. Left alone under
+    model parallelism, where DeepSpeed counts each parameter on some ranks only."""
+    if optimizer.model_parallel_group is not None or not hasattr(optimizer, "get_grad_norm_direct"):
+        return
+    original = optimizer.get_grad_norm_direct
+
+    def grad_norm(gradients, params, norm_type=2):
+        grads = [g for g in gradients if not getattr(g, "_zero_padding", False)]
+        if float(norm_type) != 2.0 or not grads:
+            return original(gradients, params, norm_type)
+        return original([torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float64))], params, norm_type)
+
+    optimizer.get_grad_norm_direct = grad_norm
+
+
 def forget_module(module) -> None:
     """Drop the references ZeRO-3 keeps to `module` in module-level state, which `engine.destroy()` leaves:
     the stack of modules in their forward (`parameter_offload.FWD_MODULE_STACK`), where setting up an engine
