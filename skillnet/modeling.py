@@ -10,14 +10,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from packaging.version import Version
 from torch import nn
 from transformers import PreTrainedModel
+from transformers import __version__ as TRANSFORMERS_VERSION
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithCrossAttentions, MaskedLMOutput, Seq2SeqLMOutput
 from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration import SkillNetConfig
 from .frontends import FRONTENDS, INPUT_NAMES
@@ -523,6 +526,15 @@ def _add_decoder(model: nn.Module, config: SkillNetConfig) -> None:
     model._tied_weights_keys = {"lm_head.weight": "skillnet.frontends.text.word_embeddings.weight"}
 
 
+def old_cache_name(forward):
+    """`past_key_values`, the cache's name before transformers 5.24, honoured as `cache`: with transformers'
+    own deprecation warning (as its models give) from 5.24 on, silently before, where `generate` itself still
+    passes the old name."""
+    if Version(TRANSFORMERS_VERSION) < Version("5.24"):
+        return forward
+    return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+
 class SkillGenerationMixin(GenerationMixin):
     """Encoder-decoder generation through transformers' `GenerationMixin` (greedy, sampling, beam search,
     `GenerationConfig`), the task's skills active in the encoder and at every decoding step. For a model with
@@ -553,12 +565,13 @@ class SkillGenerationMixin(GenerationMixin):
         shifted[:, 0] = start
         return shifted
 
+    @old_cache_name
     def seq2seq(self, input_ids=None, attention_mask=None, decoder_input_ids=None, labels=None, encoder_outputs=None,
                 cache=None, use_cache=None, task=None, skills=None, skill_mask=None, output_attentions=None,
                 output_hidden_states=None, past_key_values=None, **kwargs) -> SkillNetSeq2SeqOutput:
         """The encoder-decoder's forward: `labels` (target ids, -100 where no loss is taken) give the decoder's
         inputs shifted right and the loss; in generation `encoder_outputs` are the encoder's, computed once,
-        and `cache` the cache of earlier steps (`past_key_values`, its name before transformers 5.24, too)."""
+        and `cache` the cache of earlier steps (see `old_cache_name`)."""
         cache = cache if cache is not None else past_key_values
         config = self.config
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
@@ -731,6 +744,7 @@ class SkillNetForConditionalGeneration(SkillNetPreTrainedModel, SkillGenerationM
         self.post_init()
 
     @can_return_tuple
+    @old_cache_name
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, labels=None, encoder_outputs=None,
                 cache=None, use_cache=None, task=None, skills=None, skill_mask=None,
                 output_attentions=None, output_hidden_states=None, past_key_values=None, **kwargs) -> SkillNetSeq2SeqOutput:

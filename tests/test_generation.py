@@ -1,5 +1,8 @@
 """The encoder-decoder (SkillNet-NLG) learns a task and generates with the task's skills at every step."""
 
+import warnings
+
+import pytest
 import torch
 from transformers.cache_utils import EncoderDecoderCache
 
@@ -22,12 +25,32 @@ def test_cached_decoding_equals_full_decoding():
     encoded = model.get_encoder()(input_ids=src, task="summarization")
     cache, steps = None, []
     for i in range(5):
-        out = model(decoder_input_ids=tgt[:, i : i + 1], encoder_outputs=encoded, past_key_values=cache,
+        out = model(decoder_input_ids=tgt[:, i : i + 1], encoder_outputs=encoded, cache=cache,
                     use_cache=True, task="summarization")
         cache = out.past_key_values
         steps.append(out.logits)
     assert isinstance(cache, EncoderDecoderCache) and cache.get_seq_length() == 5
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_the_old_cache_name_is_honoured_with_a_deprecation_warning():
+    """`past_key_values` (the cache's name before transformers 5.24) works as `cache` and warns, naming it,
+    as transformers' own models do; `cache` does not warn."""
+    model = SkillNetForConditionalGeneration(_config()).eval()
+    src, tgt = torch.randint(3, 20, (2, 7)), torch.randint(3, 20, (2, 2))
+    encoded = model.get_encoder()(input_ids=src, task="summarization")
+    first, again = (model(decoder_input_ids=tgt[:, :1], encoder_outputs=encoded, use_cache=True, task="summarization")
+                    for _ in range(2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        new = model(decoder_input_ids=tgt[:, 1:], encoder_outputs=encoded, cache=first.past_key_values,
+                    use_cache=True, task="summarization")
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        old = model(decoder_input_ids=tgt[:, 1:], encoder_outputs=encoded, past_key_values=again.past_key_values,
+                    use_cache=True, task="summarization")
+    assert old.past_key_values.get_seq_length() == 2
+    torch.testing.assert_close(old.logits, new.logits)
 
 
 def test_learns_to_reverse_and_generates_it():
