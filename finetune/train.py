@@ -29,7 +29,7 @@ from skillnet.hub import save_model_code, write_model_card
 from training import checkpoint, distributed, zero
 from training.distributed import Topology, detect
 from training.loop import train_loop
-from training.metrics import Metrics, Window, show_each_warning_once
+from training.metrics import Metrics, Window, quiet_third_party
 from training.sampling import TaskSampler, seeded
 from training.signals import Stop
 from training.step import optimizer_step
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", help="the model folder to start from (an export of pretraining, or a finetuned model)")
     parser.add_argument("overrides", nargs="*", help="key=value settings, dotted (train.steps=200)")
     args = parser.parse_args(argv)
-    show_each_warning_once()
+    quiet_third_party()
     try:
         return _run(args)
     finally:

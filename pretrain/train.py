@@ -29,7 +29,7 @@ from training.metrics import (
     Metrics,
     Window,
     memory_scalars,
-    show_each_warning_once,
+    quiet_third_party,
     skill_grad_norms,
     summed_over_ranks,
 )
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="a pretraining YAML (pretrain/configs/*.yaml) or its name")
     parser.add_argument("overrides", nargs="*", help="key=value settings, dotted (optim.lr=1e-4)")
     args = parser.parse_args(argv)
-    show_each_warning_once()
+    quiet_third_party()
     topology = detect()
     try:
         return _run(args, topology)

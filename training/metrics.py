@@ -4,6 +4,7 @@ per-task losses and counts summed over every rank since the last log (carried ov
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -27,6 +28,20 @@ def show_each_warning_once() -> None:
 
     once.shows_once = True
     warnings.showwarning = once
+
+
+def quiet_third_party() -> None:
+    """Keep a run's log to what its user can act on: each warning once per process (`show_each_warning_once`),
+    and, filtered where they are raised, the messages that only say how a library works inside:
+    - torch's deprecation of `all_gather_into_tensor` and `reduce_scatter_tensor`, which DeepSpeed's ZeRO
+      calls (by category, message and the module torch raises it from);
+    - DeepSpeed's "Setting accelerator to CPU" guess where torch sees no GPU, by naming the CPU accelerator
+      (`DS_ACCELERATOR`, read when DeepSpeed is first imported; a user's own setting is kept)."""
+    show_each_warning_once()
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+                            "deprecated", FutureWarning, r"torch\.distributed\.c10d_logger")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def summed_over_ranks(**tables: dict) -> dict[str, dict]:
