@@ -28,6 +28,7 @@ import yaml
 
 from skillnet.hub import save_model_code, set_model_max_length, write_model_card
 from training.checkpoint import COMPLETE, complete_checkpoints
+from training.metrics import quiet_third_party
 from training.zero.layout import parameter_layout, whole_parameters
 
 from .skill_parallel import PADDING
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="the Hugging Face folder to write")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     args = parser.parse_args(argv)
+    quiet_third_party()
     try:
         out = export(args.checkpoint, args.out, args.dtype)
     except (FileNotFoundError, ValueError) as e:

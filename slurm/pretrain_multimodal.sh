@@ -53,6 +53,7 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
   if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
   srun --kill-on-bad-exit=1 "$PYTHON" -m pretrain --config "$CONFIG" "${OVERRIDES[@]}"
 else
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # torchrun's own default, set here so it need not print a banner
   "$PYTHON" -m torch.distributed.run --nproc_per_node "${NPROC:-2}" --master_port "${MASTER_PORT:-29500}" \
     -m pretrain --config "$CONFIG" "${OVERRIDES[@]}"
 fi

@@ -35,6 +35,9 @@ def test_readme_main_job_runs(tmp_path):
     assert "trained to step 6" in out.stdout
     assert f"exported:    {tmp_path / 'run' / 'export'}" in out.stdout
     assert (tmp_path / "run" / "export" / "model.safetensors").exists()
+    log = out.stdout + out.stderr  # third-party noise is filtered where it is raised
+    for noise in ("Setting accelerator to CPU", "all_gather_into_tensor", "reduce_scatter_tensor", "OMP_NUM_THREADS"):
+        assert noise not in log, log[-3000:]
     assert list((tmp_path / "run" / "tensorboard").iterdir())
 
     # the export serves transformers' pipelines as it is: its default task's skills, its own tokenizer
