@@ -76,7 +76,8 @@ def test_describe_refuses_bad_input(capsys):
 
 
 PRETRAIN_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "pretrain" / "configs").glob("*.yaml"))
-DS_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "training" / "ds_configs").glob("*.json"))
+ROOT = Path(__file__).resolve().parents[1]
+DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
 
 
 @pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=lambda p: p.stem)
@@ -97,6 +98,27 @@ def test_shipped_deepspeed_config_parses(path):
 
     config = DeepSpeedConfig(json.loads(path.read_text()))
     assert config.zero_optimization_stage in (2, 3)
+
+
+def test_the_packaged_deepspeed_configs_are_the_top_level_files(tmp_path):
+    """`ds_configs/*.json` is the one copy: a built wheel ships exactly those files as the defaults that
+    `distributed.ds_config: zero3` resolves to from any working directory."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    from training.config import SHIPPED_DS_CONFIGS
+
+    assert SHIPPED_DS_CONFIGS.resolve() == (ROOT / "ds_configs").resolve()
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "data", "runs", "build", "*.egg-info", "__pycache__", "tests", "benchmarks"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "wheel"), str(source)], check=True)
+    with zipfile.ZipFile(next((tmp_path / "wheel").glob("*.whl"))) as wheel:
+        packaged = {Path(n).name: wheel.read(n) for n in wheel.namelist() if n.startswith("training/ds_configs/")}
+    assert packaged == {p.name: p.read_bytes() for p in DS_CONFIGS} and packaged
 
 
 @pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=lambda p: p.stem)

@@ -68,7 +68,7 @@ def test_config_values_take_their_field_type():
 
 def test_shipped_deepspeed_configs_resolve_by_name_from_anywhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    shipped = str(ROOT / "training" / "ds_configs" / "zero3.json")
+    shipped = str(ROOT / "training" / "ds_configs" / "zero3.json")  # the package's link to ds_configs/
     assert resolve_ds_config("ds_configs/zero3.json") == resolve_ds_config("zero3") == shipped
     with pytest.raises(FileNotFoundError, match="no file ds_configs/zero9.json"):
         resolve_ds_config("ds_configs/zero9.json")
