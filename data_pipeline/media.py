@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .shards import MEDIA_FIELDS
+from .fields import MEDIA_FIELDS
 
 
 class BadSample(Exception):
@@ -133,7 +133,8 @@ def decode_image(data: bytes, cfg: MediaConfig) -> torch.Tensor:
             image.load()
             return _image_tensor(ImageOps.exif_transpose(image), cfg.image_size)
     except UnidentifiedImageError:
-        raise BadSample("undecodable_image", f"not an image Pillow reads ({len(data)} bytes starting {data[:12]!r})") from None
+        raise BadSample("undecodable_image",
+                        f"not an image Pillow reads ({len(data)} bytes starting {data[:12]!r})") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadSample("undecodable_image", f"{type(e).__name__}: {e}") from None
 
@@ -204,7 +205,8 @@ def decode_audio(data: bytes, cfg: MediaConfig) -> torch.Tensor:
         try:
             wave, rate = _read_av_audio(data, seconds, cfg.sample_rate)
         except BadSample as av_error:
-            raise BadSample("undecodable_audio", f"soundfile: {soundfile_error.detail}; PyAV: {av_error.detail}") from None
+            raise BadSample("undecodable_audio",
+                            f"soundfile: {soundfile_error.detail}; PyAV: {av_error.detail}") from None
     if wave.numel() < cfg.n_fft * rate / cfg.sample_rate:
         raise BadSample("undecodable_audio", f"only {wave.numel()} samples at {rate} Hz")
     return log_mel(resample(wave, rate, cfg.sample_rate), cfg)
@@ -243,7 +245,8 @@ def _read_av_audio(data: bytes, seconds: float, rate: int) -> tuple[torch.Tensor
             else:
                 chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
     except av.error.InvalidDataError:
-        raise BadSample("undecodable_audio", f"not audio FFmpeg reads ({len(data)} bytes starting {data[:12]!r})") from None
+        raise BadSample("undecodable_audio",
+                        f"not audio FFmpeg reads ({len(data)} bytes starting {data[:12]!r})") from None
     except (av.error.FFmpegError, ValueError, IndexError) as e:
         raise BadSample("undecodable_audio", f"{type(e).__name__}: {e}") from None
     if not chunks:
@@ -281,7 +284,8 @@ def decode_video(data: bytes, cfg: MediaConfig) -> torch.Tensor:
                 stream, total = _video_stream(container)
                 frames = _sample_frames(container.decode(stream), total, cfg.num_frames, shrink)
     except av.error.InvalidDataError:
-        raise BadSample("undecodable_video", f"not a video FFmpeg reads ({len(data)} bytes starting {data[:12]!r})") from None
+        raise BadSample("undecodable_video",
+                        f"not a video FFmpeg reads ({len(data)} bytes starting {data[:12]!r})") from None
     except (av.error.FFmpegError, ValueError, IndexError, OSError) as e:
         raise BadSample("undecodable_video", f"{type(e).__name__}: {e}") from None
     if not frames:

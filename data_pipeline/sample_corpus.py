@@ -21,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .shards import write_shards
+from .writer import write_shards
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40),
            "white": (240, 240, 240)}
@@ -66,7 +66,8 @@ def images(n: int, rng: np.random.Generator, size: int = 64) -> Iterator[dict]:
         big = bool(rng.integers(2))
         image = _canvas(rng, size)
         fx, fy = POSITIONS[place]
-        _draw_shape(ImageDraw.Draw(image), shape, (fx * size, fy * size), size * (0.18 if big else 0.1), COLOURS[colour])
+        _draw_shape(ImageDraw.Draw(image), shape, (fx * size, fy * size), size * (0.18 if big else 0.1),
+                    COLOURS[colour])
         buf = io.BytesIO()
         ext = "jpg" if i % 2 == 0 else "png"
         image.save(buf, format="JPEG" if ext == "jpg" else "PNG", quality=90)

@@ -1,4 +1,4 @@
-"""Shard writing, the shard index, and raw sample reading with corruption accounting.
+"""The shard index, a source's shards matched to it, and raw sample reading with corruption accounting.
 
 A dataset is a set of WebDataset tar shards plus `<prefix>.index.json`: the modality, the member fields
 every sample carries, and the number of samples in each shard. The loader needs the index for epoch
@@ -17,29 +17,15 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import webdataset as wds
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
+from .fields import KNOWN_EXTENSIONS, check_modality
+
 log = logging.getLogger(__name__)
-
-MODALITIES = ("text", "code", "image", "audio", "video")
-# The member a sample of each modality must carry (besides its caption, `txt`, for the paired ones).
-MEDIA_FIELDS = {"image": ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"),
-                "audio": ("wav", "flac", "mp3", "ogg", "opus", "m4a", "aac"),
-                "video": ("mp4", "webm", "mkv", "avi", "mov", "gif"),
-                "code": ("py", "code", "js", "c", "cpp", "java", "go", "rs")}
-
-
-KNOWN_EXTENSIONS = {ext for exts in MEDIA_FIELDS.values() for ext in exts} | {"txt", "json"}
-"""Members a sample may carry: media, its caption or text, and metadata (img2dataset's `json`)."""
-
-
-def check_modality(modality: str) -> None:
-    if modality not in MODALITIES:
-        raise ValueError(f"unknown modality {modality!r}; known: {list(MODALITIES)}")
 
 
 @dataclass
@@ -59,7 +45,8 @@ class ShardIndex:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps({"modality": self.modality, "fields": self.fields,
-                                          "shards": [{"name": n, "samples": c} for n, c in self.shards.items()]}, indent=1))
+                                          "shards": [{"name": n, "samples": c} for n, c in self.shards.items()]},
+                                         indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> "ShardIndex":
@@ -131,108 +118,6 @@ def open_source(shards: str, index: str | None = None, weight: float = 1.0) -> S
             raise ValueError(f"shard {url} is not in the index {index}")
         counts.append(shard_index.shards[name])
     return Source(urls, shard_index, weight, counts)
-
-
-# -- writing ---------------------------------------------------------------------------------------------
-
-
-def safe_key(key: str) -> str:
-    """A sample key every WebDataset reader splits back the same: folders kept as `/`, no `.` or `..`
-    parts, and within a part only letters, digits, `_` and `-` (a dot would end the key early)."""
-    parts = [p for p in re.split(r"[\\/]+", str(key)) if p not in ("", ".", "..")]
-    return "/".join(re.sub(r"[^\w\-]", "_", p) for p in parts)
-
-
-def _usable(sample: dict, modality: str, cfg) -> str | None:
-    """None if the loader can use `sample`, else why not (the skip reason it would count)."""
-    from .media import BadSample, decode_sample
-
-    try:
-        decode_sample({k: v.encode() if isinstance(v, str) else v for k, v in sample.items()}, modality, cfg)
-    except BadSample as e:
-        return e.reason
-    return None
-
-
-def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str, modality: str,
-                 max_samples: int = 10_000, max_bytes: float = 1e9, progress: bool = True, check: bool = True) -> ShardIndex:
-    """Write `samples` (dicts with `__key__` and member fields as bytes or str) into
-    `out_dir/prefix-NNNNNN.tar` shards of at most `max_samples` samples and `max_bytes` bytes, then the
-    index `out_dir/prefix.index.json`. Keys are made safe (`safe_key`) and unique (a repeated key gets
-    `-2`, `-3`...). With `check`, each sample is decoded as the loader will: the unusable ones are left out,
-    counted by reason in the index's `left_out`, and if none is usable nothing is written (ValueError)."""
-    from tqdm import tqdm
-
-    from .media import MediaConfig
-
-    check_modality(modality)
-    out_dir = Path(out_dir)
-    counts: Counter = Counter()
-    left_out: Counter = Counter()
-    seen: Counter = Counter()
-    fields: set[str] = set()
-    cfg = MediaConfig()
-    pattern = str(out_dir / f"{prefix}-%06d.tar")
-    sink = None
-    try:
-        for sample in tqdm(samples, desc=f"writing {prefix}", unit=" samples", disable=not progress):
-            key = safe_key(sample["__key__"])
-            if not key:
-                left_out["unusable_key"] += 1
-                continue
-            seen[key] += 1
-            if seen[key] > 1:
-                left_out["renamed_duplicate_key"] += 1  # written, under a new key
-                key = f"{key}-{seen[key]}"
-            if check and (reason := _usable(sample, modality, cfg)):
-                left_out[reason] += 1
-                continue
-            if sink is None:  # on the first usable sample: nothing is created for an unusable input
-                out_dir.mkdir(parents=True, exist_ok=True)
-                # mtime=0: the same samples give byte-identical shards
-                sink = wds.ShardWriter(pattern, maxcount=max_samples, maxsize=max_bytes, verbose=0, mtime=0)
-            sink.write({**sample, "__key__": key})
-            counts[os.path.basename(sink.fname)] += 1
-            fields |= {k for k in sample if not k.startswith("__")}
-    finally:
-        if sink is not None:
-            sink.close()
-    if not counts:
-        reasons = ", ".join(f"{n} {r}" for r, n in left_out.most_common()) or "no samples at all"
-        raise ValueError(f"no usable {modality} sample to write ({reasons})")
-    index = ShardIndex(modality, sorted(fields), dict(sorted(counts.items())), left_out=dict(left_out))
-    index.save(out_dir / f"{prefix}.index.json")
-    return index
-
-
-def index_existing(shards: str, modality: str, out: str | Path | None = None, check: bool = True) -> ShardIndex:
-    """Count the samples of shards written elsewhere (with `check`: those the loader can use, each decoded
-    as it will be) and write their index; refused when no sample is usable."""
-    from .media import MediaConfig
-
-    check_modality(modality)
-    urls = expand_urls(shards)
-    missing = [u for u in urls if not u.startswith("pipe:") and not os.path.isfile(u)]
-    if missing:
-        raise FileNotFoundError(f"--index-only: {missing[0]} is not a shard file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    counts, fields, left_out, cfg = {}, set(), SkipCounter(), MediaConfig()
-    for url in urls:
-        n = 0
-        for sample in read_raw_samples(url, left_out):
-            if check and (reason := _usable(sample, modality, cfg)):
-                left_out[reason] += 1
-                continue
-            n += 1
-            fields |= {k for k in sample if not k.startswith("__")}
-        counts[shard_name(url)] = n
-    if not sum(counts.values()):
-        reasons = ", ".join(f"{n} {r}" for r, n in left_out.most_common()) or "no samples at all"
-        raise ValueError(f"--index-only: no usable {modality} sample in {len(urls)} shards ({reasons})")
-    index = ShardIndex(modality, sorted(fields), counts, left_out=dict(left_out))
-    out = Path(out or index_path_for(urls[0]))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    index.save(out)
-    return index
 
 
 # -- reading ---------------------------------------------------------------------------------------------

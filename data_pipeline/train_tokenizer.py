@@ -15,7 +15,8 @@ from webdataset.shardlists import expand_urls
 
 from skillnet.tokenizer import train_tokenizer
 
-from .shards import MEDIA_FIELDS, SkipCounter, read_raw_samples
+from .fields import MEDIA_FIELDS
+from .shards import SkipCounter, read_raw_samples
 
 TEXT_FIELDS = ("txt",) + MEDIA_FIELDS["code"]
 

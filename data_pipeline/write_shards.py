@@ -12,8 +12,9 @@ values that name existing files become members with that file's extension and by
 does not exist, or a null value, is an error naming the line), other strings become `.txt` (for the field
 `text` or `caption`) or `.<field>` members, and an optional `key` names the sample. Keys are made safe
 for every WebDataset reader (no dots, no `..`) and unique; each sample is decoded as the loader will,
-and the unusable ones are left out and counted (nothing is written when none is usable). A Hugging Face dataset (saved with `save_to_disk`, or local JSON/CSV/Parquet
-files) maps columns the same way; `Image` and `Audio` features are written as encoded files.
+and the unusable ones are left out and counted (nothing is written when none is usable). A Hugging Face
+dataset (saved with `save_to_disk`, or local JSON/CSV/Parquet files) maps columns the same way; `Image`
+and `Audio` features are written as encoded files.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterator
 
-from .shards import MEDIA_FIELDS, MODALITIES, index_existing, write_shards
+from .fields import MEDIA_FIELDS, MODALITIES
+from .writer import index_existing, write_shards
 
 CAPTION_FIELDS = ("text", "caption", "txt")
 
@@ -93,7 +95,8 @@ def from_hf_dataset(path: str, split: str = "train") -> Iterator[dict]:
     """A dataset saved with `save_to_disk`, or local JSON/CSV/Parquet files loaded with `load_dataset`."""
     import datasets
 
-    if os.path.isdir(path) and (Path(path) / "dataset_info.json").exists() or (Path(path) / "dataset_dict.json").exists():
+    if (os.path.isdir(path) and (Path(path) / "dataset_info.json").exists()
+            or (Path(path) / "dataset_dict.json").exists()):
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[split]
@@ -115,7 +118,8 @@ def from_hf_dataset(path: str, split: str = "train") -> Iterator[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_pipeline.write_shards", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--input", help="a folder, a .jsonl manifest, or (with --hf) a Hugging Face dataset")
     parser.add_argument("--hf", action="store_true", help="read --input with Hugging Face datasets")
     parser.add_argument("--split", default="train")
@@ -134,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _left_out(counts: dict) -> str:
-    return f"; left out {sum(counts.values())}: " + ", ".join(f"{n} {r}" for r, n in sorted(counts.items(), key=lambda x: -x[1])) if counts else ""
+    return (f"; left out {sum(counts.values())}: "
+            + ", ".join(f"{n} {r}" for r, n in sorted(counts.items(), key=lambda x: -x[1])) if counts else "")
 
 
 def _run(parser, args) -> int:
@@ -157,8 +162,8 @@ def _run(parser, args) -> int:
     else:
         samples = from_manifest(args.input)
     index = write_shards(samples, args.out, prefix, args.modality, args.max_samples, args.max_bytes)
-    print(f"wrote {index.samples} usable samples in {len(index.shards)} shards to {args.out} (index {prefix}.index.json)"
-          f"{_left_out({**left_out, **index.left_out})}")
+    print(f"wrote {index.samples} usable samples in {len(index.shards)} shards to {args.out} "
+          f"(index {prefix}.index.json){_left_out({**left_out, **index.left_out})}")
     return 0
 
 

@@ -14,10 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipeline.loader import DataConfig, MultiTaskLoader, SourceStream
+from data_pipeline.config import DataConfig
+from data_pipeline.loader import MultiTaskLoader
 from data_pipeline.media import MediaConfig, log_mel, resample
 from data_pipeline.sample_corpus import write_corpus
 from data_pipeline.shards import ShardIndex, SkipCounter, open_source, read_raw_samples
+from data_pipeline.stream import SourceStream
 from data_pipeline.write_shards import main as write_shards_main
 from skillnet import load_config
 from training.sampling import sampling_probabilities
@@ -47,7 +49,8 @@ def _loader(tokenizer, tasks, **cfg):
 
 
 def _task(corpus, modality, name=None):
-    return {"name": name or MODALITY_TASK[modality], "modality": modality, "sources": [{"shards": _pattern(corpus, modality)}]}
+    return {"name": name or MODALITY_TASK[modality], "modality": modality,
+            "sources": [{"shards": _pattern(corpus, modality)}]}
 
 
 @pytest.mark.parametrize("modality", ["image", "audio", "video", "code", "text"])
@@ -121,30 +124,39 @@ def test_write_shards_from_folder_manifest_and_hf_dataset(tmp_path, tokenizer):
     for i, colour in enumerate(["red", "blue", "green"]):
         Image.new("RGB", (40, 30), colour).save(folder / f"pic{i}.png")
         (folder / f"pic{i}.txt").write_text(f"a {colour} picture")
-    assert write_shards_main(["--input", str(folder), "--modality", "image", "--out", str(tmp_path / "a"), "--max-samples", "2"]) == 0
+    assert write_shards_main(["--input", str(folder), "--modality", "image", "--out", str(tmp_path / "a"),
+                              "--max-samples", "2"]) == 0
     index = ShardIndex.load(tmp_path / "a" / "image.index.json")
     assert index.samples == 3 and list(index.shards.values()) == [2, 1] and index.fields == ["png", "txt"]
 
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text("".join(json.dumps({"key": f"k{i}", "image": f"folder/pic{i}.png", "caption": f"caption {i}"}) + "\n" for i in range(3)))
-    assert write_shards_main(["--input", str(manifest), "--modality", "image", "--out", str(tmp_path / "b"), "--prefix", "man"]) == 0
+    manifest.write_text("".join(json.dumps({"key": f"k{i}", "image": f"folder/pic{i}.png", "caption": f"caption {i}"})
+                                + "\n" for i in range(3)))
+    assert write_shards_main(["--input", str(manifest), "--modality", "image", "--out", str(tmp_path / "b"),
+                              "--prefix", "man"]) == 0
 
     records = {"image": [str(folder / f"pic{i}.png") for i in range(3)], "text": [f"hf caption {i}" for i in range(3)]}
     ds = datasets.Dataset.from_dict(records).cast_column("image", datasets.Image())
     ds.save_to_disk(str(tmp_path / "hf"))
-    assert write_shards_main(["--input", str(tmp_path / "hf"), "--hf", "--modality", "image", "--out", str(tmp_path / "c")]) == 0
-    datasets.Dataset.from_dict({"text": ["first paragraph here.", "second one."]}).to_parquet(str(tmp_path / "t.parquet"))
-    assert write_shards_main(["--input", str(tmp_path / "t.parquet"), "--hf", "--modality", "text", "--out", str(tmp_path / "d")]) == 0
+    assert write_shards_main(["--input", str(tmp_path / "hf"), "--hf", "--modality", "image", "--out",
+                              str(tmp_path / "c")]) == 0
+    datasets.Dataset.from_dict({"text": ["first paragraph here.", "second one."]}).to_parquet(
+        str(tmp_path / "t.parquet"))
+    assert write_shards_main(["--input", str(tmp_path / "t.parquet"), "--hf", "--modality", "text", "--out",
+                              str(tmp_path / "d")]) == 0
 
     for out, prefix, n in (("a", "image", 2), ("b", "man", 1), ("c", "image", 1)):
-        loader = _loader(tokenizer, [{"name": "image", "modality": "image",
-                                      "sources": [{"shards": str(tmp_path / out / f"{prefix}-{{000000..{n - 1:06d}}}.tar")}]}],
+        loader = _loader(tokenizer,
+                         [{"name": "image", "modality": "image",
+                           "sources": [{"shards": str(tmp_path / out / f"{prefix}-{{000000..{n - 1:06d}}}.tar")}]}],
                          batch_size=3, shards_per_round=2)
         batch = next(iter(loader))
         assert batch["pixel_values"].shape == (3, 3, 32, 32)
         captions = sorted(tokenizer.batch_decode(batch["caption_input_ids"], skip_special_tokens=True))
         assert len(set(captions)) == 3
-    text = next(iter(_loader(tokenizer, [{"name": "masked_lm", "modality": "text", "sources": [{"shards": str(tmp_path / "d" / "text-000000.tar")}]}], batch_size=2)))
+    text = next(iter(_loader(tokenizer, [{"name": "masked_lm", "modality": "text",
+                                          "sources": [{"shards": str(tmp_path / "d" / "text-000000.tar")}]}],
+                             batch_size=2)))
     assert sorted(text["texts"]) == ["first paragraph here.", "second one."]
 
 
@@ -155,7 +167,8 @@ def test_shards_are_split_over_ranks_and_workers_once_per_epoch(corpus, tokenize
     seen = []
     for slot in range(4):
         stream = SourceStream(source, "image.0", slot, 4, cfg, SkipCounter())
-        n = sum(source.samples_per_url[source.urls.index(u)] for r in range(stream.rounds_per_epoch) for u in stream.round_shards(r))
+        n = sum(source.samples_per_url[source.urls.index(u)] for r in range(stream.rounds_per_epoch)
+                for u in stream.round_shards(r))
         seen += [next(stream)["__key__"] for _ in range(n)]
         assert stream.round == stream.rounds_per_epoch - 1 or stream.emitted == 0
     assert len(seen) == len(set(seen)) == 40
@@ -269,6 +282,42 @@ def test_a_resharded_stream_reads_the_rest_of_the_epoch_once(corpus, tokenizer):
     assert len(read["masked_lm"]) == len(set(read["masked_lm"])) == 40
 
 
+def _renamed(tree, old: str, new: str):
+    if isinstance(tree, dict):
+        return {(new if k == old else k): _renamed(v, old, new) for k, v in tree.items()}
+    return [_renamed(v, old, new) for v in tree] if isinstance(tree, list) else tree
+
+
+def _keys(loader, n: int) -> list:
+    it = iter(loader)
+    return [next(it)["keys"] for _ in range(n)]
+
+
+def test_states_of_the_previous_release_resume_and_reshard_the_same(corpus, tokenizer):
+    """The previous release saved the count of reshards as `generation`: its states resume and reshard as
+    this release's own do (2 ranks resharded to 1, which resumes, then reshards to 2 again)."""
+    tasks = [_task(corpus, "image"), _task(corpus, "text")]
+    cfg = dict(batch_size=2, shuffle_buffer=3, shards_per_round=1, seed=5)
+    two = _layout_loaders(tokenizer, tasks, 2, 0, cfg)
+    for loader in two:
+        _keys(loader, 3)
+    one = _layout_loaders(tokenizer, tasks, 1, 0, cfg)[0]
+    one.reshard([json.loads(json.dumps(loader.state_dict())) for loader in two])
+    _keys(one, 2)
+    state = json.loads(json.dumps(one.state_dict()))
+    assert state["reshards"] == 1 and "generation" not in json.dumps(state)
+    old = _renamed(state, "reshards", "generation")
+    results = []
+    for saved in (state, old):
+        resumed = _layout_loaders(tokenizer, tasks, 1, 0, cfg)[0]
+        resumed.load_state_dict(saved)
+        again = _layout_loaders(tokenizer, tasks, 2, 0, cfg)
+        for loader in again:
+            loader.reshard([saved])
+        results.append((_keys(resumed, 60), [_keys(loader, 40) for loader in again]))  # into the next epochs
+    assert results[0] == results[1]
+
+
 def test_a_reshard_refuses_states_that_do_not_map(corpus, tokenizer):
     tasks = [_task(corpus, "image")]
     loader = _layout_loaders(tokenizer, tasks, 1, 0, dict(batch_size=2))[0]
@@ -334,9 +383,12 @@ def test_corrupt_samples_are_skipped_counted_and_logged(corpus, tmp_path, tokeni
 @pytest.mark.parametrize(
     "tasks, error, message",
     [
-        ([{"name": "image", "modality": "image", "sources": [{"shards": "/nowhere/img-{000000..000003}.tar"}]}], FileNotFoundError, "no shards match"),
-        ([{"name": "image", "modality": "smell", "sources": [{"shards": "x.tar"}]}], ValueError, "unknown modality 'smell'"),
-        ([{"name": "poetry", "modality": "text", "sources": [{"shards": "x.tar"}]}], ValueError, r"data tasks \['poetry'\] are not in the model's task table"),
+        ([{"name": "image", "modality": "image", "sources": [{"shards": "/nowhere/img-{000000..000003}.tar"}]}],
+         FileNotFoundError, "no shards match"),
+        ([{"name": "image", "modality": "smell", "sources": [{"shards": "x.tar"}]}], ValueError,
+         "unknown modality 'smell'"),
+        ([{"name": "poetry", "modality": "text", "sources": [{"shards": "x.tar"}]}], ValueError,
+         r"data tasks \['poetry'\] are not in the model's task table"),
         ([], ValueError, "no tasks"),
     ],
 )
@@ -348,18 +400,22 @@ def test_bad_data_config_fails_before_training(tokenizer, tasks, error, message)
 def test_missing_index_names_the_fix(tmp_path, tokenizer, corpus):
     (tmp_path / "img-000000.tar").write_bytes((corpus / "image" / "image-000000.tar").read_bytes())
     with pytest.raises(FileNotFoundError, match="write_shards --index-only"):
-        _loader(tokenizer, [{"name": "image", "modality": "image", "sources": [{"shards": str(tmp_path / "img-000000.tar")}]}])
+        _loader(tokenizer, [{"name": "image", "modality": "image",
+                             "sources": [{"shards": str(tmp_path / "img-000000.tar")}]}])
     assert write_shards_main(["--index-only", str(tmp_path / "img-000000.tar"), "--modality", "image"]) == 0
-    assert next(iter(_loader(tokenizer, [{"name": "image", "modality": "image", "sources": [{"shards": str(tmp_path / "img-000000.tar")}]}])))["keys"]
+    assert next(iter(_loader(tokenizer, [{"name": "image", "modality": "image",
+                                          "sources": [{"shards": str(tmp_path / "img-000000.tar")}]}])))["keys"]
 
 
 def test_train_tokenizer_on_shards(corpus, tmp_path):
     from data_pipeline.train_tokenizer import main
     from skillnet.tokenizer import load_tokenizer
 
-    assert main(["--shards", _pattern(corpus, "text"), "--shards", _pattern(corpus, "code"), "--vocab-size", "300", "--out", str(tmp_path)]) == 0
+    assert main(["--shards", _pattern(corpus, "text"), "--shards", _pattern(corpus, "code"), "--vocab-size", "300",
+                 "--out", str(tmp_path)]) == 0
     tok = load_tokenizer(tmp_path)
-    assert len(tok) == 300 and tok.decode(tok("def f(x):\n    return x")["input_ids"], skip_special_tokens=True) == "def f(x):\n    return x"
+    assert len(tok) == 300 and tok.decode(tok("def f(x):\n    return x")["input_ids"],
+                                          skip_special_tokens=True) == "def f(x):\n    return x"
 
 
 def test_a_task_trained_by_some_ranks_is_dealt_over_those_ranks_alone(corpus, tokenizer):

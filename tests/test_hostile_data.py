@@ -40,7 +40,8 @@ def _wav(seconds: float, rate: int, freq: float = 440.0) -> bytes:
     return out.getvalue()
 
 
-def _video(codec: str, container: str, frames: int, size: tuple[int, int], rate: int = 10, pix_fmt: str = "yuv420p") -> bytes:
+def _video(codec: str, container: str, frames: int, size: tuple[int, int], rate: int = 10,
+           pix_fmt: str = "yuv420p") -> bytes:
     """`frames` frames whose mean brightness counts up, so the frames a decoder picks can be told apart."""
     import av
 
@@ -101,7 +102,8 @@ def test_large_jpeg_decoded_at_a_reduced_scale_gives_the_full_decode_picture():
     out = io.BytesIO()
     Image.fromarray(photo).save(out, "JPEG", quality=90)
     got = decode_image(out.getvalue(), MEDIA).float()
-    full = Image.open(io.BytesIO(out.getvalue())).convert("RGB").resize((32, 32), Image.BICUBIC, box=(800, 0, 4000, 3200))
+    full = Image.open(io.BytesIO(out.getvalue())).convert("RGB").resize((32, 32), Image.BICUBIC,
+                                                                         box=(800, 0, 4000, 3200))
     assert (got - torch.from_numpy(np.asarray(full).copy()).permute(2, 0, 1)).abs().mean() < 6
 
 
@@ -171,7 +173,8 @@ def test_captions_and_members_say_what_is_wrong():
         decode_sample({"__key__": "k", "xyz": b"?", "txt": b"a caption"}, "audio", MEDIA)
     assert caught.value.reason == "missing_member" and "found xyz" in str(caught.value)
     with pytest.raises(BadSample) as caught:
-        decode_sample({"__key__": "k", "png": _png(np.zeros((8, 8), dtype=np.uint8)), "txt": b"\x00\x00 \x00"}, "image", MEDIA)
+        decode_sample({"__key__": "k", "png": _png(np.zeros((8, 8), dtype=np.uint8)), "txt": b"\x00\x00 \x00"},
+                      "image", MEDIA)
     assert caught.value.reason == "empty_caption"
 
 
@@ -252,7 +255,8 @@ def _image_source(tmp_path: Path, shards: int, usable: bool, samples: int = 4) -
 
 
 def _loader(tokenizer, shards: str, **cfg):
-    from data_pipeline.loader import DataConfig, MultiTaskLoader
+    from data_pipeline.config import DataConfig
+    from data_pipeline.loader import MultiTaskLoader
 
     world = cfg.pop("world", 1)
     config = DataConfig(tasks=[{"name": "image", "modality": "image", "sources": [{"shards": shards}]}],
@@ -261,11 +265,12 @@ def _loader(tokenizer, shards: str, **cfg):
 
 
 def test_a_task_whose_samples_never_decode_stops_with_one_line(tmp_path, tokenizer, caplog):
-    from data_pipeline.loader import DataError
+    from data_pipeline.stream import DataError
 
     loader = _loader(tokenizer, _image_source(tmp_path, 2, usable=False), max_consecutive_skips=30, resample=True)
-    with pytest.raises(DataError, match=r"task 'image': the last 30 samples drawn were all unusable \(30 undecodable_image\) "
-                                        r"from source image\.0 \(2 shards, e\.g\. .*img-00000"):
+    with pytest.raises(DataError, match=r"task 'image': the last 30 samples drawn were all unusable "
+                                        r"\(30 undecodable_image\) from source image\.0 \(2 shards, "
+                                        r"e\.g\. .*img-00000"):
         next(iter(loader))
     logged = [r for r in caplog.records if "skipped" in r.getMessage()]
     assert len(logged) == 10 and "logged every 1000th" in logged[-1].getMessage()  # not 30 lines
@@ -309,15 +314,16 @@ def test_a_tar_cut_at_any_byte_keeps_every_sample_before_the_cut(tmp_path):
         keys = [s["__key__"] for s in got]
         assert keys[:len(complete)] == complete and len(keys) <= len(complete) + 1, cut
         for sample in got:  # nothing kept is damaged
-            assert all(data == members[f"{sample['__key__']}.{ext}"] for ext, data in sample.items() if not ext.startswith("__"))
+            assert all(data == members[f"{sample['__key__']}.{ext}"] for ext, data in sample.items()
+                       if not ext.startswith("__"))
         assert sum(skipped.values()) == (1 if cut < archive_end + 512 else 0), (cut, skipped)
 
 
 def test_duplicate_keys_odd_members_are_counted_and_nothing_is_lost(tmp_path):
     from data_pipeline.shards import SkipCounter, read_raw_samples
 
-    _shard(tmp_path / "d.tar", [("a.png", b"1"), ("a.txt", b"one"), ("README", b"?"), ("a.png", b"2"), ("a.txt", b"two"),
-                                ("a.xyz", b"?")])
+    _shard(tmp_path / "d.tar", [("a.png", b"1"), ("a.txt", b"one"), ("README", b"?"), ("a.png", b"2"),
+                                ("a.txt", b"two"), ("a.xyz", b"?")])
     skipped = SkipCounter()
     got = list(read_raw_samples(str(tmp_path / "d.tar"), skipped))
     assert [(s["__key__"], s["png"], s["txt"]) for s in got] == [("a", b"1", b"one"), ("a", b"2", b"two")]
@@ -345,7 +351,8 @@ def test_the_writer_checks_what_it_writes(tmp_path, capsys):
     assert "wrote 3 usable samples" in said and "1 undecodable_image" in said and "1 hidden_file" in said
     assert "1 file_without_extension" in said
     with tarfile.open(tmp_path / "out" / "image-000000.tar") as tar:
-        assert sorted(tar.getnames()) == sorted(f"{k}.{e}" for k in ("chelsea_2023_01", "sub/cam", "sub_cam") for e in ("png", "txt"))
+        assert sorted(tar.getnames()) == sorted(f"{k}.{e}" for k in ("chelsea_2023_01", "sub/cam", "sub_cam")
+                                                for e in ("png", "txt"))
     assert ShardIndex.load(tmp_path / "out" / "image.index.json").samples == 3
 
     uncaptioned = tmp_path / "uncaptioned"
@@ -357,7 +364,8 @@ def test_the_writer_checks_what_it_writes(tmp_path, capsys):
     assert not (tmp_path / "none").exists()
 
     (photos / "x.png").write_bytes(png)
-    lines = [{"key": "../../escape", "image": "x.png", "caption": "fine"}, {"image": "nowhere/y.png", "caption": "lost"}]
+    lines = [{"key": "../../escape", "image": "x.png", "caption": "fine"},
+             {"image": "nowhere/y.png", "caption": "lost"}]
     manifest = tmp_path / "photos" / "m.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert write_main(["--input", str(manifest), "--modality", "image", "--out", str(tmp_path / "m")]) == 2
@@ -367,8 +375,10 @@ def test_the_writer_checks_what_it_writes(tmp_path, capsys):
     assert f"error: {manifest}:2: caption is null" in capsys.readouterr().err
     import datasets
 
-    datasets.Dataset.from_dict({"image": [str(photos / "x.png")] * 2, "caption": ["fine", None]}).to_json(tmp_path / "hf.jsonl")
-    assert write_main(["--input", str(tmp_path / "hf.jsonl"), "--hf", "--modality", "image", "--out", str(tmp_path / "h")]) == 2
+    datasets.Dataset.from_dict({"image": [str(photos / "x.png")] * 2, "caption": ["fine", None]}).to_json(
+        tmp_path / "hf.jsonl")
+    assert write_main(["--input", str(tmp_path / "hf.jsonl"), "--hf", "--modality", "image", "--out",
+                       str(tmp_path / "h")]) == 2
     assert f"error: {tmp_path / 'hf.jsonl'}: row 1: caption is null" in capsys.readouterr().err
     manifest.write_text(json.dumps(lines[0]) + "\n")
     assert write_main(["--input", str(manifest), "--modality", "image", "--out", str(tmp_path / "m")]) == 0
@@ -391,9 +401,11 @@ def test_index_only_counts_usable_samples_of_the_modality(tmp_path, capsys):
     assert "indexed 3 usable image samples in 1 shards; left out 1: 1 undecodable_image" in capsys.readouterr().out
     assert ShardIndex.load(laion / "laion.index.json").shards == {"00000.tar": 3}  # visible, named after the folder
 
-    assert write_main(["--index-only", str(laion / "00000.tar"), "--modality", "audio", "--out", str(tmp_path / "idx")]) == 2
+    assert write_main(["--index-only", str(laion / "00000.tar"), "--modality", "audio", "--out",
+                       str(tmp_path / "idx")]) == 2
     assert "error: --index-only: no usable audio sample in 1 shards (4 missing_member)" in capsys.readouterr().err
-    assert write_main(["--index-only", str(laion / "00000.tar"), "--modality", "image", "--out", str(tmp_path / "idx")]) == 0
+    assert write_main(["--index-only", str(laion / "00000.tar"), "--modality", "image", "--out",
+                       str(tmp_path / "idx")]) == 0
     assert (tmp_path / "idx" / "image.index.json").exists()
     for wrong in (str(tmp_path / "nothing.tar"), str(laion)):
         assert write_main(["--index-only", wrong, "--modality", "image"]) == 2
