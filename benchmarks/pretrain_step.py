@@ -50,8 +50,9 @@ PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 def _config(args) -> SkillNetConfig:
     pair = args.objective != "mlm"
-    return SkillNetConfig(skill_set="multimodal", vocab_size=8000, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                          num_attention_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden,
+    return SkillNetConfig(skill_set="multimodal", vocab_size=8000, hidden_size=args.hidden,
+                          num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
+                          intermediate_size=4 * args.hidden,
                           max_position_embeddings=max(512, args.tokens), hidden_dropout_prob=0.0,
                           attention_probs_dropout_prob=0.0, modalities=["text", "image"] if pair else ["text"],
                           image_size=128, patch_size=16, projection_dim=64 if pair else 0)
@@ -62,7 +63,8 @@ def _batch(args, rank: int, device) -> dict:
     g = torch.Generator().manual_seed(rank)
     if args.objective != "mlm":
         ids = torch.randint(7, 8000, (args.batch, 64), generator=g)
-        return {"pixel_values": torch.randint(0, 256, (args.batch, 3, 128, 128), dtype=torch.uint8, generator=g).to(device),
+        return {"pixel_values": torch.randint(0, 256, (args.batch, 3, 128, 128), dtype=torch.uint8,
+                                              generator=g).to(device),
                 "task": "image", "pair": {"input_ids": ids.to(device), "task": "text"}}
     ids = torch.randint(7, 8000, (args.batch, args.tokens), generator=g)
     labels = ids.masked_fill(torch.rand(ids.shape, generator=g) > 0.15, -100)
@@ -125,7 +127,6 @@ def called_parameter_bytes(args) -> int:
 def engine_step_time(args) -> dict:
     """Runs in each rank: the engine exactly as pretrain.train builds it."""
     from pretrain.config import PretrainConfig
-    from pretrain.parallelize import parallelize
     from pretrain.train import engine_config
     from training import distributed, zero
     from training.optim import build_optimizer, parameter_groups
@@ -140,7 +141,7 @@ def engine_step_time(args) -> dict:
         config.distributed.ds_overrides = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
     config.train.profile_comm = args.partition_all
     torch.manual_seed(0)
-    model = parallelize(SkillNetForPreTraining(_config(args)), activation_checkpointing=False)
+    model = SkillNetForPreTraining(_config(args))
     optimizer, scheduler = build_optimizer(parameter_groups(model, config.optim.weight_decay), config.optim,
                                            config.train.steps)
     engine = zero.initialize(model, optimizer, scheduler, engine_config(config))
@@ -194,8 +195,8 @@ def build_worker(mode: str) -> dict:
 def build_memory() -> dict[str, float]:
     result = {}
     for mode in ("whole", "partitioned"):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-               __file__, "--build-worker", mode]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), __file__, "--build-worker", mode]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if out.returncode:
             raise RuntimeError(out.stdout[-2000:] + out.stderr[-2000:])
@@ -225,10 +226,11 @@ def _pretrain_runs(args, variants: dict[str, list[str]]) -> dict[str, list[dict]
         result = {}
         for name, overrides in variants.items():
             run = Path(tmp) / name
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                   "-m", "pretrain", "--config", "tiny", f"data_root={sample}", f"run_dir={run}",
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(_free_port()), "-m", "pretrain", "--config", "tiny", f"data_root={sample}", f"run_dir={run}",
                    f"train.steps={args.placement_steps}", f"checkpoint.every={args.placement_steps}", *overrides]
-            out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            out = subprocess.run(cmd, cwd=root, capture_output=True, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
             if out.returncode:
                 raise RuntimeError(out.stdout[-2000:] + out.stderr[-2000:])
             result[name] = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
@@ -244,11 +246,13 @@ def _free_port() -> int:
 
 
 def _ranks(args, n: int, ds: str = "zero3", partition_all: bool = False) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(_free_port()),
-           __file__, "--worker", "--hidden", str(args.hidden), "--layers", str(args.layers), "--batch", str(args.batch),
-           "--tokens", str(args.tokens), "--steps", str(args.steps), "--ds", ds, "--objective", args.objective,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
+           str(_free_port()), __file__, "--worker", "--hidden", str(args.hidden), "--layers", str(args.layers),
+           "--batch", str(args.batch), "--tokens", str(args.tokens), "--steps", str(args.steps), "--ds", ds,
+           "--objective", args.objective,
            ] + ["--partition-all"] * partition_all
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // n))})
+    out = subprocess.run(cmd, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // n))})
     if out.returncode:
         raise RuntimeError(out.stdout[-2000:] + out.stderr[-2000:])
     results = [json.loads(m) for m in re.findall(r"RESULT (\{[^}]*\})", out.stdout)]  # ranks print concurrently
@@ -306,8 +310,10 @@ def main(argv=None) -> int:
     parser.add_argument("--ds", default="zero3", help=argparse.SUPPRESS)
     parser.add_argument("--partition-all", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--build-worker", help=argparse.SUPPRESS)
-    parser.add_argument("--objective", choices=["mlm", "contrastive", "separate"], default="mlm", help=argparse.SUPPRESS)
-    parser.add_argument("--proxy-rounds", type=int, default=15, help="timing rounds of the proxy (3 steps per row each)")
+    parser.add_argument("--objective", choices=["mlm", "contrastive", "separate"], default="mlm",
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--proxy-rounds", type=int, default=15,
+                        help="timing rounds of the proxy (3 steps per row each)")
     parser.add_argument("--only", choices=["build", "traces", "gather", "proxy"], help="run one part only")
     args = parser.parse_args(argv)
     if args.worker:
@@ -339,7 +345,8 @@ def main(argv=None) -> int:
         args.objective = "mlm"
     if args.only in (None, "proxy"):
         ratios = proxy(args)
-        print(f"host-work proxy (12 layers, hidden 64, 4 x 32 tokens, one rank, CPU): plain step {ratios['plain_ms']:.1f} ms; "
+        print(f"host-work proxy (12 layers, hidden 64, 4 x 32 tokens, one rank, CPU): plain step "
+              f"{ratios['plain_ms']:.1f} ms; "
               f"trainer step / plain step: ZeRO-2 {ratios['zero2']:.2f}, ZeRO-3 {ratios['zero3']:.2f} (target <= 1.5)")
     if args.only:
         return 0
@@ -352,14 +359,16 @@ def main(argv=None) -> int:
     z3 = _ranks(args, 2, "zero3", partition_all=True)
     z2 = _ranks(args, 2, "zero2")["seconds"]
     print(f"masked-token prediction, hidden {args.hidden}, {args.layers} layers, {args.batch} x {args.tokens} tokens "
-          f"per rank, median of {args.steps} steps, {'GPU ' + torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
+          f"per rank, median of {args.steps} steps, "
+          f"{'GPU ' + torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
     print(f"  plain PyTorch step        {plain * 1e3:9.1f} ms")
     print(f"  DeepSpeed ZeRO-3, 1 rank  {one * 1e3:9.1f} ms   engine / plain = {one / plain:.3f}  (target <= 1.15: "
           f"{'met' if one / plain <= 1.15 else 'NOT met'})")
     print(f"  DeepSpeed ZeRO-3, 2 ranks {two * 1e3:9.1f} ms")
     print(f"  tokens/s: 1 rank {tokens / one:,.0f}, 2 ranks {2 * tokens / two:,.0f} ({2 * one / two:.2f}x)")
     print("  2 ranks, every parameter partitioned:")
-    print(f"    ZeRO-3 {z3['seconds'] * 1e3:9.1f} ms, ZeRO-2 {z2 * 1e3:9.1f} ms: ZeRO-3 / ZeRO-2 = {z3['seconds'] / z2:.3f}, "
+    print(f"    ZeRO-3 {z3['seconds'] * 1e3:9.1f} ms, ZeRO-2 {z2 * 1e3:9.1f} ms: "
+          f"ZeRO-3 / ZeRO-2 = {z3['seconds'] / z2:.3f}, "
           f"ZeRO-3 / plain 1 rank = {z3['seconds'] / plain:.3f}")
     if device.type == "cuda":
         model = SkillNetForPreTraining(_config(args))

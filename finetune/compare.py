@@ -1,6 +1,7 @@
 """The systems of the SkillNet-NLU results table, trained and evaluated on the same data and budget.
 
-    python -m finetune.compare --config <finetune config> --pretrained <exported skill model> --out runs/compare [key=value ...]
+    python -m finetune.compare --config <finetune config> --pretrained <exported skill model> --out runs/compare \
+        [key=value ...]
 
 Rows: task-specific finetuning (a dense model per task), joint dense, joint MoE (a learned top-2 gate over
 7 experts), and the skill model from random initialisation and after sparse pretraining (`--pretrained`,
@@ -42,7 +43,8 @@ def _generic(name: str, generic: str) -> list[str]:
     if ".experts." in name:  # ...ffn.experts.3.fc1.weight -> ...ffn.skills.generic.fc1.weight
         head, _, tail = name.partition(".experts.")
         return [f"{head}.skills.{generic}.{tail.split('.', 1)[1]}"]
-    parts = name.split(".")  # ffn.fc1.weight -> ffn.skills.generic.fc1.weight; attn.q.weight -> attn.q.skills.generic.weight
+    # ffn.fc1.weight -> ffn.skills.generic.fc1.weight; attn.q.weight -> attn.q.skills.generic.weight
+    parts = name.split(".")
     return [name] + [".".join(parts[:i] + ["skills", generic] + parts[i:]) for i in (len(parts) - 2, len(parts) - 1)]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.config import CheckpointConfig, DistributedConfig, build, dump, read_tree, resolve_ds_config
+from training.config import CheckpointConfig, DistributedConfig, build, dump, read_tree, resolve_ds_config, under_root
 from training.config import OptimConfig as SharedOptimConfig
 
 from .data import DataFiles
@@ -66,6 +66,8 @@ class TrainConfig:
 class FinetuneConfig:
     init: str = ""
     """An exported model folder (`python -m pretrain.export`) or a finetuned one; `--init` sets it."""
+    data_root: str = ""
+    """Folder that the tasks' relative data paths are read from, as in pretraining (`data_root=/my/corpus`)."""
     output_dir: str = "runs/finetune"
     tokenizer: str = ""
     """A folder holding tokenizer.json; default: the `init` folder's."""
@@ -94,7 +96,8 @@ class FinetuneConfig:
             if not t.data.train:
                 raise ValueError(f"task {t.name!r}: data.train names no file")
         if self.freeze_old and not self.new_skills and not any(t.prompts for t in self.tasks):
-            raise ValueError("freeze_old trains only new skills, heads and prompts: list new_skills or give tasks prompts")
+            raise ValueError("freeze_old trains only new skills, heads and prompts: "
+                             "list new_skills or give tasks prompts")
         if self.train.steps < 1 or self.train.batch_size < 1 or self.train.gradient_accumulation < 1:
             raise ValueError("train.steps, train.batch_size and train.gradient_accumulation must be >= 1")
         if isinstance(self.train.bf16, bool):  # YAML's true/false
@@ -107,6 +110,10 @@ class FinetuneConfig:
 def load_finetune_config(path: str | Path, overrides: list[str] = ()) -> FinetuneConfig:
     """defaults <- YAML file (or a shipped config's name) <- `key=value` overrides."""
     config = build(FinetuneConfig, read_tree(path, overrides, Path(__file__).parent / "configs"))
+    root, config.data_root = config.data_root, ""  # resolved: the dumped config reloads to the same paths
+    for task in config.tasks:
+        task.data.train, task.data.validation = (under_root(root, task.data.train),
+                                                 under_root(root, task.data.validation))
     config.distributed.ds_config = resolve_ds_config(config.distributed.ds_config)
     config.validate()
     return config

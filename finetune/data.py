@@ -56,8 +56,8 @@ def load_rows(path: str) -> list[dict]:
 class TaskData:
     """One task's examples, checked and tokenised: `examples` are dicts of 1-d tensors (and metadata)."""
 
-    def __init__(self, task: str, spec: dict, files: DataFiles, tokenizer, split: str = "train", path: str | None = None,
-                 media=None):
+    def __init__(self, task: str, spec: dict, files: DataFiles, tokenizer, split: str = "train",
+                 path: str | None = None, media=None):
         """`split`: "train" or "validation" (labelled, read from `files`), or "predict" (`path`, labels
         optional). `media`: the `MediaConfig` decoding media samples (from the model config)."""
         self.task, self.spec, self.files, self.tokenizer = task, spec, files, tokenizer

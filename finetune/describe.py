@@ -25,7 +25,8 @@ def describe(config) -> list[dict]:
     for task in config.tasks:
         modality = model.head(task.name).modality
         skills = model.registry.skill_names(task.name)
-        own = [p for name, p in model.named_parameters() if name.startswith((f"heads.{task.name}.", f"prompts.{task.name}."))]
+        own = [p for name, p in model.named_parameters()
+               if name.startswith((f"heads.{task.name}.", f"prompts.{task.name}."))]
         shared = {n for n in trainable if not n.startswith(("heads.", "prompts."))}
         rows.append({
             "task": task.name, "skills": skills,

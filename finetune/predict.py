@@ -76,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         model = SkillNetForMultiTask.from_pretrained(folder)
         spec = model.config.task_heads.get(args.task)
         if spec is None:
-            raise ValueError(f"the model has no head for task {args.task!r}; its tasks: {sorted(model.config.task_heads)}")
-        fields = json.loads((folder / "task_data.json").read_text()).get(args.task, {}) if (folder / "task_data.json").exists() else {}
+            raise ValueError(f"the model has no head for task {args.task!r}; "
+                             f"its tasks: {sorted(model.config.task_heads)}")
+        fields = (json.loads((folder / "task_data.json").read_text()).get(args.task, {})
+                  if (folder / "task_data.json").exists() else {})
         data = TaskData(args.task, spec, DataFiles(**fields), load_tokenizer(folder), "predict", args.input,
                         MediaConfig.from_model(model.config))
     except (ValueError, FileNotFoundError) as e:

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +30,9 @@ from skillnet.hub import save_model_code, write_model_card
 from training import checkpoint, distributed, zero
 from training.distributed import Topology, detect
 from training.loop import train_loop
-from training.metrics import Metrics, Window, quiet_third_party
+from training.metrics import Metrics, Window
+from training.parallelize import parallelize
+from training.run import Prepared, exit_status, run
 from training.sampling import TaskSampler, seeded
 from training.signals import Stop
 from training.step import optimizer_step
@@ -82,7 +85,16 @@ def build_model(config: FinetuneConfig):
     return model, trainable
 
 
-def prepare(config: FinetuneConfig):
+@dataclass
+class Inputs(Prepared):
+    """What finetuning checked before any process group: besides the shared parts, the model (loaded, with
+    this run's skills, tasks and heads) and every task's training and evaluation data."""
+    model: object
+    train: dict
+    evaluation: dict
+
+
+def prepare(config: FinetuneConfig) -> Inputs:
     """Everything that can fail on bad input: the model, tokenizer and every task's data, checked."""
     from data_pipeline.media import MediaConfig
     from skillnet.tokenizer import load_tokenizer
@@ -100,18 +112,12 @@ def prepare(config: FinetuneConfig):
         train[task.name] = TaskData(task.name, spec, task.data, tokenizer, "train", media=media)
         if task.data.validation:
             evaluation[task.name] = TaskData(task.name, spec, task.data, tokenizer, "validation", media=media)
-    engine_config(config)  # the DeepSpeed config file is readable
-    resume = checkpoint.resolve_resume(config.checkpoint.resume, Path(config.output_dir) / "checkpoints")
-    if resume is not None:
-        meta, world = checkpoint.check_compatible(resume, _comparable(model), model_keys=MODEL_KEYS), detect().world_size
-        if checkpoint.resized(meta, world) and detect().is_main:
-            print(checkpoint.describe_resize(resume, meta, world), file=sys.stderr)
-        resume = (resume, meta["world_size"])
-    return model, tokenizer, train, evaluation, resume
-
-
-def _comparable(model) -> dict:
-    return json.loads(model.config.to_json_string(use_diff=False))
+    ds = zero.engine_config(config.distributed.ds_config, config.train.batch_size, config.train.gradient_accumulation,
+                            config.optim.grad_clip, zero.bf16_enabled(config.train.bf16),
+                            config.distributed.ds_overrides)
+    resume = checkpoint.find_resume(config.checkpoint.resume, Path(config.output_dir) / "checkpoints", model.config,
+                                    detect(), model_keys=MODEL_KEYS)
+    return Inputs(tokenizer, ds, resume, model, train, evaluation)
 
 
 class TaskBatches:
@@ -147,29 +153,13 @@ class TaskBatches:
         return batch
 
 
-def engine_config(config: FinetuneConfig) -> dict:
-    """The DeepSpeed config: accelerate's under `accelerate launch --use_deepspeed` (its ZeRO stage,
-    offload, config file), else `distributed.ds_config`; batch, accumulation, clipping and bf16 from this
-    config either way."""
-    import os
-
-    base = config.distributed.ds_config
-    bf16 = zero.bf16_enabled(config.train.bf16)
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        from accelerate.utils import DeepSpeedPlugin
-
-        base = {"zero_allow_untested_optimizer": True, **DeepSpeedPlugin().deepspeed_config}
-        bf16 = bf16 or os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16"
-    return zero.engine_config(base, config.train.batch_size, config.train.gradient_accumulation,
-                              config.optim.grad_clip, bf16, config.distributed.ds_overrides)
-
-
 class Finetuning:
     """The finetuning step, evaluation and train state (step, each task's batch position, log window)."""
 
     def __init__(self, config: FinetuneConfig, topology: Topology, engine, train_data: dict, evaluation: dict,
                  zero3: bool):
-        self.config, self.topology, self.engine, self.evaluation, self.zero3 = config, topology, engine, evaluation, zero3
+        self.config, self.topology, self.engine = config, topology, engine
+        self.evaluation, self.zero3 = evaluation, zero3
         self.device = distributed.device(topology)
         names = list(train_data)
         self.sampler = TaskSampler(names, [len(train_data[t].examples) for t in names], config.train.alpha,
@@ -181,7 +171,8 @@ class Finetuning:
         self.window = Window()
         self.results: dict = {}
 
-    def step(self) -> int:
+    @property
+    def steps_done(self) -> int:
         return self.state["step"]
 
     def train_step(self, stop: Stop) -> tuple[dict, int]:
@@ -197,7 +188,7 @@ class Finetuning:
                 backward(loss)
                 record["loss"] = record["loss"] + loss.detach() / n
                 self.window.add(task, loss, self.skills[task])
-        _, stopping = stop.agree([], self.device)
+        _, stopping = stop.sum_and_agree([], self.device)
         self.state["step"] = step + 1
         return record, stopping
 
@@ -218,13 +209,13 @@ class Finetuning:
         state = {**self.state, "window": self.window.state_dict(),
                  "batches": {t: dict(b.position) for t, b in self.batches.items()}}
         return checkpoint.save(self.engine, Path(self.config.output_dir) / "checkpoints", self.state["step"], state,
-                               _comparable(self.engine.module), self.config.checkpoint.keep_last)
+                               checkpoint.fingerprint(self.engine.module.config), self.config.checkpoint.keep_last)
 
-    def resume(self, folder: Path, saved_world: int) -> None:
+    def resume(self, resume: checkpoint.Resume) -> None:
         """Continue from a checkpoint, written by this number of processes or another (then rank 0 carries
         every saving rank's log window)."""
-        resize = saved_world != self.topology.world_size
-        states = checkpoint.load(self.engine, folder, resize)
+        resize, saved_world = resume.universal, resume.meta["world_size"]
+        states = checkpoint.load(self.engine, resume.folder, resize)
         state = states[min(states)]
         windows = [s["window"] for s in states.values()]
         if not resize or self.topology.rank == 0:
@@ -246,27 +237,24 @@ def evaluate(model, evaluation: dict, batch_size: int, out_dir: Path | None = No
     return results
 
 
-def train(config: FinetuneConfig, prepared) -> dict:
+def train(config: FinetuneConfig, prepared: Inputs) -> dict:
     """Train to `train.steps` (or a stop signal); returns {step, stopped, requeued, results}."""
-    from training.optim import build_optimizer, parameter_groups
-
-    model, tokenizer, train_data, evaluation, resume = prepared
+    tokenizer, train_data, evaluation, resume, ds = (prepared.tokenizer, prepared.train, prepared.evaluation,
+                                                     prepared.resume, prepared.ds)
     topology = detect()
     distributed.init(topology)  # joined already by `main`, which reports a device error in one line
-    checkpoint.agree_on_resume(resume and resume[0])
+    checkpoint.agree_on_resume(resume and resume.folder)
     out = Path(config.output_dir)
     if topology.is_main:
         out.mkdir(parents=True, exist_ok=True)
         dump(config, out / "finetune_config.yaml")
-    ds = engine_config(config)
-    optimizer, scheduler = build_optimizer(parameter_groups(model, config.optim.weight_decay), config.optim,
-                                           config.train.steps, zero.offloads_optimizer(ds))
-    engine = zero.initialize(model, optimizer, scheduler, ds)
+    # loaded whole from its folder; ZeRO-3 partitions it when the engine starts
+    engine, _ = parallelize(lambda _: prepared.model, ds, config.optim, config.train.steps)
     torch.manual_seed(config.train.seed + topology.rank)  # dropout differs per rank; the weights do not
     run = Finetuning(config, topology, engine, train_data, evaluation, zero.zero_stage(ds) == 3)
     if resume is not None:
-        run.resume(*resume)
-    metrics = Metrics(out, topology.is_main, config.train.steps, run.step(), "finetuning")
+        run.resume(resume)
+    metrics = Metrics(out, topology.is_main, config.train.steps, run.steps_done, "finetuning")
     try:
         result = train_loop(run, config.train.steps, config.train.log_every, config.checkpoint.every, metrics,
                             topology.is_main)
@@ -297,42 +285,38 @@ def _save_model(config: FinetuneConfig, run: Finetuning, tokenizer, train_data: 
                for t, d in datas.items() if d.dropped}
     for name, n in dropped.items():
         print(f"warning: {name}: {n} examples left out (cut off by data.max_length, or undecodable)", file=sys.stderr)
-    (out / "results.json").write_text(json.dumps({"step": run.step(), "results": run.results, "dropped": dropped},
+    (out / "results.json").write_text(json.dumps({"step": run.steps_done, "results": run.results, "dropped": dropped},
                                                  indent=1))
     save_model_code(out)
     data = {t.name: [f"{split}: {path}" for split, path in (("train", t.data.train), ("validation", t.data.validation))
                      if path] for t in config.tasks}
     write_model_card(out, (out / "finetune_config.yaml").read_text(), data, run.results,
-                     f"Validation metrics after step {run.step()} (`results.json`).")
+                     f"Validation metrics after step {run.steps_done} (`results.json`).")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="a finetuning YAML (finetune/configs/*.yaml) or its name")
-    parser.add_argument("--init", help="the model folder to start from (an export of pretraining, or a finetuned model)")
+    parser.add_argument("--init",
+                        help="the model folder to start from (an export of pretraining, or a finetuned model)")
     parser.add_argument("overrides", nargs="*", help="key=value settings, dotted (train.steps=200)")
     args = parser.parse_args(argv)
-    quiet_third_party()
-    try:
-        return _run(args)
-    finally:
-        distributed.shutdown()
+    config = None
 
-
-def _run(args) -> int:
-    try:
+    def prepared() -> Inputs:
+        nonlocal config
         config = load_finetune_config(args.config, args.overrides)
         if args.init:
             config.init = args.init
-        prepared = prepare(config)
-        distributed.init(detect())
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    result = train(config, prepared)
-    finished = result["step"] >= config.train.steps
+        return prepare(config)
+
+    return run(prepared, lambda inputs: _train(config, inputs))
+
+
+def _train(config: FinetuneConfig, inputs: Inputs) -> int:
+    result = train(config, inputs)
     if detect().is_main:
-        if finished:
+        if result["step"] >= config.train.steps:
             print(f"finetuned model: {config.output_dir}")
             for task, metrics in result["results"].items():
                 print(f"  {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -340,4 +324,4 @@ def _run(args) -> int:
             print(f"finetuned to step {result['step']} (stopped by signal, checkpointed"
                   + (", requeued)" if result["requeued"] else ")"))
         print(f"checkpoint:  {result['checkpoint']}")
-    return 0 if finished else 3
+    return exit_status(result, config.train.steps)

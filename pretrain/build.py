@@ -55,8 +55,9 @@ def _initialise(model, partitioned: bool) -> None:
         if not partitioned:
             fn(module, remote)
             return
-        params = [*module.parameters(recurse=False), *(p for c in module.children() if not isinstance(c, PreTrainedModel)
-                                                       for p in c.parameters(recurse=False))]
+        params = [*module.parameters(recurse=False),
+                  *(p for c in module.children() if not isinstance(c, PreTrainedModel)
+                    for p in c.parameters(recurse=False))]
         if not params:
             fn(module, remote)
             return

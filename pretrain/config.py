@@ -7,12 +7,11 @@ An unknown key anywhere is an error naming it; the resolved config is written to
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipeline.loader import DataConfig
-from training.config import CheckpointConfig, OptimConfig, build, dump, read_tree, resolve_ds_config
+from data_pipeline.config import DataConfig
+from training.config import CheckpointConfig, OptimConfig, build, dump, read_tree, resolve_ds_config, under_root
 from training.config import DistributedConfig as SharedDistributedConfig
 
 __all__ = ["PretrainConfig", "load_pretrain_config", "dump"]
@@ -98,7 +97,8 @@ class PretrainConfig:
             raise ValueError("train.steps must be >= 1")
         self.checkpoint.validate()
         if self.distributed.skill_placement not in ("balanced", "data_local"):
-            raise ValueError(f"distributed.skill_placement must be 'balanced' or 'data_local', got {self.distributed.skill_placement!r}")
+            raise ValueError("distributed.skill_placement must be 'balanced' or 'data_local', "
+                             f"got {self.distributed.skill_placement!r}")
         if isinstance(self.train.bf16, bool):  # YAML's true/false
             self.train.bf16 = str(self.train.bf16).lower()
         if self.train.bf16 not in ("auto", "true", "false"):
@@ -116,16 +116,10 @@ def load_pretrain_config(path: str | Path, overrides: list[str] = ()) -> Pretrai
     config.data = build(DataConfig, data, "data.")
     config.data.batch_size = config.train.micro_batch_size
     config.data.seed = config.train.seed
-    if config.data_root:
-        root = Path(config.data_root)
-        config.tokenizer = str(root / config.tokenizer)
-        for task in config.data.tasks:
-            for source in task.sources:
-                if not source.shards.startswith(("/", "pipe:", "http:", "https:", "s3:", "gs:")):
-                    source.shards = str(root / source.shards)
-                if source.index and not os.path.isabs(source.index):
-                    source.index = str(root / source.index)
-        config.data_root = ""  # resolved: the dumped config reloads to the same paths
+    root, config.data_root = config.data_root, ""  # resolved: the dumped config reloads to the same paths
+    config.tokenizer = under_root(root, config.tokenizer)
+    for source in (source for task in config.data.tasks for source in task.sources):
+        source.shards, source.index = under_root(root, source.shards), under_root(root, source.index)
     config.distributed.ds_config = resolve_ds_config(config.distributed.ds_config)
     config.validate()
     return config

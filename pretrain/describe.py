@@ -53,7 +53,8 @@ def describe(config: SkillNetConfig) -> str:
     if counts.per_skill:
         width = max(len(n) for n in counts.per_skill)
         lines += ["", "skills (parameters over all skill layers):"]
-        lines += [f"  {s['name']:<{width}}  {_m(counts.per_skill[s['name']]):>22}  {s['description']}" for s in config.skills]
+        lines += [f"  {s['name']:<{width}}  {_m(counts.per_skill[s['name']]):>22}  {s['description']}"
+                  for s in config.skills]
     if counts.per_task:
         registry = config.registry if config.skills else None
         width = max(len(t) for t in counts.per_task)

@@ -95,7 +95,8 @@ class Objectives:
         entry = to_device(entry, device)
         entries, finishes = [entry], [finish]
         if group_tasks is not None:
-            calls = [(entry, finish) if g == position else self._idle(task, device) for g, task in enumerate(group_tasks)]
+            calls = [(entry, finish) if g == position else self._idle(task, device)
+                     for g, task in enumerate(group_tasks)]
             entries, finishes = [e for e, _ in calls], [f for _, f in calls]
         self.before_call(batch["task"] if group_tasks is None else tuple(group_tasks))
         outs = model(packed=entries)  # the whole call's routing loss comes with the first output, in no loss
@@ -112,7 +113,8 @@ class Objectives:
                                          self.config.train.mlm_probability, generator)
             # the masked positions found here, on the host: the model need not read the labels back
             entry = {"input_ids": inputs, "attention_mask": batch["attention_mask"], "modality": batch["modality"],
-                     "task": task, "labels": labels, "masked_positions": torch.nonzero(labels.flatten() != -100).flatten()}
+                     "task": task, "labels": labels,
+                     "masked_positions": torch.nonzero(labels.flatten() != -100).flatten()}
             return entry, lambda out: out.loss, {"tokens": int(batch["attention_mask"].sum())}
         if kind == "nsp":
             first, second, labels = sentence_pairs(batch["texts"], generator)
@@ -120,7 +122,8 @@ class Objectives:
                                  max_length=self.config.data.max_text_tokens, return_tensors="pt")
             entry = {**enc, "task": task, "next_sentence_label": labels}
             return entry, lambda out: out.loss, {"tokens": int(enc["attention_mask"].sum())}
-        media = {k: batch[k] for k in ("pixel_values", "input_features", "feature_attention_mask", "pixel_values_videos")
+        media = {k: batch[k]
+                 for k in ("pixel_values", "input_features", "feature_attention_mask", "pixel_values_videos")
                  if k in batch}
         if batch["modality"] == "code":
             media = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "modality": "code"}
@@ -141,7 +144,8 @@ class Objectives:
         tokens = {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
                   "attention_mask": torch.ones(1, 2, dtype=torch.long, device=device)}
         if kind == "mlm":
-            return ({**tokens, "modality": modality, "task": task, "labels": torch.zeros(1, 2, dtype=torch.long, device=device)},
+            return ({**tokens, "modality": modality, "task": task,
+                     "labels": torch.zeros(1, 2, dtype=torch.long, device=device)},
                     lambda out: 0.0 * out.prediction_logits.sum())
         if kind == "nsp":
             return ({**tokens, "token_type_ids": torch.zeros(1, 2, dtype=torch.long, device=device), "task": task},
@@ -150,7 +154,8 @@ class Objectives:
         media = {"image": {"pixel_values": torch.zeros(1, channels, size, size, dtype=torch.uint8)},
                  "audio": {"input_features": torch.zeros(1, cfg.num_mel_bins, 16),
                            "feature_attention_mask": torch.ones(1, 16, dtype=torch.long)},
-                 "video": {"pixel_values_videos": torch.zeros(1, cfg.num_frames, channels, size, size, dtype=torch.uint8)},
+                 "video": {"pixel_values_videos": torch.zeros(1, cfg.num_frames, channels, size, size,
+                                                              dtype=torch.uint8)},
                  "code": {**tokens, "modality": "code"}}[modality]
         entry = {**to_device(media, device), "task": task, "pair": {**tokens, "task": self.config.train.caption_task}}
         return entry, lambda out: 0.0 * (out.embeddings.sum() + out.pair_embeddings.sum() + out.logit_scale.sum())

@@ -157,7 +157,8 @@ class SkillParallel(nn.Module):
         # no skill can be: skill names start with a letter)
         first = next(iter(layer.skills.values()))
         padding = {f"{PADDING}{i}": _padding_like(first) for i in range(placement.width - len(placement.slots[slot]))}
-        self.skills = nn.ModuleDict({**{n: layer.skills[n] for n in placement.shared + placement.slots[slot]}, **padding})
+        self.skills = nn.ModuleDict({**{n: layer.skills[n] for n in placement.shared + placement.slots[slot]},
+                                     **padding})
         self.slots = [*placement.slots[slot], *padding]
         """The names of this position's skills and padding, in the order of their bits in a token's skill code."""
         self.out_features = first.out_features if isinstance(first, nn.Linear) else first.fc2.out_features
@@ -194,7 +195,8 @@ class SkillParallel(nn.Module):
         result = recv.new_zeros(recv.shape[0], self.out_features)
         for name, rows in zip(self.slots, plan["slot_rows"]):
             result = result.index_add(0, rows, self.skills[name](recv.index_select(0, rows)))
-        back = all_to_all_single(result.new_empty(send.shape[0], self.out_features), result, send_counts, recv_counts, self.group)
+        back = all_to_all_single(result.new_empty(send.shape[0], self.out_features), result, send_counts, recv_counts,
+                                 self.group)
         out = out.index_add(0, torch.cat(send_rows), back)
         # bytes this rank sends to the others: tokens and codes out, partial sums back; the backward
         # sends as many gradient rows the other way
@@ -232,8 +234,8 @@ class SkillParallel(nn.Module):
                     codes[s].append(torch.full((len(group),), mask, dtype=torch.int64, device=device))
         empty = torch.zeros(0, dtype=torch.int64, device=device)
         plan = {"shared": {n: torch.cat([empty, *g]) for n, g in shared.items()},
-                "send": [torch.cat([empty, *g]) for g in send], "codes": torch.cat([empty, *(c for s in codes for c in s)]),
-                "k": k.unsqueeze(-1)}
+                "send": [torch.cat([empty, *g]) for g in send],
+                "codes": torch.cat([empty, *(c for s in codes for c in s)]), "k": k.unsqueeze(-1)}
         route.scratch[key] = plan
         return plan
 
@@ -246,7 +248,8 @@ class SkillParallel(nn.Module):
             return route.scratch[key], False
         size, device = self.placement.size, send_codes.device
         recv_counts = torch.zeros(size, dtype=torch.int64, device=device)  # NCCL exchanges device tensors only
-        dist.all_to_all_single(recv_counts, torch.tensor(send_counts, dtype=torch.int64, device=device), group=self.group)
+        dist.all_to_all_single(recv_counts, torch.tensor(send_counts, dtype=torch.int64, device=device),
+                               group=self.group)
         recv_counts = recv_counts.tolist()
         codes = torch.empty(sum(recv_counts), dtype=torch.int64, device=device)
         dist.all_to_all_single(codes, send_codes, recv_counts, send_counts, group=self.group)

@@ -13,6 +13,8 @@ process then exits with status 3 (stopped early), 0 when training finished, 2 on
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import sys
 import time
@@ -25,14 +27,9 @@ from skillnet.tokenizer import fingerprint
 from training import checkpoint, distributed, zero
 from training.distributed import Topology, check_accelerator, detect
 from training.loop import train_loop
-from training.metrics import (
-    Metrics,
-    Window,
-    memory_scalars,
-    quiet_third_party,
-    skill_grad_norms,
-    summed_over_ranks,
-)
+from training.metrics import Metrics, Window, memory_scalars, skill_grad_norms, summed_over_ranks
+from training.parallelize import parallelize
+from training.run import Prepared, exit_status, refuse, run
 from training.signals import Stop
 from training.step import optimizer_step
 from training.zero.traces import TraceSwitch
@@ -41,7 +38,16 @@ from .config import PretrainConfig, dump, load_pretrain_config
 from .objectives import Objectives
 
 
-def prepare(config: PretrainConfig, topology: Topology):
+@dataclass
+class Inputs(Prepared):
+    """What pretraining checked before any process group: besides the shared parts, the model's config, the
+    data loader and the skill placement (None without skill parallelism)."""
+    model_config: object
+    loader: object
+    placement: object
+
+
+def prepare(config: PretrainConfig, topology: Topology) -> Inputs:
     """Everything that can fail on bad input, before any process group or heavy work."""
     from data_pipeline.loader import MultiTaskLoader
     from data_pipeline.media import MediaConfig
@@ -58,32 +64,23 @@ def prepare(config: PretrainConfig, topology: Topology):
         raise ValueError("pretraining needs data.batch_mode 'task': one objective per step on every rank")
     tokenizer = load_tokenizer(config.tokenizer)
     if len(tokenizer) > model_config.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the model's vocab_size is {model_config.vocab_size}")
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, "
+                         f"the model's vocab_size is {model_config.vocab_size}")
     loader = MultiTaskLoader(config.data, tokenizer, MediaConfig.from_model(model_config),
-                             {t: registry.skill_names(t) for t in model_config.tasks}, topology.rank, topology.world_size)
+                             {t: registry.skill_names(t) for t in model_config.tasks}, topology.rank,
+                             topology.world_size)
     placement = _placement(config, model_config, loader, topology)
-    engine_config(config)  # the DeepSpeed config file is readable
-    resume = checkpoint.resolve_resume(config.checkpoint.resume, Path(config.run_dir) / "checkpoints")
-    layout = None
-    if resume is not None:
-        layout = _resume_layout(resume, model_config, loader, topology, placement)
-    return model_config, tokenizer, loader, Resume(resume, **layout) if resume else None, placement
+    resume = checkpoint.find_resume(config.checkpoint.resume, Path(config.run_dir) / "checkpoints", model_config,
+                                    topology, placement and placement.to_dict(),
+                                    check=functools.partial(_check_data, loader=loader))
+    return Inputs(tokenizer, engine_config(config), resume, model_config, loader, placement)
 
 
-@dataclass
-class Resume:
-    folder: Path
-    resize: bool
-    """Another rank count or skill placement: the engine loads the checkpoint's universal copy."""
-    reshard: bool
-    """Another data layout (ranks, workers, task split): the loader deals out the saved run's leftovers."""
-
-
-def _resume_layout(folder: Path, model_config, loader, topology: Topology, placement) -> dict:
-    """Refuse a checkpoint that does not map onto this run (another model or tokenizer, another data seed or
-    shards), in one line, before any heavy work; say whether the engine and the loader must be remapped."""
-    meta = checkpoint.check_compatible(folder, _comparable(model_config))
-    saved, here = meta.get("tokenizer"), fingerprint(loader.tokenizer)
+def _check_data(resume: checkpoint.Resume, loader) -> checkpoint.Resume:
+    """Refuse a checkpoint of another tokenizer, data seed or shards, in one line, before any heavy work; say
+    whether the loader must deal out the saved run's leftovers (another data layout)."""
+    folder = resume.folder
+    saved, here = resume.meta.get("tokenizer"), fingerprint(loader.tokenizer)
     if saved is not None and saved != here:
         raise ValueError(f"checkpoint {folder} was trained with another tokenizer ({saved['size']} tokens, vocabulary "
                          f"hash {saved['sha'][:12]}) than this run's ({here['size']}, {here['sha'][:12]})")
@@ -92,10 +89,7 @@ def _resume_layout(folder: Path, model_config, loader, topology: Topology, place
         loader.check_state(saved)
     except (OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
         raise ValueError(f"checkpoint {folder}: train_state_rank0.pt: {e}") from None
-    resize = checkpoint.resized(meta, topology.world_size, placement and placement.to_dict())
-    if resize and topology.is_main:
-        print(checkpoint.describe_resize(folder, meta, topology.world_size, placement and placement.to_dict()), file=sys.stderr)
-    return {"resize": resize, "reshard": loader.needs_reshard(saved)}
+    return dataclasses.replace(resume, reshard=loader.needs_reshard(saved))
 
 
 def _placement(config: PretrainConfig, model_config, loader, topology: Topology):
@@ -116,16 +110,13 @@ def _placement(config: PretrainConfig, model_config, loader, topology: Topology)
     registry = model_config.registry
     caption = registry.skill_names(config.train.caption_task)
     # a contrastive task also runs its captions with the caption task's skills
-    tasks = {t.name: sorted(set(registry.skill_names(t.name)) | (set(caption) if config.objective(t.name) == "contrastive"
-                                                                 else set())) for t in config.data.tasks}
+    tasks = {t.name: sorted(set(registry.skill_names(t.name))
+                            | (set(caption) if config.objective(t.name) == "contrastive" else set()))
+             for t in config.data.tasks}
     weights = dict(zip(tasks, loader.probabilities))
     placement = skill_parallel.data_local(names, tasks, weights, p)
     loader.split_tasks(placement.task_slots, topology.rank % p)
     return placement
-
-
-def _comparable(model_config) -> dict:
-    return json.loads(model_config.to_json_string(use_diff=False))
 
 
 def engine_config(config: PretrainConfig) -> dict:
@@ -139,20 +130,14 @@ def engine_config(config: PretrainConfig) -> dict:
 
 
 def build_engine(config: PretrainConfig, model_config, ds: dict, placement):
-    """The model built, split and wrapped: (engine, skill layers of this rank, group at its position)."""
-    from training.optim import build_optimizer, parameter_groups
-    from training.zero.internals import expert_parameter_groups
-
+    """The model built, split and wrapped (`training.parallelize`, which says in what order): (engine, skill
+    layers of this rank, group at its position)."""
     from .build import build_model, split_skills
-    from .parallelize import parallelize
 
-    model = build_model(model_config, config.train.seed, ds if placement is None else None)
-    skill_layers, data_group = split_skills(model, placement) if placement is not None else ([], None)
-    model = parallelize(model, config.train.activation_checkpointing)
-    # skills split over ranks go in groups of their own: ZeRO partitions them over other ranks
-    groups = expert_parameter_groups(parameter_groups(model, config.optim.weight_decay))
-    optimizer, scheduler = build_optimizer(groups, config.optim, config.train.steps, zero.offloads_optimizer(ds))
-    return zero.initialize(model, optimizer, scheduler, ds), skill_layers, data_group
+    engine, split = parallelize(functools.partial(build_model, model_config, config.train.seed), ds, config.optim,
+                                config.train.steps, activation_checkpointing=config.train.activation_checkpointing,
+                                split_skills=placement and functools.partial(split_skills, placement=placement))
+    return (engine, *(split or ([], None)))
 
 
 class Pretraining:
@@ -172,17 +157,18 @@ class Pretraining:
         if config.train.log_samples:
             (Path(config.run_dir) / "samples").mkdir(parents=True, exist_ok=True)
             self.samples = (Path(config.run_dir) / "samples" / f"rank{topology.rank}.jsonl").open("a", buffering=1)
-        self.clock = {"skill_norms": {}}
-        self.reset_clock()
+        self.counters = {"skill_norms": {}}
+        self.reset_counters()
 
-    def reset_clock(self) -> None:
+    def reset_counters(self) -> None:
         """Since the last log: seconds waiting for data and computing, skill-exchange bytes, ZeRO-3 model calls
         and those along a complete trace; the last skill gradient norms stay."""
-        self.clock = {"data_wait_s": 0.0, "compute_s": 0.0, "skill_bytes": 0, "calls": 0, "traced": 0,
-                      "skill_norms": self.clock["skill_norms"], "since": time.perf_counter(), "steps": 0,
-                      "tokens": 0, "samples": 0}
+        self.counters = {"data_wait_s": 0.0, "compute_s": 0.0, "skill_bytes": 0, "calls": 0, "traced": 0,
+                         "skill_norms": self.counters["skill_norms"], "since": time.perf_counter(), "steps": 0,
+                         "tokens": 0, "samples": 0}
 
-    def step(self) -> int:
+    @property
+    def steps_done(self) -> int:
         return self.state["step"]
 
     def train_step(self, stop: Stop) -> tuple[dict, int]:
@@ -193,7 +179,7 @@ class Pretraining:
 
         def read_norms():  # after the last backward, before the optimizer step
             if (step + 1) % self.config.train.log_every == 0:
-                self.clock["skill_norms"] = skill_grad_norms(self.engine.module)
+                self.counters["skill_norms"] = skill_grad_norms(self.engine.module)
 
         with optimizer_step(self.engine, n, self.placement is not None, read_norms) as backward:
             for micro in range(n):
@@ -207,9 +193,9 @@ class Pretraining:
                 loss, stats = self.objectives.loss(self.engine, batch, step * n + micro, self.topology.rank,
                                                    self.device, *group)
                 backward(loss)
-                self.clock["data_wait_s"] += t1 - t0
+                self.counters["data_wait_s"] += t1 - t0
                 record["data_wait_s"] += t1 - t0  # the loader keeps up while this stays near zero
-                self.clock["compute_s"] += time.perf_counter() - t1
+                self.counters["compute_s"] += time.perf_counter() - t1
                 record["loss"] = record["loss"] + loss.detach() / n  # on the device: read when flushed
                 record["tasks"].append(batch["group_tasks"] if self.data_local else batch["task"])
                 self.window.add(batch["task"], loss, batch["skills"])
@@ -218,13 +204,13 @@ class Pretraining:
                     self.samples.write(json.dumps({"step": step + 1, "micro": micro, "task": batch["task"],
                                                    "keys": batch["keys"], "epochs": batch["epochs"]}) + "\n")
         sent = sum(layer.take_bytes_sent() for layer in self.skill_layers)
-        (tokens, samples, sent), stopping = stop.agree([tokens, samples, sent], self.device)
+        (tokens, samples, sent), stopping = stop.sum_and_agree([tokens, samples, sent], self.device)
         self.state.update(step=step + 1, tokens_seen=self.state["tokens_seen"] + tokens,
                           samples_seen=self.state["samples_seen"] + samples)
         calls, traced = self.traces.take()
         for key, value in (("skill_bytes", sent), ("calls", calls), ("traced", traced), ("steps", 1),
                            ("tokens", tokens), ("samples", samples)):
-            self.clock[key] += value
+            self.counters[key] += value
         record.update(grad_norm=self.grad_norm(), tokens=tokens, skill_bytes=sent,
                       zero3_calls=calls, zero3_traced=traced)
         if self.comm is not None:
@@ -238,23 +224,23 @@ class Pretraining:
 
     def scalars(self) -> dict:
         """The logging window's scalars, every rank's (under data-local placement they train different tasks)."""
-        clock, elapsed = self.clock, time.perf_counter() - self.clock["since"]
+        counts, elapsed = self.counters, time.perf_counter() - self.counters["since"]
         scalars, extra = self.window.scalars(skipped=self.loader.skipped)
         scalars.update({f"data/skipped/{r}": n for r, n in extra["skipped"].items()})
         scalars.update({"lr": self.engine.get_lr()[0], "grad_norm": float(self.grad_norm()),
-                        "throughput/tokens_per_s": clock["tokens"] / elapsed,
-                        "throughput/samples_per_s": clock["samples"] / elapsed,
-                        "time/data_wait_s": clock["data_wait_s"], "time/compute_s": clock["compute_s"],
+                        "throughput/tokens_per_s": counts["tokens"] / elapsed,
+                        "throughput/samples_per_s": counts["samples"] / elapsed,
+                        "time/data_wait_s": counts["data_wait_s"], "time/compute_s": counts["compute_s"],
                         **memory_scalars()})
         if self.comm is not None:
             scalars["time/communication_s"] = self.comm.take_seconds()
             scalars["time/compute_s"] -= scalars["time/communication_s"]
         if self.placement is not None:
-            scalars["skills/bytes_exchanged_per_step"] = clock["skill_bytes"] / max(1, clock["steps"])
-        if clock["calls"]:  # model calls along a complete ZeRO-3 trace, which prefetch
-            scalars["zero3/traced_call_share"] = clock["traced"] / clock["calls"]
-        scalars.update({f"skills/grad_norm/{s}": v for s, v in clock["skill_norms"].items()})
-        self.reset_clock()
+            scalars["skills/bytes_exchanged_per_step"] = counts["skill_bytes"] / max(1, counts["steps"])
+        if counts["calls"]:  # model calls along a complete ZeRO-3 trace, which prefetch
+            scalars["zero3/traced_call_share"] = counts["traced"] / counts["calls"]
+        scalars.update({f"skills/grad_norm/{s}": v for s, v in counts["skill_norms"].items()})
+        self.reset_counters()
         return scalars
 
     def after_step(self, step: int, last: bool) -> dict:
@@ -271,21 +257,21 @@ class Pretraining:
     def save(self) -> Path:
         state = {**self.state, "loader": self.loader.state_dict(), "window": self.window.state_dict()}
         return checkpoint.save(self.engine, Path(self.config.run_dir) / "checkpoints", self.state["step"], state,
-                               _comparable(self.engine.module.config), self.config.checkpoint.keep_last,
+                               checkpoint.fingerprint(self.engine.module.config), self.config.checkpoint.keep_last,
                                self.placement and self.placement.to_dict(),
                                {"tokenizer": fingerprint(self.loader.tokenizer)})
 
-    def resume(self, resume: Resume) -> None:
+    def resume(self, resume: checkpoint.Resume) -> None:
         """Continue from a checkpoint; one of another layout is mapped: the loader deals out what every saving
         rank had left of its epochs, and rank 0 carries every rank's log window."""
-        states = checkpoint.load(self.engine, resume.folder, resume.resize, every_rank=resume.reshard)
+        states = checkpoint.load(self.engine, resume.folder, resume.universal, every_rank=resume.reshard)
         rank = self.topology.rank
         if resume.reshard:
             self.loader.reshard([states[r]["loader"] for r in sorted(states)])
         else:
             self.loader.load_state_dict(states[rank]["loader"])
         windows = [s["window"] for s in states.values() if "window" in s]  # absent before the window was kept
-        if resume.resize or resume.reshard:
+        if resume.universal or resume.reshard:
             windows = [Window.summed(windows)] if rank == 0 else []
         if windows:
             self.window.load_state_dict(windows[0])
@@ -293,8 +279,9 @@ class Pretraining:
         self.state.update({k: first[k] for k in self.state})
 
 
-def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
-    model_config, tokenizer, loader, resume, placement = prepared
+def train(config: PretrainConfig, topology: Topology, prepared: Inputs) -> dict:
+    model_config, tokenizer, loader = prepared.model_config, prepared.tokenizer, prepared.loader
+    resume, placement = prepared.resume, prepared.placement
     distributed.init(topology)  # joined already by `main`, which reports a device error in one line
     checkpoint.agree_on_resume(resume and resume.folder)
     run_dir = Path(config.run_dir)
@@ -305,7 +292,7 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
         tokenizer.save_pretrained(run_dir / "tokenizer")
         if placement is not None:
             (run_dir / "skill_placement.json").write_text(json.dumps(placement.to_dict(), indent=1))
-    engine, skill_layers, data_group = build_engine(config, model_config, engine_config(config), placement)
+    engine, skill_layers, data_group = build_engine(config, model_config, prepared.ds, placement)
     torch.manual_seed(config.train.seed + topology.rank)  # dropout differs per rank; the weights do not
     traces = TraceSwitch(engine, config.distributed.trace_per_call)
     data_local = placement is not None and placement.task_slots is not None
@@ -321,7 +308,7 @@ def train(config: PretrainConfig, topology: Topology, prepared: tuple) -> dict:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
             print(f"resumed {resume.folder.name} in {time.perf_counter() - start:.2f} s (rank 0's peak resident "
                   f"memory so far {peak:.2f} GiB)", file=sys.stderr)
-    metrics = Metrics(run_dir, topology.is_main, config.train.steps, run.step(), "pretraining")
+    metrics = Metrics(run_dir, topology.is_main, config.train.steps, run.steps_done, "pretraining")
     try:
         result = train_loop(run, config.train.steps, config.train.log_every, config.checkpoint.every, metrics,
                             topology.is_main)
@@ -337,29 +324,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="a pretraining YAML (pretrain/configs/*.yaml) or its name")
     parser.add_argument("overrides", nargs="*", help="key=value settings, dotted (optim.lr=1e-4)")
     args = parser.parse_args(argv)
-    quiet_third_party()
-    topology = detect()
-    try:
-        return _run(args, topology)
-    finally:
-        distributed.shutdown()
+    topology, config = detect(), None
 
-
-def _run(args, topology: Topology) -> int:
-    try:
+    def prepared() -> Inputs:
+        nonlocal config
         config = load_pretrain_config(args.config, args.overrides)
-        prepared = prepare(config, topology)
-        distributed.init(topology)
-    except (ValueError, FileNotFoundError, TypeError, NotImplementedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from data_pipeline.loader import DataError
+        return prepare(config, topology)
+
+    return run(prepared, lambda inputs: _train(config, topology, inputs))
+
+
+def _train(config: PretrainConfig, topology: Topology, inputs: Inputs) -> int:
+    from data_pipeline.stream import DataError
 
     try:
-        result = train(config, topology, prepared)
+        result = train(config, topology, inputs)
     except DataError as e:  # raised in a loader worker: its message, without the worker's traceback
-        print(f"error: {DataError.one_line(e)}", file=sys.stderr)
-        return 2
+        return refuse(DataError.one_line(e))
     if topology.is_main:
         stopped = " (stopped by signal, checkpointed" + (", requeued)" if result["requeued"] else ")")
         print(f"trained to step {result['step']}" + (stopped if result["stopped"] else ""))
@@ -368,4 +349,4 @@ def _run(args, topology: Topology) -> int:
             print(f"skipped {sum(result['skipped'].values())} unusable samples: {reasons} (the log names each)")
         print(f"checkpoint:  {result['checkpoint']}")
         print(f"tensorboard: {result['run_dir'] / 'tensorboard'}")
-    return 3 if result["stopped"] and result["step"] < config.train.steps else 0
+    return exit_status(result, config.train.steps)

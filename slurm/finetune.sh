@@ -7,7 +7,8 @@
 #
 # Environment: INIT (the model to start from: an export of pretraining, default runs/tiny/export, where
 # slurm/pretrain_multimodal.sh exports), CONFIG (a finetuning YAML or a shipped config's name), OUT (the
-# output folder, default runs/finetune/<config name>), ARGS (key=value overrides), PYTHON; without Slurm
+# output folder, default runs/finetune/<config name>), DATA (the folder the tasks' relative data paths are
+# read from, the config's `data_root`), ARGS (key=value overrides), PYTHON; without Slurm
 # also NPROC (local ranks, default 1) and MASTER_PORT.
 #
 # Slurm sends SIGUSR1 five minutes before the time limit; every rank checkpoints, rank 0 requeues the job,
@@ -32,7 +33,7 @@ CONFIG=${CONFIG:-finetune/configs/sentiment_analysis.yaml}
 INIT=${INIT:-runs/tiny/export}
 OUT=${OUT:-runs/finetune/$(basename "$CONFIG" .yaml)}
 read -r -a EXTRA <<< "${ARGS:-}"
-ARGV=(--config "$CONFIG" --init "$INIT" "output_dir=$OUT" "${EXTRA[@]}")
+ARGV=(--config "$CONFIG" --init "$INIT" "output_dir=$OUT" ${DATA:+"data_root=$DATA"} "${EXTRA[@]}")
 
 if [ -n "${SLURM_JOB_ID:-}" ]; then
   first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)

@@ -26,4 +26,5 @@ with deepspeed.zero.GatheredParameters(list(partitioned.parameters())):
     gathered = {n: p.detach().clone() for n, p in partitioned.named_parameters()}
 torch.save(dict(whole.named_parameters()), f"{sys.argv[1]}.rank{topology.rank}")
 if topology.rank == 0:
-    torch.save({"whole": dict(whole.named_parameters()), "partitioned": gathered, "held": held, "full": full}, sys.argv[1])
+    torch.save({"whole": dict(whole.named_parameters()), "partitioned": gathered, "held": held, "full": full},
+               sys.argv[1])

@@ -25,7 +25,8 @@ def test_shipped_config_loads_and_builds(name):
 
 def test_nlu_base_is_bert_base_sized():
     c = load_config("skillnet-nlu-base")
-    assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.vocab_size) == (12, 768, 3072, 12, 21128)
+    assert ((c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.vocab_size)
+            == (12, 768, 3072, 12, 21128))
     assert len(c.skills) == 7
 
 
@@ -35,7 +36,8 @@ def _counts(out: str) -> tuple[int, dict[str, int], dict[str, int]]:
     sections = {}
     for title in ("skills", "tasks"):
         body = out.split(f"\n{title} (")[1].split("\n\n")[0] if f"\n{title} (" in out else ""
-        sections[title] = {n: int(v.replace(",", "")) for n, v in re.findall(r"^  (\S+)\s+([\d,]+) \(", body, flags=re.M)}
+        sections[title] = {n: int(v.replace(",", ""))
+                           for n, v in re.findall(r"^  (\S+)\s+([\d,]+) \(", body, flags=re.M)}
     return total, sections["skills"], sections["tasks"]
 
 
@@ -129,3 +131,21 @@ def test_describe_reads_a_pretraining_config(path, capsys):
 
     model = build_meta_model(load_config(load_pretrain_config(path).model))
     assert total == sum(p.numel() for p in model.parameters()) and "generic" in per_skill
+
+
+def test_data_root_reads_relative_data_paths_from_one_folder_in_both_applications(tmp_path):
+    """`data_root=<folder>` moves a whole corpus at once, in finetuning as in pretraining; absolute paths
+    stay, and the dumped config reloads to the same paths."""
+    from finetune.config import dump, load_finetune_config
+    from pretrain.config import load_pretrain_config
+
+    config = load_finetune_config("nlu_multitask", [f"data_root={tmp_path}", "tasks.1.data.train=/abs/nli.jsonl"])
+    assert config.tasks[0].data.train == str(tmp_path / "sentiment_analysis" / "train.jsonl")
+    assert config.tasks[0].data.validation == str(tmp_path / "sentiment_analysis" / "dev.jsonl")
+    assert config.tasks[1].data.train == "/abs/nli.jsonl"
+    dump(config, tmp_path / "resolved.yaml")
+    assert load_finetune_config(tmp_path / "resolved.yaml").tasks[0].data.train == config.tasks[0].data.train
+    assert load_finetune_config("nlu_multitask").tasks[0].data.train == "data/sentiment_analysis/train.jsonl"
+    pretrain = load_pretrain_config("tiny", [f"data_root={tmp_path}"])
+    assert pretrain.tokenizer == str(tmp_path / "tokenizer")
+    assert pretrain.data.tasks[0].sources[0].shards.startswith(str(tmp_path))

@@ -39,9 +39,11 @@ def test_four_heads_in_one_model_learn_and_predict_reproduces_evaluation(workspa
     assert set(model.config.task_heads) == {"sentiment_analysis", "paraphrase", "named_entity_recognition",
                                             "reading_comprehension"}
     assert model.heads["named_entity_recognition"].crf is not None
-    for task, key in (("named_entity_recognition", "ner"), ("reading_comprehension", "qa"), ("sentiment_analysis", "sentiment")):
+    for task, key in (("named_entity_recognition", "ner"), ("reading_comprehension", "qa"),
+                      ("sentiment_analysis", "sentiment")):
         written = tmp_path / f"{task}.jsonl"
-        assert predict_main(["--model", str(out), "--task", task, "--input", files[key][1], "--output", str(written)]) == 0
+        assert predict_main(["--model", str(out), "--task", task, "--input", files[key][1],
+                             "--output", str(written)]) == 0
         assert written.read_text() == (out / "predictions" / f"{task}.jsonl").read_text()
     # an input without labels predicts as well
     unlabelled = tmp_path / "unlabelled.jsonl"
@@ -68,12 +70,13 @@ def test_a_task_trains_only_its_own_skills(workspace):
 def test_new_skill_with_old_parameters_frozen(workspace, tmp_path):
     root, files, init = workspace
     out = tmp_path / "model"
-    config = _config(root, files, ["sentiment"], new_skills=[{"name": "sentiment", "description": "understand sentiment"}],
-                     freeze_old=True)
+    config = _config(root, files, ["sentiment"],
+                     new_skills=[{"name": "sentiment", "description": "understand sentiment"}], freeze_old=True)
     tree = yaml.safe_load(open(config))
     tree["tasks"][0]["skills"] = ["sentiment"]  # the new skill alone (with the generic one, always on)
     (root / "frozen.yaml").write_text(yaml.safe_dump(tree))
-    assert main(["--config", str(root / "frozen.yaml"), "--init", str(init), f"output_dir={out}", "train.steps=30"]) == 0
+    assert main(["--config", str(root / "frozen.yaml"), "--init", str(init), f"output_dir={out}",
+                 "train.steps=30"]) == 0
     before = SkillNetForPreTraining.from_pretrained(init).state_dict()
     after = SkillNetForMultiTask.from_pretrained(out)
     state = after.state_dict()
@@ -81,7 +84,8 @@ def test_new_skill_with_old_parameters_frozen(workspace, tmp_path):
         if name in state:
             assert torch.equal(state[name], tensor), name  # every old parameter exactly as it was
     new = [n for n in state if ".skills.sentiment." in n]
-    assert new and all(not torch.equal(state[n], before[n.replace(".skills.sentiment.", ".skills.generic.")]) for n in new)
+    assert new and all(not torch.equal(state[n], before[n.replace(".skills.sentiment.", ".skills.generic.")])
+                       for n in new)
     assert after.config.tasks["sentiment_analysis"] == ["sentiment"]
 
 
@@ -102,7 +106,8 @@ def test_bad_input_is_refused_before_training(workspace, tmp_path, capsys, case,
         rows = [{"text": "good day", "label": "neutral"}]
         tree["tasks"][0]["data"]["train"] = _write(tmp_path, "bad", rows)
     elif case == "bad_span":
-        rows = [{"question": "q", "context": "the capital is rome", "answers": {"text": ["oslo"], "answer_start": [15]}}]
+        rows = [{"question": "q", "context": "the capital is rome",
+                 "answers": {"text": ["oslo"], "answer_start": [15]}}]
         tree["tasks"][1]["data"]["train"] = _write(tmp_path, "bad", rows)
     elif case == "not_a_model":
         start = str(tmp_path)
@@ -133,6 +138,7 @@ def test_shipped_configs_fit_their_model(name):
         assert task.data.train and task.data.validation
 
 
+@pytest.mark.slow
 def test_a_model_exported_by_pretraining_loads_and_finetunes(tmp_path):
     """Pretrain the tiny model for two steps (one process, ZeRO-3), export it, finetune it for a few."""
     import os
@@ -170,7 +176,8 @@ def test_a_model_exported_by_pretraining_loads_and_finetunes(tmp_path):
     export, positions = tmp_path / "export", exported.config.max_position_embeddings
     for folder, architecture in ((export, "SkillNetForPreTraining"), (out, "SkillNetForMultiTask")):
         assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == positions
-        assert (folder / "modeling_skillnet.py").exists() and "auto_map" in json.loads((folder / "config.json").read_text())
+        assert ((folder / "modeling_skillnet.py").exists()
+                and "auto_map" in json.loads((folder / "config.json").read_text()))
         assert f"saved as `{architecture}`" in (folder / "README.md").read_text()
     card = (export / "README.md").read_text()
     assert "```yaml\nmodel: tiny\n" in card and f"| masked_lm | {sample}/text/" in card and "## Metrics" in card
@@ -189,7 +196,7 @@ def _tone_shards(folder, n: int, seed: int) -> str:
     import numpy as np
     import soundfile
 
-    from data_pipeline.shards import write_shards
+    from data_pipeline.writer import write_shards
 
     rng = np.random.default_rng(seed)
     rate, pitch = 16000, {"a": 300, "b": 600, "c": 900}
@@ -207,6 +214,7 @@ def _tone_shards(folder, n: int, seed: int) -> str:
     return str(folder / "tones.index.json")
 
 
+@pytest.mark.slow
 def test_speech_recognition_and_retrieval_from_webdataset_shards(workspace, tmp_path):
     """Media tasks read WebDataset shards: CTC learns to transcribe tone sequences (character error rate
     falls well below an untrained model's), and text-to-image retrieval trains and reports recall@k on
@@ -214,7 +222,7 @@ def test_speech_recognition_and_retrieval_from_webdataset_shards(workspace, tmp_
     import numpy as np
 
     from data_pipeline.sample_corpus import images
-    from data_pipeline.shards import write_shards
+    from data_pipeline.writer import write_shards
 
     root, _, init = workspace
     train_audio, dev_audio = _tone_shards(tmp_path / "tones_train", 96, 0), _tone_shards(tmp_path / "tones_dev", 24, 1)
@@ -275,7 +283,8 @@ def test_prompt_tuning_with_the_backbone_frozen_and_describe_counts(workspace, t
     config = load_finetune_config(str(path))
     config.init = str(backbone)
     [row] = describe(config)
-    assert row == {"task": "sentiment_prompted", "skills": ["text", "generic"], "activated": trunk + own, "trainable": own}
+    assert row == {"task": "sentiment_prompted", "skills": ["text", "generic"], "activated": trunk + own,
+                   "trainable": own}
     config.freeze_old, config.tasks[0].prompts = False, None  # full finetuning: the trunk and this task's head
     [row] = describe(config)
     head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("heads.sentiment_prompted."))
@@ -283,6 +292,7 @@ def test_prompt_tuning_with_the_backbone_frozen_and_describe_counts(workspace, t
     assert row["trainable"] == sum(t.numel() for t in before.values()) - others + head
 
 
+@pytest.mark.slow
 def test_generation_task_with_the_encoder_decoder(workspace, tmp_path):
     """An encoder-decoder learns to copy its source's first word (ROUGE-L, BLEU); the decoder runs
     the task's skills at every step; predict's generations equal the evaluation's."""
@@ -301,8 +311,8 @@ def test_generation_task_with_the_encoder_decoder(workspace, tmp_path):
     rng = random.Random(0)
     rows = [{"text": " ".join(words), "target": words[0]} for words in (rng.sample(WORDS, 6) for _ in range(200))]
     tree = {"tasks": [{"name": "summarization", "skills": ["text"], "head": {"type": "generation"},
-                       "data": {"train": _write(tmp_path, "train", rows[:160]), "validation": _write(tmp_path, "dev", rows[160:]),
-                                "max_length": 16}}],
+                       "data": {"train": _write(tmp_path, "train", rows[:160]),
+                                "validation": _write(tmp_path, "dev", rows[160:]), "max_length": 16}}],
             "train": {"steps": 600, "batch_size": 16}, "optim": {"lr": 3e-3, "warmup_steps": 10}}
     path = tmp_path / "generation.yaml"
     path.write_text(yaml.safe_dump(tree))
@@ -320,6 +330,7 @@ def test_generation_task_with_the_encoder_decoder(workspace, tmp_path):
     assert main(["--config", str(path), "--init", str(init), f"output_dir={tmp_path / 'no'}"]) == 2
 
 
+@pytest.mark.slow
 def test_compare_on_the_sample_corpus_sparse_pretraining_beats_random_init(tmp_path):
     """Pretrain the tiny skill model (image-caption contrast on five image shards of the sample corpus),
     export it, and run compare.py on text-to-image retrieval with the sixth shard held out: after sparse
@@ -355,7 +366,8 @@ def test_compare_on_the_sample_corpus_sparse_pretraining_beats_random_init(tmp_p
     assert compare_main(["--config", str(config), "--pretrained", str(tmp_path / "export"), "--out", str(out)]) == 0
     table = json.loads((out / "results.json").read_text())
     assert list(table) == [row for row, *_ in SYSTEMS]
-    pretrained, scratch = table["SkillNet, sparse pretraining"]["text_to_image"], table["SkillNet, random init"]["text_to_image"]
+    pretrained, scratch = (table["SkillNet, sparse pretraining"]["text_to_image"],
+                           table["SkillNet, random init"]["text_to_image"])
     assert pretrained >= 4 / 40 and pretrained > scratch  # recall@1; chance is 1 in 40
     assert (out / "table.md").read_text().count("\n") == len(SYSTEMS) + 2
     # the baselines start from the pretrained weights: a dense FFN and every MoE expert from the generic skill
@@ -367,17 +379,19 @@ def test_compare_on_the_sample_corpus_sparse_pretraining_beats_random_init(tmp_p
     generic = exported["skillnet.encoder.layers.1.ffn.skills.generic.fc1.weight"]
     assert torch.equal(dense["skillnet.encoder.layers.1.ffn.fc1.weight"], generic)
     assert all(torch.equal(moe[f"skillnet.encoder.layers.1.ffn.experts.{e}.fc1.weight"], generic) for e in range(7))
-    assert torch.equal(dense["skillnet.frontends.image.patch.weight"], exported["skillnet.frontends.image.patch.weight"])
+    assert torch.equal(dense["skillnet.frontends.image.patch.weight"],
+                       exported["skillnet.frontends.image.patch.weight"])
 
 
 def test_overrides_reach_list_entries_by_index():
     config = load_finetune_config("nlu_multitask", ["tasks.1.data.train=other.jsonl", "train.steps=7"])
-    assert config.tasks[1].data.train == "other.jsonl" and config.train.steps == 7
+    assert config.tasks[1].data.train == "data/other.jsonl" and config.train.steps == 7  # under data_root
     assert config.tasks[0].data.train == "data/sentiment_analysis/train.jsonl"
     with pytest.raises(ValueError, match="9 is not an index of a list of 5"):
         load_finetune_config("nlu_multitask", ["tasks.9.data.train=x.jsonl"])
 
 
+@pytest.mark.slow
 def test_csv_and_parquet_files_and_code_and_audio_retrieval(workspace, tmp_path):
     """The same rows read from CSV and Parquet train like JSON lines; text-to-code and text-to-audio
     retrieval read the sample corpus's code and audio shards and rank every held-out candidate. (How well
@@ -385,7 +399,7 @@ def test_csv_and_parquet_files_and_code_and_audio_retrieval(workspace, tmp_path)
     from datasets import Dataset
 
     from data_pipeline.sample_corpus import audio, code
-    from data_pipeline.shards import write_shards
+    from data_pipeline.writer import write_shards
 
     root, files, init = workspace
     rows = [json.loads(line) for line in open(files["sentiment"][0])]
@@ -395,16 +409,19 @@ def test_csv_and_parquet_files_and_code_and_audio_retrieval(workspace, tmp_path)
     write_shards(code(200), tmp_path / "code", "code", "code", max_samples=40, progress=False)
     import numpy as np
 
-    write_shards(audio(40, np.random.default_rng(0)), tmp_path / "audio", "audio", "audio", max_samples=20, progress=False)
+    write_shards(audio(40, np.random.default_rng(0)), tmp_path / "audio", "audio", "audio", max_samples=20,
+                 progress=False)
     tree = {"tasks": [
-        {"name": "sentiment_analysis", "skills": ["text"], "head": {"type": "classification", "labels": ["negative", "positive"]},
+        {"name": "sentiment_analysis", "skills": ["text"],
+         "head": {"type": "classification", "labels": ["negative", "positive"]},
          "data": {"train": str(tmp_path / "train.csv"), "validation": str(tmp_path / "dev.parquet")}},
         {"name": "text_to_code", "skills": ["text"], "head": {"type": "retrieval", "candidate_modality": "code"},
-         "data": {"train": f"{tmp_path}/code/code-{{000000..000003}}.tar", "validation": str(tmp_path / "code" / "code-000004.tar"),
-                  "max_length": 48}},
+         "data": {"train": f"{tmp_path}/code/code-{{000000..000003}}.tar",
+                  "validation": str(tmp_path / "code" / "code-000004.tar"), "max_length": 48}},
         {"name": "text_to_audio", "skills": ["text"], "head": {"type": "retrieval", "candidate_modality": "audio",
                                                               "candidate_task": "audio"},
-         "data": {"train": str(tmp_path / "audio" / "audio-000000.tar"), "validation": str(tmp_path / "audio" / "audio-000001.tar")}},
+         "data": {"train": str(tmp_path / "audio" / "audio-000000.tar"),
+                  "validation": str(tmp_path / "audio" / "audio-000001.tar")}},
     # 1e-3: DeepSpeed steps every parameter at every step, so Adam's momentum keeps moving the sentiment
     # head during the retrieval steps; at 3e-3 that overshoots (accuracy 0.55)
     ], "train": {"steps": 300, "batch_size": 16}, "optim": {"lr": 1e-3, "warmup_steps": 10}}
@@ -417,7 +434,8 @@ def test_csv_and_parquet_files_and_code_and_audio_retrieval(workspace, tmp_path)
     for task, held_out in (("text_to_code", 40), ("text_to_audio", 20)):
         recall = results[task]
         assert 0.0 <= recall["recall@1"] <= recall["recall@5"] <= recall["recall@10"] <= 1.0
-        ranked = [json.loads(line)["prediction"] for line in (out / "predictions" / f"{task}.jsonl").read_text().splitlines()]
+        ranked = [json.loads(line)["prediction"]
+                  for line in (out / "predictions" / f"{task}.jsonl").read_text().splitlines()]
         assert len(ranked) == held_out and all(len(r) == 10 and len(set(r)) == 10 for r in ranked)
 
 

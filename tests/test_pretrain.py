@@ -32,10 +32,12 @@ def _overrides(sample: Path, run_dir: Path, *extra: str) -> list[str]:
         (["train.stepz=3"], "unknown config key train.stepz"),
         (["distributed.skill_parallel_size=3"], "skill_parallel_size=3 must divide the world size 1"),
         (["checkpoint.resume=/nowhere"], "resume: /nowhere holds no complete checkpoint"),
-        (["data.tasks=[{name: image, modality: image, sources: [{shards: \"/nowhere/x-{000000..000003}.tar\"}]}]"], "no shards match"),
+        (["data.tasks=[{name: image, modality: image, sources: [{shards: \"/nowhere/x-{000000..000003}.tar\"}]}]"],
+         "no shards match"),
         (["data.tasks=[{name: image"], "override data.tasks: its value is not YAML"),
         (["data.tasks=[{name: smell, modality: text, sources: [{shards: x.tar}]}]"], "task 'smell' has no objective"),
-        (["data.tasks=[{name: smell, modality: text, sources: [{shards: x.tar}]}]", "objectives.smell=mlm"], "unknown task 'smell'"),
+        (["data.tasks=[{name: smell, modality: text, sources: [{shards: x.tar}]}]", "objectives.smell=mlm"],
+         "unknown task 'smell'"),
         (["data.batch_size=4"], "data.batch_size follows train.micro_batch_size"),
         (["distributed.ds_config=/nowhere/ds.json"], "distributed.ds_config: no file /nowhere/ds.json"),
         (["distributed.ds_config=ds_configs/zero9.json"], "distributed.ds_config: no file ds_configs/zero9.json"),
@@ -72,12 +74,11 @@ def test_checkpoint_of_another_model_is_refused(sample, tmp_path, capsys):
 ])
 def test_a_checkpoint_that_does_not_map_is_refused_in_one_line(sample, tmp_path, capsys, change, message):
     from pretrain.config import load_pretrain_config
-    from pretrain.train import _comparable
-    from training.checkpoint import check_compatible
+    from training.checkpoint import check_compatible, fingerprint
 
     folder = tmp_path / "run" / "checkpoints" / "step00000004"
     folder.mkdir(parents=True)
-    model = _comparable(load_pretrain_config("tiny").model_config())
+    model = fingerprint(load_pretrain_config("tiny").model_config())
     (folder / "complete.json").write_text(json.dumps({"format": 1, "step": 4, "world_size": 2, "model": model}))
     for rank in range(2):
         (folder / f"train_state_rank{rank}.pt").touch()
@@ -93,6 +94,7 @@ def _edit_meta(folder, **changes):
     (folder / "complete.json").write_text(json.dumps({**meta, **changes}))
 
 
+@pytest.mark.slow
 def test_partitioned_build_gives_the_same_initial_weights(tmp_path):
     """Under ZeRO-3 every rank builds its share of the model only (`deepspeed.zero.Init`), with the same
     initial weights as a whole build; built whole, every rank initialises the same weights by itself (no
@@ -112,6 +114,7 @@ def test_partitioned_build_gives_the_same_initial_weights(tmp_path):
     assert all(torch.equal(other[name], tensor) for name, tensor in saved["whole"].items())
 
 
+@pytest.mark.slow
 def test_a_finished_run_leaves_nothing_running(sample, tmp_path):
     """Every rank ends its run with the process group destroyed and nothing left running: no gloo thread
     (one still running when the interpreter tears down aborts the process, after the run has printed that
@@ -130,6 +133,7 @@ def test_a_finished_run_leaves_nothing_running(sample, tmp_path):
         assert not [name for name in rank["native"] if "gloo" in name], rank
 
 
+@pytest.mark.slow
 def test_a_task_whose_data_never_decodes_stops_the_run_in_one_line(sample, tmp_path):
     """Every sample of the only task is broken: the run ends with one line naming the task, the source
     and the reasons (raised in a DataLoader worker, without its traceback), instead of hanging."""
@@ -149,9 +153,11 @@ def test_a_task_whose_data_never_decodes_stops_the_run_in_one_line(sample, tmp_p
                     tar.addfile(info, io.BytesIO(data))
     ShardIndex("image", ["png", "txt"], {f"img-{s:06d}.tar": 4 for s in range(2)}).save(broken / "img.index.json")
     task = f"data.tasks=[{{name: image, modality: image, sources: [{{shards: {broken / 'img.index.json'}}}]}}]"
-    args = _overrides(sample, tmp_path / "run", task, "data.max_consecutive_skips=20", "data.resample=true", "data.num_workers=1")
+    args = _overrides(sample, tmp_path / "run", task, "data.max_consecutive_skips=20", "data.resample=true",
+                      "data.num_workers=1")
     done = subprocess.run([sys.executable, "-m", "pretrain", "--config", "tiny", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())})
+                          text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())})
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]  # after the progress bar's last line
     assert last.startswith("error: task 'image': the last 20 samples drawn were all unusable (20 undecodable_image) "
@@ -165,12 +171,15 @@ def test_shipped_configs_resolve_from_any_working_directory(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     config = load_pretrain_config("tiny", ["distributed.ds_config=ds_configs/zero2.json"])
     assert Path(config.distributed.ds_config) == ROOT / "training" / "ds_configs" / "zero2.json"
-    assert load_pretrain_config("tiny", ["distributed.ds_config=zero2"]).distributed.ds_config == config.distributed.ds_config
+    assert (load_pretrain_config("tiny", ["distributed.ds_config=zero2"]).distributed.ds_config
+            == config.distributed.ds_config)
     (tmp_path / "ds_configs").mkdir()
     (tmp_path / "ds_configs" / "zero2.json").write_text("{}")  # a file of the user's wins
-    assert load_pretrain_config("tiny", ["distributed.ds_config=ds_configs/zero2.json"]).distributed.ds_config == "ds_configs/zero2.json"
+    assert (load_pretrain_config("tiny", ["distributed.ds_config=ds_configs/zero2.json"]).distributed.ds_config
+            == "ds_configs/zero2.json")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
 def test_a_signal_checkpoints_and_only_slurms_requeues(sample, tmp_path, sig, requeued):
     """Slurm's `--signal` (SIGUSR1) checkpoints and requeues the job; a plain `scancel` (SIGTERM)

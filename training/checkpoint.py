@@ -19,12 +19,16 @@ import os
 import random
 import re
 import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from .distributed import Topology
 from .zero import universal
 from .zero.internals import replay_cpu_adam
 
@@ -68,10 +72,45 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     return path
 
 
+def fingerprint(model_config) -> dict:
+    """A model's config as a checkpoint records it (every key, defaults included), to compare on resume."""
+    return json.loads(model_config.to_json_string(use_diff=False))
+
+
+@dataclass
+class Resume:
+    """The checkpoint a run continues from, and how it maps onto this run."""
+    folder: Path
+    meta: dict
+    """Its `complete.json` (`world_size`: how many ranks wrote it)."""
+    universal: bool
+    """Written by another number of ranks or skill placement: the engine loads its universal copy."""
+    reshard: bool = False
+    """Another data layout (ranks, workers, task split): the loader deals out the saved run's leftovers."""
+
+
+def find_resume(setting: str, root: Path, model_config, topology: Topology, placement: dict | None = None,
+                model_keys: tuple[str, ...] = MODEL_KEYS,
+                check: Callable[[Resume], Resume] | None = None) -> Resume | None:
+    """The checkpoint `checkpoint.resume` names (`auto`: the newest complete one under `root`), checked against
+    this run's model, and by `check` (a trainer's own checks, which may fill in `reshard`), before any heavy
+    work; None to start afresh. A checkpoint of another layout is announced on stderr (by the main rank) and
+    loaded through its universal copy."""
+    folder = resolve_resume(setting, root)
+    if folder is None:
+        return None
+    meta = check_compatible(folder, fingerprint(model_config), model_keys)
+    resume = Resume(folder, meta, needs_universal(meta, topology.world_size, placement))
+    resume = check(resume) if check is not None else resume
+    if resume.universal and topology.is_main:
+        print(describe_resize(folder, meta, topology.world_size, placement), file=sys.stderr)
+    return resume
+
+
 def check_compatible(folder: Path, model_config: dict, model_keys: tuple[str, ...] = MODEL_KEYS) -> dict:
     """Refuse, in one line naming what differs, a checkpoint this run cannot continue from: another layout
     format, a missing rank file, another model. Return its `complete.json`: another rank count or skill
-    placement is mapped (`resized`)."""
+    placement is mapped (`needs_universal`)."""
     meta = check_readable(folder)
     saved = meta["model"]
     diff = [k for k in model_keys if saved.get(k) != model_config.get(k)]
@@ -92,13 +131,15 @@ def check_readable(folder: Path) -> dict:
         raise ValueError(f"checkpoint {folder}: unreadable {COMPLETE} ({type(e).__name__}: {e})") from None
     if meta.get("format", FORMAT) != FORMAT:
         raise ValueError(f"checkpoint {folder} has layout format {meta['format']}; this release reads format {FORMAT}")
-    missing = [f"train_state_rank{r}.pt" for r in range(written_by) if not (folder / f"train_state_rank{r}.pt").exists()]
+    missing = [f"train_state_rank{r}.pt" for r in range(written_by)
+               if not (folder / f"train_state_rank{r}.pt").exists()]
     if missing:
-        raise ValueError(f"checkpoint {folder} lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        raise ValueError(f"checkpoint {folder} lacks {missing[0]}"
+                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     return meta
 
 
-def resized(meta: dict, world_size: int, placement: dict | None = None) -> bool:
+def needs_universal(meta: dict, world_size: int, placement: dict | None = None) -> bool:
     """Whether a checkpoint (its `complete.json`) was written by another number of ranks or skill placement
     than this run's: then it loads through its universal copy."""
     return meta["world_size"] != world_size or meta.get("skill_placement") != placement
@@ -107,9 +148,11 @@ def resized(meta: dict, world_size: int, placement: dict | None = None) -> bool:
 def describe_resize(folder: Path, meta: dict, world_size: int, placement: dict | None = None) -> str:
     """The line a run prints when it resumes a checkpoint of another layout."""
     def layout(world, p):
-        return f"{world} rank{'s' * (world > 1)}, " + ("no skill parallelism" if p is None else f"{p['mode']} skill placement {p['slots']}")
+        return f"{world} rank{'s' * (world > 1)}, " + ("no skill parallelism" if p is None
+                                                        else f"{p['mode']} skill placement {p['slots']}")
 
-    return f"resuming {folder.name} ({layout(meta['world_size'], meta.get('skill_placement'))}) on {layout(world_size, placement)}"
+    return (f"resuming {folder.name} ({layout(meta['world_size'], meta.get('skill_placement'))})"
+            f" on {layout(world_size, placement)}")
 
 
 def agree_on_resume(resume: Path | None) -> None:
@@ -184,14 +227,14 @@ def ensure_universal(folder: Path) -> Path:
     return out
 
 
-def load(engine, folder: Path, resize: bool = False, every_rank: bool = False) -> dict[int, dict]:
-    """Restore the engine and return the saved train states by rank: this rank's alone, or (after a `resize`,
-    or asked for `every_rank`) every saving rank's, for the trainer to map. `resize`: another rank count or
-    skill placement; the engine loads the universal copy, as it does when its optimizer groups differ from
+def load(engine, folder: Path, universal_copy: bool = False, every_rank: bool = False) -> dict[int, dict]:
+    """Restore the engine and return the saved train states by rank: this rank's alone, or (from a universal
+    copy, or asked for `every_rank`) every saving rank's, for the trainer to map. `universal_copy`: another rank
+    count or skill placement; the engine loads the universal copy, as it does when its optimizer groups differ from
     the checkpoint's (one written before ZeRO-3's partitioned build kept the weight-decay groups apart).
     This rank's RNG states are restored from the saving rank of its number; a rank the saving run did not
     have starts streams seeded by (step, rank)."""
-    if resize or universal.saved_groups(folder) != universal.engine_groups(engine):
+    if universal_copy or universal.saved_groups(folder) != universal.engine_groups(engine):
         ensure_universal(folder)
         universal.load(engine, folder)
     else:
@@ -199,7 +242,7 @@ def load(engine, folder: Path, resize: bool = False, every_rank: bool = False) -
     replay_cpu_adam(engine)
     saved_by = json.loads((folder / COMPLETE).read_text())["world_size"]
     rank = dist.get_rank()
-    ranks = range(saved_by) if resize or every_rank else [rank]
+    ranks = range(saved_by) if universal_copy or every_rank else [rank]
     states = {r: torch.load(folder / f"train_state_rank{r}.pt", weights_only=False) for r in ranks}
     if rank in states:
         set_rng_state(states[rank]["rng"])

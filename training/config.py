@@ -8,6 +8,7 @@ DeepSpeed) are defined here.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -133,12 +134,21 @@ def read_tree(path: str | Path, overrides: list[str], shipped: Path) -> dict:
     if not path.exists():
         named = shipped / f"{path}.yaml"
         if not named.exists():
-            raise FileNotFoundError(f"no config file {str(path)!r} (shipped: {sorted(p.stem for p in shipped.glob('*.yaml'))})")
+            raise FileNotFoundError(f"no config file {str(path)!r}"
+                                    f" (shipped: {sorted(p.stem for p in shipped.glob('*.yaml'))})")
         path = named
     tree = yaml.safe_load(path.read_text()) or {}
     if not isinstance(tree, dict):
         raise ValueError(f"{path} is not a YAML mapping")
     return apply_overrides(tree, overrides)
+
+
+def under_root(root: str, path: str | None) -> str | None:
+    """`path` read from the folder `root` (a config's `data_root`) when it is relative; an absolute path, a
+    URL or a `pipe:` command as it is."""
+    if not root or not path or os.path.isabs(path) or path.startswith(("pipe:", "http:", "https:", "s3:", "gs:")):
+        return path
+    return str(Path(root) / path)
 
 
 SHIPPED_DS_CONFIGS = Path(__file__).parent / "ds_configs"

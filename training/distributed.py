@@ -113,7 +113,8 @@ def shared_gpus(placements: list[tuple[str, str]]) -> str | None:
     if not shared:
         return None
     host, ranks = shared[0]
-    return (f"ranks {ranks} on {host} share one GPU (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}"
+    return (f"ranks {ranks} on {host} share one GPU"
+            f" (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}"
             f" here); give each rank its own GPU (--gpus-per-task=1 or --gpus-per-node=<tasks per node>)")
 
 

@@ -1,7 +1,8 @@
 """The loop both trainers run: steps until the last, logging every `log_every` steps and checkpointing every
 `checkpoint_every`, on a stop signal (then stopping, and asking Slurm to requeue for SIGUSR1) and at the
 end (also when it resumed at its last step: `resume=<another run's checkpoint>` with that step rewrites the
-checkpoint for this run's ranks and skill placement). A trainer brings its step, its scalars and its checkpoint (see `Trainer`)."""
+checkpoint for this run's ranks and skill placement). A trainer brings its step, its scalars and its
+checkpoint (see `Trainer`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from .signals import GO_ON, REQUEUE, Stop, requeue
 
 
 class Trainer(Protocol):
-    def step(self) -> int: ...  # optimizer steps done
+    @property
+    def steps_done(self) -> int: ...  # optimizer steps done
 
     def train_step(self, stop: Stop) -> tuple[dict, int]:
         """One optimizer step: its record for `steps.jsonl`, and the stop any rank was asked for."""
@@ -35,9 +37,9 @@ def train_loop(trainer: Trainer, steps: int, log_every: int, checkpoint_every: i
     (that checkpoint does not hold them)."""
     stop, saved, stopping = Stop(), None, GO_ON
     try:
-        while trainer.step() < steps and stopping == GO_ON:
+        while trainer.steps_done < steps and stopping == GO_ON:
             record, stopping = trainer.train_step(stop)
-            step = trainer.step()
+            step = trainer.steps_done
             metrics.advance(step, record)
             scalars = trainer.scalars() if step % log_every == 0 or step == steps else {}
             scalars.update(trainer.after_step(step, step == steps))
@@ -54,4 +56,4 @@ def train_loop(trainer: Trainer, steps: int, log_every: int, checkpoint_every: i
         metrics.close(flush=False)
         raise
     metrics.close()
-    return {"step": trainer.step(), "checkpoint": saved, "stopped": stopping != GO_ON, "requeued": requeued}
+    return {"step": trainer.steps_done, "checkpoint": saved, "stopped": stopping != GO_ON, "requeued": requeued}

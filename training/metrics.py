@@ -91,7 +91,8 @@ class Window:
                 "skills": dict(self.skills)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.losses, self.counts, self.skills = dict(state["losses"]), Counter(state["counts"]), Counter(state["skills"])
+        self.losses = dict(state["losses"])
+        self.counts, self.skills = Counter(state["counts"]), Counter(state["skills"])
 
     @staticmethod
     def summed(states: list[dict]) -> dict:
@@ -137,7 +138,8 @@ class Metrics:
     def flush(self) -> None:
         if self.main and self.pending:
             for record in self.pending:
-                self.steps.write(json.dumps({k: float(v) if torch.is_tensor(v) else v for k, v in record.items()}) + "\n")
+                self.steps.write(json.dumps({k: float(v) if torch.is_tensor(v) else v
+                                             for k, v in record.items()}) + "\n")
             self.steps.flush()
             self.pending.clear()
 

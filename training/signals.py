@@ -14,7 +14,7 @@ GO_ON, STOP, REQUEUE = 0, 1, 2
 
 
 class Stop:
-    """Records the signals; `agree` tells every rank what was asked of any."""
+    """Records the signals; `sum_and_agree` tells every rank what was asked of any."""
 
     def __init__(self):
         self.requested = GO_ON
@@ -24,7 +24,7 @@ class Stop:
     def _handle(self, signum, frame):
         self.requested = max(self.requested, REQUEUE if signum == signal.SIGUSR1 else STOP)
 
-    def agree(self, counts: list[int], device) -> tuple[list[int], int]:
+    def sum_and_agree(self, counts: list[int], device) -> tuple[list[int], int]:
         """`counts` summed over the ranks, and the strongest stop any rank was asked for: one small
         all-reduce (the step's only host synchronisation)."""
         import torch.distributed as dist

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -66,7 +67,14 @@ def merge(base: dict, over: dict) -> dict:
 def engine_config(base: dict | str | Path, micro_batch: int, accumulation: int, grad_clip: float, bf16: bool,
                   overrides: dict | None = None, profile_comm: bool = False) -> dict:
     """A DeepSpeed config: `base` (a dict or a JSON file) with the batch, accumulation, clipping and
-    precision this run sets (any "auto" entry filled the same way) and `overrides` merged over it."""
+    precision this run sets (any "auto" entry filled the same way) and `overrides` merged over it. Under
+    `accelerate launch --use_deepspeed` accelerate's DeepSpeed settings (its ZeRO stage, offload,
+    `--deepspeed_config_file`) take the place of `base`, and its `--mixed_precision bf16` turns bf16 on."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        from accelerate.utils import DeepSpeedPlugin
+
+        base = {"zero_allow_untested_optimizer": True, **DeepSpeedPlugin().deepspeed_config}
+        bf16 = bf16 or os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16"
     ds = dict(base) if isinstance(base, dict) else _read(resolve_ds_config(str(base)))
     ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=accumulation,
               gradient_clipping=grad_clip, bf16={**(ds.get("bf16") or {}), "enabled": bf16})

@@ -158,7 +158,8 @@ def whole_on_rank0(params: list):
         size = p.ds_tensor.numel()
         for start in range(0, size, 1 << 20):
             end = min(size, start + (1 << 20))
-            yield slice(start, end), [flat[r * size + start:r * size + end] for r in range(world)] if rank == 0 else None
+            yield slice(start, end), ([flat[r * size + start:r * size + end] for r in range(world)]
+                                      if rank == 0 else None)
 
     flats = []
     for p in params:

@@ -31,11 +31,13 @@ Layout = list[tuple[str, torch.Size, Pieces]]
 def parameter_layout(folder: Path, world: int, skip=lambda name: False,
                      frozen_ok: bool = False) -> tuple[Layout, dict[str, torch.Tensor]]:
     """(name, shape, pieces) for every parameter the optimizer holds (but those `skip` names), and the
-    buffers. Frozen parameters, which the optimizer does not hold, are refused unless `frozen_ok`. ZeRO-3 splits every parameter over the ranks (each rank lists its own:
-    under skill parallelism a rank holds only its skills, partitioned over the ranks at the same position,
-    which DeepSpeed records per group, so the skills of all positions are merged here); ZeRO-1 and -2
-    split each group's flat vector of parameters, laid end to end, into one slice per rank."""
-    optim0 = torch.load(_optim_file(folder, 0), map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
+    buffers. Frozen parameters, which the optimizer does not hold, are refused unless `frozen_ok`. ZeRO-3
+    splits every parameter over the ranks (each rank lists its own: under skill parallelism a rank holds
+    only its skills, partitioned over the ranks at the same position, which DeepSpeed records per group,
+    so the skills of all positions are merged here); ZeRO-1 and -2 split each group's flat vector of
+    parameters, laid end to end, into one slice per rank."""
+    optim0 = torch.load(_optim_file(folder, 0), map_location="cpu", weights_only=False,
+                        mmap=True)["optimizer_state_dict"]
     if int(optim0["zero_stage"]) <= 2:
         return _layout_zero12(folder, world, optim0, frozen_ok)
     layout, seen, buffers = [], set(), {}
@@ -44,7 +46,8 @@ def parameter_layout(folder: Path, world: int, skip=lambda name: False,
                             weights_only=False, mmap=True)
         if not frozen_ok and [name for name in states.get("frozen_param_shapes") or {} if not skip(name)]:
             raise ValueError(f"{folder} holds frozen parameters, which its optimizer states do not hold")
-        optim = torch.load(_optim_file(folder, rank), map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
+        optim = torch.load(_optim_file(folder, rank), map_location="cpu", weights_only=False,
+                           mmap=True)["optimizer_state_dict"]
         placement = optim.get("ds_zero_partition_groups")
         for i, group in enumerate(states["param_shapes"]):
             ranks = placement[i]["partition_ranks"] if placement else list(range(world))
@@ -88,7 +91,8 @@ def _flat_states(folder: Path, rank: int) -> dict[str, list[torch.Tensor]]:
     """A rank's flat groups, memory-mapped, per state: ZeRO-3 keeps the fp32 weights in `fp32_flat_groups`
     and the optimizer's in `optimizer_state_dict`, ZeRO-1/2 in `single_partition_of_fp32_groups` and
     `base_optimizer_state` (a group's moments may be longer by its alignment padding)."""
-    sd = torch.load(_optim_file(folder, rank), map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
+    sd = torch.load(_optim_file(folder, rank), map_location="cpu", weights_only=False,
+                    mmap=True)["optimizer_state_dict"]
     zero3 = "fp32_flat_groups" in sd
     fp32 = sd["fp32_flat_groups" if zero3 else "single_partition_of_fp32_groups"]
     state = sd["optimizer_state_dict" if zero3 else "base_optimizer_state"]["state"]
@@ -109,7 +113,8 @@ def whole_parameters(folder: Path, world: int, layout: Layout, states: tuple[str
             i += 1
         flats = [_flat_states(folder, rank) for rank in range(world)]
         for name, shape, pieces in batch:
-            yield name, shape, {key: torch.cat([flats[r][key][g][lo:hi] for r, g, lo, hi in pieces])[: shape.numel()].view(shape)
+            yield name, shape, {key: torch.cat([flats[r][key][g][lo:hi]
+                                                for r, g, lo, hi in pieces])[: shape.numel()].view(shape)
                                 for key in states}
         del flats
         gc.collect()
@@ -121,8 +126,9 @@ def optimizer_settings(folder: Path) -> dict:
     saved = torch.load(_optim_file(folder, 0), map_location="cpu", weights_only=False, mmap=True)
     sd = saved["optimizer_state_dict"]
     inner = sd.get("optimizer_state_dict") or sd["base_optimizer_state"]
-    light = {k: v for k, v in sd.items() if k not in ("optimizer_state_dict", "base_optimizer_state", "fp32_flat_groups",
-                                                      "single_partition_of_fp32_groups", "param_slice_mappings")}
+    light = {k: v for k, v in sd.items()
+             if k not in ("optimizer_state_dict", "base_optimizer_state", "fp32_flat_groups",
+                          "single_partition_of_fp32_groups", "param_slice_mappings")}
     steps = {g: {"step": s["step"]} for g, s in inner["state"].items() if "step" in s}
     return {**light, "ds_version": saved.get("ds_version"), "param_groups": inner["param_groups"],
             "optimizer_state_dict": {"state": steps, "param_groups": inner["param_groups"]}}

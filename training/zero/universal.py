@@ -28,7 +28,8 @@ FOLDER = "universal"
 """Where a checkpoint's universal copy goes, inside its folder."""
 
 
-def convert_parameters(folder: Path, world: int, out: Path, share: tuple[int, int] = (0, 1), progress: bool = False) -> int:
+def convert_parameters(folder: Path, world: int, out: Path, share: tuple[int, int] = (0, 1),
+                       progress: bool = False) -> int:
     """Write this process's share of the parameters of `folder` (written by `world` ranks) into `out`:
     parameters i, i + n, ... for `share` = (i, n), so that the ranks of a run convert together. Returns the
     number written. Frozen parameters are not the optimizer's: a universal load leaves them as the model
