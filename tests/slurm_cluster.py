@@ -113,6 +113,14 @@ PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP
         return dict(p.split("=", 1) for p in out.split() if "=" in p)
 
     def stop(self) -> None:
+        """Kill every job still there (a failed test's job would train on after its daemons are gone: job
+        steps outlive slurmd), then the daemons."""
+        jobs = self.cmd("squeue", "--noheader", "--format=%i").stdout.split()
+        if jobs:
+            self.cmd("scancel", "--full", "--signal=KILL", *jobs)
+            deadline = time.monotonic() + 60
+            while self.cmd("squeue", "--noheader", "--format=%i").stdout.split() and time.monotonic() < deadline:
+                time.sleep(0.5)
         for pid_file in reversed(self.pid_files):
             try:
                 os.kill(int(pid_file.read_text()), signal.SIGTERM)

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from slurm_cluster import LocalSlurm, ensure_installed
 
+pytestmark = pytest.mark.slow  # real launchers and multi-rank training runs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -62,8 +64,7 @@ def test_sbatch_trains_requeues_on_signal_resumes_and_exports(cluster, tmp_path)
     run, out = tmp_path / "run", tmp_path / "job.out"
     env = {"RUN_DIR": str(run), "SAMPLE": str(tmp_path / "sample"), "ARGS": "train.steps=16 checkpoint.every=4"}
     job = _submit(cluster, "pretrain_multimodal.sh", env, out)
-    first = run / "checkpoints" / "step00000004" / "complete.json"
-    _wait(first.exists, 600, "the first checkpoint")
+    _wait(lambda: any((run / "checkpoints").glob("step*/complete.json")), 600, "the first checkpoint")
     assert cluster.cmd("scancel", "--signal=USR1", job).returncode == 0  # as --signal=USR1@300 would
     _wait(lambda: cluster.job(job).get("Restarts") == "1", 300, "the job to requeue itself")
 
@@ -89,7 +90,7 @@ def test_a_plain_scancel_checkpoints_and_ends_the_job(cluster, tmp_path):
     env = {"RUN_DIR": str(run), "SAMPLE": str(tmp_path / "sample"),
            "ARGS": "train.steps=100000 checkpoint.every=5"}
     job = _submit(cluster, "pretrain_multimodal.sh", env, out)
-    _wait((run / "checkpoints" / "step00000005" / "complete.json").exists, 600, "the first checkpoint")
+    _wait(lambda: any((run / "checkpoints").glob("step*/complete.json")), 600, "the first checkpoint")
     assert cluster.cmd("scancel", job).returncode == 0
     _wait(lambda: _ended(cluster, job), 300, "the job to end", 2)
     state, log = cluster.job(job), out.read_text()
@@ -117,7 +118,8 @@ def test_sbatch_finetunes_requeues_on_signal_and_resumes(cluster, workspace, tmp
     config.write_text(yaml.safe_dump(endless))
     env = {"INIT": str(init), "CONFIG": str(config), "OUT": str(out), "ARGS": "checkpoint.every=5 train.batch_size=8"}
     job = _submit(cluster, "finetune.sh", env, log_file)
-    _wait((out / "checkpoints" / "step00000005" / "complete.json").exists, 600, "the first checkpoint")
+    # any complete checkpoint: the job runs at tens of steps a second and keeps only its last three
+    _wait(lambda: any((out / "checkpoints").glob("step*/complete.json")), 600, "the first checkpoint")
     assert cluster.cmd("scancel", "--signal=USR1", job).returncode == 0
     stopped = _wait(lambda: re.search(r"finetuned to step (\d+) \(stopped by signal, checkpointed, requeued\)",
                                       log_file.read_text()), 300, "the job to checkpoint and requeue itself")
