@@ -34,7 +34,9 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread, as in a DataLoader worker
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from data_pipeline.loader import Collator, DataConfig, MultiTaskLoader  # noqa: E402
+from data_pipeline.collate import Collator  # noqa: E402
+from data_pipeline.config import DataConfig  # noqa: E402
+from data_pipeline.loader import MultiTaskLoader  # noqa: E402
 from data_pipeline.media import BadSample, MediaConfig, decode_sample  # noqa: E402
 from data_pipeline.sample_corpus import write_corpus  # noqa: E402
 from data_pipeline.shards import ShardIndex  # noqa: E402
@@ -210,8 +212,8 @@ def decode_memory(data: Path) -> list[tuple[str, str, int, dict]]:
         for kind, what, member in cases:
             (Path(tmp) / "in").write_bytes(member)
             (Path(tmp) / "warm").write_bytes(warm[kind])
-            out = subprocess.run([sys.executable, __file__, "--decode-worker", kind, str(Path(tmp) / "in"), str(Path(tmp) / "warm")],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, __file__, "--decode-worker", kind, str(Path(tmp) / "in"),
+                                  str(Path(tmp) / "warm")], capture_output=True, text=True, check=True)
             rows.append((kind, what, len(member), json.loads(out.stdout.strip().splitlines()[-1])))
     return rows
 
@@ -258,8 +260,10 @@ def main(argv=None) -> int:
         for name in [*TASK, "mixed"]:  # each measured twice, the best kept: the machine is shared
             chosen = list(tasks.values()) if name == "mixed" else [tasks[name]]
             if name == "mixed":
-                weights = {t["modality"]: ShardIndex.load(data / t["modality"] / f"{t['modality']}.index.json").samples for t in chosen}
-                rates = {m: bare_loop(tasks[m]["sources"][0]["shards"].split("::"), m, media, collate, args.seconds / 2) for m in TASK}
+                weights = {t["modality"]: ShardIndex.load(data / t["modality"] / f"{t['modality']}.index.json").samples
+                           for t in chosen}
+                rates = {m: bare_loop(tasks[m]["sources"][0]["shards"].split("::"), m, media, collate, args.seconds / 2)
+                         for m in TASK}
                 # the mixed rates: samples drawn in proportion to size (alpha = 1) at each modality's rate
                 bare = sum(weights.values()) / sum(weights[m] / rates[m] for m in TASK)
                 ceiling = sum(weights.values()) / sum(weights[m] / ceilings[m] for m in TASK)
@@ -275,7 +279,8 @@ def main(argv=None) -> int:
             checks.append((f"{name}: 2 workers / 1 worker", two / one, ">= 1.80", two / one >= 1.8))
 
     print(f"samples per second, batches of {BATCH}, {os.cpu_count()} CPUs; {IMAGE_SIZE}px images and "
-          f"{VIDEO_SIZE}px video frames to {media.image_size}px, {media.num_frames} frames, {media.num_mel_bins} mel bins")
+          f"{VIDEO_SIZE}px video frames to {media.image_size}px, {media.num_frames} frames, "
+          f"{media.num_mel_bins} mel bins")
     print(f"  {'stream':<8}{'bare loop':>11}{'1 worker':>10}{'2 workers':>11}{'2 bare loops':>14}{'(x 1 loop)':>12}")
     for name, bare, one, two, ceiling in rows:
         print(f"  {name:<8}{bare:>11.1f}{one:>10.1f}{two:>11.1f}{ceiling:>14.1f}{ceiling / bare:>12.2f}")

@@ -59,10 +59,14 @@ def main(argv=None) -> int:
         baseline = peak_rss("import torch, deepspeed, transformers, safetensors")
         rows = []
         for label, code, out in [
-            ("pretrain.export, fp32", f"from pretrain.export import export; export('{ckpt}', '{tmp / 'fp32'}')", tmp / "fp32" / "model.safetensors"),
-            ("pretrain.export, bf16", f"from pretrain.export import export; export('{ckpt}', '{tmp / 'bf16'}', 'bf16')", tmp / "bf16" / "model.safetensors"),
-            ("deepspeed zero_to_fp32", "from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict as c; "
-                                        f"c('{ckpt.parent}', '{tmp / 'ds'}', tag='{ckpt.name}', safe_serialization=True)", tmp / "ds" / "model.safetensors"),
+            ("pretrain.export, fp32", f"from pretrain.export import export; export('{ckpt}', '{tmp / 'fp32'}')",
+             tmp / "fp32" / "model.safetensors"),
+            ("pretrain.export, bf16", f"from pretrain.export import export; export('{ckpt}', '{tmp / 'bf16'}', 'bf16')",
+             tmp / "bf16" / "model.safetensors"),
+            ("deepspeed zero_to_fp32",
+             "from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict as c; "
+             f"c('{ckpt.parent}', '{tmp / 'ds'}', tag='{ckpt.name}', safe_serialization=True)",
+             tmp / "ds" / "model.safetensors"),
         ]:
             peak = peak_rss(code)
             size = out.stat().st_size

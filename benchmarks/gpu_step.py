@@ -61,8 +61,8 @@ def synthetic_batch(kind: str, size: int, tokens: int, model_config, registry) -
     pixels = (size, model_config.num_channels, model_config.image_size, model_config.image_size)
     if kind == "video":
         pixels = (size, model_config.num_frames, *pixels[1:])
-    batch["pixel_values" if kind == "image" else "pixel_values_videos"] = torch.randint(0, 256, pixels, dtype=torch.uint8,
-                                                                                         generator=g)
+    batch["pixel_values" if kind == "image" else "pixel_values_videos"] = torch.randint(0, 256, pixels,
+                                                                                         dtype=torch.uint8, generator=g)
     return batch
 
 

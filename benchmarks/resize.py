@@ -43,7 +43,8 @@ def launch(ranks: int, port: int, args: list[str]) -> tuple[str, float]:
 
 
 def resumed(out: str) -> tuple[float, float]:
-    seconds, gib = re.search(r"resumed \S+ in ([\d.]+) s \(rank 0's peak resident memory so far ([\d.]+) GiB\)", out).groups()
+    seconds, gib = re.search(r"resumed \S+ in ([\d.]+) s \(rank 0's peak resident memory so far ([\d.]+) GiB\)",
+                             out).groups()
     return float(seconds), float(gib)
 
 

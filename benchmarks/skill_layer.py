@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from skillnet.layers import FFN, SkillFFN  # noqa: E402
 from skillnet.skills import Route  # noqa: E402
 
-_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 36), "MALLOC_TOP_PAD_": str(1 << 30)}
+_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 36),
+           "MALLOC_TOP_PAD_": str(1 << 30)}
 
 
 def _reuse_freed_memory():
@@ -53,7 +54,8 @@ def _deepspeed_moe(hidden: int, ffn: int, num_experts: int):
     from deepspeed.moe.layer import MoE
 
     if not dist.is_initialized():
-        for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29531", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():
+        for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29531", RANK="0", LOCAL_RANK="0",
+                               WORLD_SIZE="1").items():
             os.environ.setdefault(key, value)
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     moe = MoE(hidden, FFN(hidden, ffn, "gelu"), num_experts=num_experts, ep_size=1, k=2)
@@ -121,9 +123,11 @@ def main(argv=None) -> int:
         print(f"  {'tokens':<8}{'dense ms':>10}{'skills ms':>11}{'MoE ms':>9}{'skills / MoE':>14}")
         for tokens in (int(t) for t in args.moe_tokens.split(",")):
             x = torch.randn(8, tokens // 8, h, requires_grad=True)
-            t = _best_times({"dense": dense, "skills": lambda x: skills(x, Route([(None, (0, 6))])), "moe": moe}, x, args.repeats)
+            t = _best_times({"dense": dense, "skills": lambda x: skills(x, Route([(None, (0, 6))])), "moe": moe}, x,
+                            args.repeats)
             ratio = t["skills"] / t["moe"]
-            print(f"  {tokens:<8}{t['dense'] * 1e3:>10.1f}{t['skills'] * 1e3:>11.1f}{t['moe'] * 1e3:>9.1f}{ratio:>14.3f}")
+            print(f"  {tokens:<8}{t['dense'] * 1e3:>10.1f}{t['skills'] * 1e3:>11.1f}{t['moe'] * 1e3:>9.1f}"
+                  f"{ratio:>14.3f}")
             checks.append((f"k=2 / DeepSpeed MoE, {tokens} tokens", ratio, "<= 0.80", ratio <= 0.8))
 
     print(f"\n  {'ratio':<36}{'value':>7}  {'target':<11}met")

@@ -103,7 +103,8 @@ def from_bert(path_or_name: str, model_class=SkillNetModel, **skillnet_kwargs):
     prefix = "skillnet." if isinstance(model, SkillNetForPreTraining) else ""
     bert_sd = bert.state_dict()
     missing_heads = {k for k in info["missing_keys"] if k.startswith("cls.")}
-    bert_sd = {k: v for k, v in bert_sd.items() if k not in missing_heads and not k.startswith("cls.predictions.decoder")}
+    bert_sd = {k: v for k, v in bert_sd.items()
+               if k not in missing_heads and not k.startswith("cls.predictions.decoder")}
     mapped = _bert_to_skillnet(bert_sd, model, prefix)
     result = model.load_state_dict(mapped, strict=False)
     with torch.no_grad():

@@ -176,13 +176,15 @@ class SkillNetConfig(PretrainedConfig):
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                             f"{self.num_attention_heads}")
         unknown = [m for m in self.modalities if m not in MODALITIES]
         if unknown:
             raise ValueError(f"unknown modalities {unknown}; front-ends exist for {list(MODALITIES)}")
         for task, modality in self.task_modalities.items():
             if task not in self.tasks or modality not in MODALITIES:
-                raise ValueError(f"task_modalities: {task!r} -> {modality!r} needs a declared task and one of {list(MODALITIES)}")
+                raise ValueError(f"task_modalities: {task!r} -> {modality!r} needs a declared task and one of "
+                                 f"{list(MODALITIES)}")
         if self.router == "skill":
             if not self.skills:
                 raise ValueError("router 'skill' needs skills: set `skills` or a shipped `skill_set`")
@@ -192,7 +194,8 @@ class SkillNetConfig(PretrainedConfig):
         if self.router == "moe" and not 1 <= self.moe_top_k <= self.num_experts:
             raise ValueError(f"moe_top_k {self.moe_top_k} must be in [1, num_experts={self.num_experts}]")
         if self.router == "prototype" and self.num_experts % self.prototype_groups:
-            raise ValueError(f"num_experts {self.num_experts} is not divisible by prototype_groups {self.prototype_groups}")
+            raise ValueError(f"num_experts {self.num_experts} is not divisible by prototype_groups "
+                             f"{self.prototype_groups}")
         if self.router == "task_router" and not self.tasks:
             raise ValueError("router 'task_router' needs a task table (`tasks`)")
         if {"image", "video"} & set(self.modalities) and self.image_size % self.patch_size:

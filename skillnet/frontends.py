@@ -58,7 +58,8 @@ class TextEmbedding(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         positions = torch.arange(position_offset, position_offset + n, device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
+             + self.token_type_embeddings(token_type_ids))
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         return x, attention_mask
@@ -77,10 +78,12 @@ class ImageEmbedding(nn.Module):
         self.position_embeddings = nn.Embedding(num_patches + 1, config.hidden_size)
 
     def forward(self, pixel_values):
-        pixels = _pixels("pixel_values", pixel_values, 4, "(batch, channels, height, width)", self.config, self.patch.weight.dtype)
+        pixels = _pixels("pixel_values", pixel_values, 4, "(batch, channels, height, width)", self.config,
+                         self.patch.weight.dtype)
         b, c, h, w = pixels.shape
         if (c, h, w) != (self.channels, self.image_size, self.image_size):
-            raise ValueError(f"pixel_values must be (batch, {self.channels}, {self.image_size}, {self.image_size}), got {tuple(pixels.shape)}")
+            raise ValueError(f"pixel_values must be (batch, {self.channels}, {self.image_size}, {self.image_size}), "
+                             f"got {tuple(pixels.shape)}")
         x = self.patch(pixels).flatten(2).transpose(1, 2)
         positions = torch.arange(x.shape[1] + 1, device=x.device)
         x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1) + self.position_embeddings(positions)
@@ -116,12 +119,14 @@ class AudioEmbedding(nn.Module):
             raise ValueError(f"input_features has {frames} frames, more than max_audio_frames={self.max_frames}")
         x = F.gelu(self.conv2(F.gelu(self.conv1(input_features.to(self.conv1.weight.dtype))))).transpose(1, 2)
         n = x.shape[1]
-        x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1) + self.position_embeddings(torch.arange(n + 1, device=x.device))
+        x = (torch.cat([self.cls.expand(b, -1, -1), x], dim=1)
+             + self.position_embeddings(torch.arange(n + 1, device=x.device)))
         if feature_attention_mask is None:
             mask = torch.ones(b, n + 1, dtype=torch.long, device=x.device)
         else:
             if feature_attention_mask.shape != (b, frames):
-                raise ValueError(f"feature_attention_mask must be (batch, frames) = {(b, frames)}, got {tuple(feature_attention_mask.shape)}")
+                raise ValueError(f"feature_attention_mask must be (batch, frames) = {(b, frames)}, "
+                                 f"got {tuple(feature_attention_mask.shape)}")
             lengths = self.subsampled(feature_attention_mask.long().sum(-1))
             mask = (torch.arange(n + 1, device=x.device)[None, :] <= lengths[:, None]).long()
         return x, mask
@@ -148,7 +153,8 @@ class VideoEmbedding(nn.Module):
         b, t, c, h, w = pixels.shape
         want = (self.frames, self.channels, self.image_size, self.image_size)
         if (t, c, h, w) != want:
-            raise ValueError(f"pixel_values_videos must be (batch, {', '.join(map(str, want))}), got {tuple(pixels.shape)}")
+            raise ValueError(f"pixel_values_videos must be (batch, {', '.join(map(str, want))}), "
+                             f"got {tuple(pixels.shape)}")
         x = self.tubelet(pixels.transpose(1, 2))  # (b, h, t', h', w')
         x = x.flatten(3).permute(0, 2, 3, 1)  # (b, t', space, hidden)
         space = self.space_embeddings(torch.arange(x.shape[2], device=x.device))

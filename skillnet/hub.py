@@ -28,7 +28,8 @@ PACKAGE_DIR = Path(__file__).parent
 ROOTS = (f"{PACKAGE}.modeling", f"{PACKAGE}.configuration")
 """The modules the flat code starts from; what they import from the package comes with them."""
 AUTO_CLASSES = {"AutoModel": "SkillNetModel", "AutoModelForPreTraining": "SkillNetForPreTraining",
-                "AutoModelForMaskedLM": "SkillNetForMaskedLM", "AutoModelForSeq2SeqLM": "SkillNetForConditionalGeneration"}
+                "AutoModelForMaskedLM": "SkillNetForMaskedLM",
+                "AutoModelForSeq2SeqLM": "SkillNetForConditionalGeneration"}
 """Auto class -> the model class it loads, as `skillnet/__init__.py` registers them."""
 PIPELINE_TAGS = {"SkillNetForPreTraining": "fill-mask", "SkillNetForMaskedLM": "fill-mask",
                  "SkillNetForConditionalGeneration": "text2text-generation"}
@@ -62,7 +63,8 @@ def _package_imports(module: str, tree: ast.Module) -> list[tuple[ast.ImportFrom
             raise ValueError(f"{module}: flat code cannot hold `import {PACKAGE}...`; write `from .x import name`")
         if not isinstance(node, ast.ImportFrom):
             continue
-        target = importlib.util.resolve_name("." * node.level + (node.module or ""), here) if node.level else node.module
+        target = (importlib.util.resolve_name("." * node.level + (node.module or ""), here) if node.level
+                  else node.module)
         if target.split(".")[0] != PACKAGE:
             continue
         if node.module is None or target == PACKAGE or not _source(target).exists():
@@ -229,7 +231,8 @@ def _loading(folder: Path, config: SkillNetConfig, architecture: str) -> str:
                 f"model = cls.from_pretrained({path})"]
     if (folder / "tokenizer_config.json").exists() and "text" in config.modalities:
         imports.append("from transformers import AutoTokenizer")
-        code.append(f"tokenizer = AutoTokenizer.from_pretrained({path}, trust_remote_code=True)  # config.json names code")
+        code.append(f"tokenizer = AutoTokenizer.from_pretrained({path}, trust_remote_code=True)  "
+                    "# config.json names code")
         text_tasks = [t for t in config.tasks if config.task_modalities.get(t, "text") == "text"]
         task = config.default_task if config.default_task in text_tasks else next(iter(text_tasks), None)
         if not config.task_heads and task is not None:  # a head's inputs depend on its type (`skillnet.heads`)

@@ -97,7 +97,8 @@ def _load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, num_experts:
     return num_experts * (fraction * probs.reshape(-1, num_experts).mean(0)).sum()
 
 
-def _dispatch(flat: torch.Tensor, experts: nn.ModuleList, expert_index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _dispatch(flat: torch.Tensor, experts: nn.ModuleList, expert_index: torch.Tensor,
+              weight: torch.Tensor) -> torch.Tensor:
     """sum over slots of weight * expert(token) for every token; every expert runs, even on no tokens,
     so a data-parallel wrapper sees the same modules on every rank."""
     out = torch.zeros_like(flat)
@@ -111,7 +112,8 @@ def _dispatch(flat: torch.Tensor, experts: nn.ModuleList, expert_index: torch.Te
 class TopKMoEFFN(nn.Module):
     """Learned top-k token gating over `num_experts` FFNs (the papers' MoE baseline: 7 experts, top-2)."""
 
-    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, act: str, aux_coef: float):
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, act: str,
+                 aux_coef: float):
         super().__init__()
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.experts = nn.ModuleList(FFN(hidden_size, intermediate_size, act) for _ in range(num_experts))
@@ -130,7 +132,8 @@ class TopKMoEFFN(nn.Module):
 class PrototypeFFN(nn.Module):
     """k-top-1 expert prototyping (M6-T): experts in k groups, top-1 inside each group, outputs summed."""
 
-    def __init__(self, num_experts: int, groups: int, hidden_size: int, intermediate_size: int, act: str, aux_coef: float):
+    def __init__(self, num_experts: int, groups: int, hidden_size: int, intermediate_size: int, act: str,
+                 aux_coef: float):
         super().__init__()
         self.groups = groups
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
@@ -152,9 +155,11 @@ class TaskRouterFFN(nn.Module):
     """Task-level routing: the task embedding goes through a small per-layer router that picks one expert
     for all tokens of the sample (straight-through Gumbel-softmax in training, argmax at inference)."""
 
-    def __init__(self, num_experts: int, task_dim: int, router_hidden: int, hidden_size: int, intermediate_size: int, act: str, tau: float):
+    def __init__(self, num_experts: int, task_dim: int, router_hidden: int, hidden_size: int, intermediate_size: int,
+                 act: str, tau: float):
         super().__init__()
-        self.router = nn.Sequential(nn.Linear(task_dim, router_hidden), nn.ReLU(), nn.Linear(router_hidden, num_experts))
+        self.router = nn.Sequential(nn.Linear(task_dim, router_hidden), nn.ReLU(),
+                                    nn.Linear(router_hidden, num_experts))
         self.experts = nn.ModuleList(FFN(hidden_size, intermediate_size, act) for _ in range(num_experts))
         self.tau = tau
 
@@ -188,7 +193,8 @@ def make_ffn(config, carries_skills: bool) -> nn.Module:
         return TopKMoEFFN(config.num_experts, config.moe_top_k, h, f, act, config.router_aux_loss_coef)
     if config.router == "prototype":
         return PrototypeFFN(config.num_experts, config.prototype_groups, h, f, act, config.router_aux_loss_coef)
-    return TaskRouterFFN(config.num_experts, config.task_embedding_size, config.router_hidden_size, h, f, act, config.gumbel_temperature)
+    return TaskRouterFFN(config.num_experts, config.task_embedding_size, config.router_hidden_size, h, f, act,
+                         config.gumbel_temperature)
 
 
 @dataclass

@@ -263,12 +263,14 @@ class SkillNetModel(SkillNetPreTrainedModel):
         if skills is not None and all(isinstance(s, str) for s in skills):
             return Route([(None, registry.resolve(skills))])
         if skill_mask is None:
-            per_sample = [registry.task_skills(t) for t in task] if task is not None else [registry.resolve(s) for s in skills]
+            per_sample = ([registry.task_skills(t) for t in task] if task is not None
+                          else [registry.resolve(s) for s in skills])
             if len(per_sample) != batch_size:
                 raise ValueError(f"{given[0]} has {len(per_sample)} entries for a batch of {batch_size}")
             skill_mask = torch.stack([registry.mask(s) for s in per_sample])
         elif skill_mask.shape[-1] != len(registry) or skill_mask.shape[0] != batch_size:
-            raise ValueError(f"skill_mask must be (batch={batch_size}, num_skills={len(registry)}), got {tuple(skill_mask.shape)}")
+            raise ValueError(f"skill_mask must be (batch={batch_size}, num_skills={len(registry)}), "
+                             f"got {tuple(skill_mask.shape)}")
         return Route.from_mask(skill_mask.to(torch.bool).cpu(), device)
 
     def embed(self, modality=None, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None,
@@ -277,13 +279,16 @@ class SkillNetModel(SkillNetPreTrainedModel):
         inputs = {"text": input_ids, "image": pixel_values, "audio": input_features, "video": pixel_values_videos}
         present = [m for m, v in inputs.items() if v is not None]
         if len(present) != 1:
-            raise ValueError(f"pass the inputs of exactly one modality (input_ids, pixel_values, input_features or pixel_values_videos); got {present or 'none'}")
+            raise ValueError("pass the inputs of exactly one modality (input_ids, pixel_values, input_features or "
+                             f"pixel_values_videos); got {present or 'none'}")
         front = present[0]
         modality = modality or front
         if front != ("text" if modality == "code" else modality):
-            raise ValueError(f"modality {modality!r} does not match the inputs given ({INPUT_NAMES.get(front, 'input_ids')})")
+            raise ValueError(f"modality {modality!r} does not match the inputs given "
+                             f"({INPUT_NAMES.get(front, 'input_ids')})")
         if modality not in self.config.modalities:
-            raise ValueError(f"this model has no front-end for modality {modality!r}; config.modalities = {self.config.modalities}")
+            raise ValueError(f"this model has no front-end for modality {modality!r}; "
+                             f"config.modalities = {self.config.modalities}")
         if front == "text":
             x, mask = self.frontends["text"](input_ids, attention_mask, token_type_ids, position_offset)
         elif front == "audio":
@@ -299,7 +304,8 @@ class SkillNetModel(SkillNetPreTrainedModel):
                 input_features=None, feature_attention_mask=None, pixel_values_videos=None, modality=None,
                 task=None, skills=None, skill_mask=None, route: Route | None = None, prompts: nn.Module | None = None,
                 packed: list[dict] | None = None, output_attentions: bool | None = None,
-                output_hidden_states: bool | None = None, **kwargs) -> SkillNetModelOutput | tuple[SkillNetModelOutput, ...]:
+                output_hidden_states: bool | None = None,
+                **kwargs) -> SkillNetModelOutput | tuple[SkillNetModelOutput, ...]:
         """`prompts`: a `PromptEncoder` whose vectors are inserted after the first position ([CLS]) for
         the trunk to attend to; they are taken out of the outputs again, which stay aligned with the inputs.
 
@@ -338,8 +344,9 @@ class SkillNetModel(SkillNetPreTrainedModel):
             mask = torch.cat([mask[:, :1], mask.new_ones(mask.shape[0], n), mask[:, 1:]], dim=1)
         # inputs without padding by construction (images, video, text or audio given no mask) attend
         # without a mask, which keeps SDPA's efficient kernels eligible (checking a given mask would sync)
-        unpadded = pixel_values is not None or pixel_values_videos is not None or (
-            input_ids is not None and attention_mask is None) or (input_features is not None and feature_attention_mask is None)
+        unpadded = (pixel_values is not None or pixel_values_videos is not None
+                    or (input_ids is not None and attention_mask is None)
+                    or (input_features is not None and feature_attention_mask is None))
         return x, mask, None if unpadded else padding_mask(mask), route, n, modality
 
     def _output(self, stack: BaseModelOutputWithCrossAttentions, mask, n, route, modality) -> SkillNetModelOutput:
@@ -353,7 +360,8 @@ class SkillNetModel(SkillNetPreTrainedModel):
     def _forward_packed(self, packed: list[dict], output_hidden_states: bool) -> tuple[SkillNetModelOutput, ...]:
         for i, inputs in enumerate(packed):
             if unknown := sorted(set(inputs) - _PACKED_ARGUMENTS):
-                raise ValueError(f"packed input {i}: unknown arguments {unknown}; accepted: {sorted(_PACKED_ARGUMENTS)}")
+                raise ValueError(f"packed input {i}: unknown arguments {unknown}; "
+                                 f"accepted: {sorted(_PACKED_ARGUMENTS)}")
         prepared = [self._prepare(**inputs) for inputs in packed]
         shapes = [tuple(p[0].shape[:2]) for p in prepared]
         rows = torch.cat([p[0].flatten(0, 1) for p in prepared])
@@ -365,8 +373,8 @@ class SkillNetModel(SkillNetPreTrainedModel):
             def part(t, start=start):
                 return t[start:start + batch * length].view(batch, length, -1)
             states = tuple(part(h) for h in stack.hidden_states) if stack.hidden_states is not None else None
-            outputs.append(self._output(BaseModelOutputWithCrossAttentions(part(stack.last_hidden_state), states), mask, n,
-                                        route if i == 0 else None, modality))
+            outputs.append(self._output(BaseModelOutputWithCrossAttentions(part(stack.last_hidden_state), states),
+                                        mask, n, route if i == 0 else None, modality))
             start += batch * length
         return tuple(outputs)
 
@@ -390,7 +398,8 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
         self.projections = None
         self.logit_scale = None
         if config.projection_dim:
-            self.projections = nn.ModuleDict({m: nn.Linear(h, config.projection_dim, bias=False) for m in config.modalities})
+            self.projections = nn.ModuleDict({m: nn.Linear(h, config.projection_dim, bias=False)
+                                              for m in config.modalities})
             self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))  # 1-d: DeepSpeed broadcasts bytes
         self.post_init()
 
@@ -436,7 +445,8 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
                 if self.projections is None:
                     raise ValueError("contrastive pairs need projection_dim > 0 in the config")
                 streams.append(heads[-1][3])
-        encoded = iter(self.skillnet(packed=streams) if len(streams) > 1 else [self.skillnet(**streams[0], return_dict=True)])
+        encoded = iter(self.skillnet(packed=streams) if len(streams) > 1
+                       else [self.skillnet(**streams[0], return_dict=True)])
         results = tuple(self._heads(next(encoded), mlm, positions, nsp, next(encoded) if other is not None else None,
                                     single) for mlm, positions, nsp, other in heads)
         return results[0] if single else results
@@ -502,7 +512,8 @@ class SkillNetForMaskedLM(SkillNetPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **inputs) -> MaskedLMOutput:
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
+                **inputs) -> MaskedLMOutput:
         """`labels`: token ids where the loss is taken, -100 elsewhere. Other arguments: `SkillNetModel`'s
         (without `task=` the call runs `config.default_task`)."""
         out = self.skillnet(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
@@ -540,8 +551,8 @@ class SkillGenerationMixin(GenerationMixin):
     `GenerationConfig`), the task's skills active in the encoder and at every decoding step. For a model with
     `skillnet` (the encoder) and the modules `_add_decoder` gives it."""
 
-    def decode(self, decoder_input_ids, encoder_states, encoder_mask, route, cache=None,
-               output_attentions=False, output_hidden_states=False) -> tuple[torch.Tensor, BaseModelOutputWithCrossAttentions]:
+    def decode(self, decoder_input_ids, encoder_states, encoder_mask, route, cache=None, output_attentions=False,
+               output_hidden_states=False) -> tuple[torch.Tensor, BaseModelOutputWithCrossAttentions]:
         """Vocabulary logits of the decoder for `decoder_input_ids`, following the positions already in
         `cache` (an `EncoderDecoderCache`, updated in place), and the decoder stack's outputs."""
         if getattr(self, "decoder", None) is None:
@@ -582,8 +593,9 @@ class SkillGenerationMixin(GenerationMixin):
             decoder_input_ids = self.shift_right(labels)
         route = self.skillnet.route(decoder_input_ids.shape[0], task, skills, skill_mask, decoder_input_ids.device)
         if encoder_outputs is None:
-            encoder_outputs = self.skillnet(input_ids=input_ids, attention_mask=attention_mask, route=route, return_dict=True,
-                                            output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+            encoder_outputs = self.skillnet(input_ids=input_ids, attention_mask=attention_mask, route=route,
+                                            return_dict=True, output_attentions=output_attentions,
+                                            output_hidden_states=output_hidden_states)
         encoder_mask = attention_mask if attention_mask is not None else encoder_outputs.attention_mask
         if use_cache is None:
             use_cache = getattr(config, "use_cache", True) and labels is None
@@ -609,7 +621,8 @@ class SkillGenerationMixin(GenerationMixin):
             skills is not None and not all(isinstance(x, str) for x in skills))
         if per_sample and self.config.router == "skill":
             registry = self.registry
-            sets = [registry.task_skills(t) for t in task] if task is not None else [registry.resolve(x) for x in skills]
+            sets = ([registry.task_skills(t) for t in task] if task is not None
+                    else [registry.resolve(x) for x in skills])
             kwargs["skill_mask"] = torch.stack([registry.mask(x) for x in sets]).to(self.device)
         else:
             kwargs.update({k: v for k, v in (("task", task), ("skills", skills)) if v is not None})
@@ -627,7 +640,8 @@ class PromptEncoder(nn.Module):
         self.vectors = nn.Parameter(torch.zeros(length, hidden))
         self.generator = None
         if instance_wise:
-            self.generator = nn.Sequential(nn.Linear(hidden, bottleneck), nn.Tanh(), nn.Linear(bottleneck, length * hidden))
+            self.generator = nn.Sequential(nn.Linear(hidden, bottleneck), nn.Tanh(),
+                                           nn.Linear(bottleneck, length * hidden))
 
     def forward(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = self.vectors.expand(embeddings.shape[0], -1, -1)
@@ -674,7 +688,8 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel, SkillGenerationMixin):
             built.append(module)
         if spec.get("prompts"):
             prompts = spec["prompts"]
-            self.prompts[task] = PromptEncoder(prompts["length"], self.config.hidden_size, prompts.get("instance_wise", False))
+            self.prompts[task] = PromptEncoder(prompts["length"], self.config.hidden_size,
+                                               prompts.get("instance_wise", False))
             built.append(self.prompts[task])
         return built
 
@@ -688,7 +703,8 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel, SkillGenerationMixin):
             module.to(self.device)
 
     @can_return_tuple
-    def forward(self, input_ids=None, task: str | None = None, **inputs) -> SkillNetMultiTaskOutput | SkillNetSeq2SeqOutput:
+    def forward(self, input_ids=None, task: str | None = None,
+                **inputs) -> SkillNetMultiTaskOutput | SkillNetSeq2SeqOutput:
         """Run `task`'s head (by default `config.default_task`'s) on a batch of its examples: the encoder's
         inputs and what the head's type reads besides (`labels`, `word_mask`, `start_positions`, `candidate`,
         ...; see `skillnet.heads`). The head calls this model's modules; its loss gets the routers' auxiliary
@@ -715,7 +731,8 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel, SkillGenerationMixin):
     def task_inputs(self, task: str, inputs: dict, modality: str | None = None) -> dict:
         """The encoder's arguments for `inputs` run as `task` (its skills and prompts), e.g. one entry of a
         `packed` call."""
-        return {**inputs, "modality": modality, "task": task, "prompts": self.prompts[task] if task in self.prompts else None}
+        return {**inputs, "modality": modality, "task": task,
+                "prompts": self.prompts[task] if task in self.prompts else None}
 
     def embedding(self, encoded: SkillNetModelOutput) -> torch.Tensor:
         """The L2-normalised contrastive embedding of an encoder output (its modality's projection of
@@ -746,8 +763,8 @@ class SkillNetForConditionalGeneration(SkillNetPreTrainedModel, SkillGenerationM
     @can_return_tuple
     @old_cache_name
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, labels=None, encoder_outputs=None,
-                cache=None, use_cache=None, task=None, skills=None, skill_mask=None,
-                output_attentions=None, output_hidden_states=None, past_key_values=None, **kwargs) -> SkillNetSeq2SeqOutput:
+                cache=None, use_cache=None, task=None, skills=None, skill_mask=None, output_attentions=None,
+                output_hidden_states=None, past_key_values=None, **kwargs) -> SkillNetSeq2SeqOutput:
         """See `SkillGenerationMixin.seq2seq`."""
-        return self.seq2seq(input_ids, attention_mask, decoder_input_ids, labels, encoder_outputs, cache,
-                            use_cache, task, skills, skill_mask, output_attentions, output_hidden_states, past_key_values)
+        return self.seq2seq(input_ids, attention_mask, decoder_input_ids, labels, encoder_outputs, cache, use_cache,
+                            task, skills, skill_mask, output_attentions, output_hidden_states, past_key_values)

@@ -83,7 +83,8 @@ MULTIMODAL_TASKS = {
     "next_sentence": ["text"],
 }
 
-MULTIMODAL_TASK_MODALITIES = {"image": "image", "audio": "audio", "video": "video", "code": "code", "masked_code": "code"}
+MULTIMODAL_TASK_MODALITIES = {"image": "image", "audio": "audio", "video": "video", "code": "code",
+                              "masked_code": "code"}
 
 # name -> (skills, tasks, the input modality of each task that is not text, the task a call naming none runs)
 SKILL_SETS = {
@@ -248,7 +249,8 @@ class Route:
         """A route from a (batch, num_skills) bool mask; one group when every sample agrees. Sample
         indices are put on `device` (where the activations live) once, not in every layer."""
         if mask.dim() != 2 or mask.dtype != torch.bool:
-            raise ValueError(f"skill_mask must be a bool tensor (batch, num_skills), got {tuple(mask.shape)} {mask.dtype}")
+            raise ValueError("skill_mask must be a bool tensor (batch, num_skills), "
+                             f"got {tuple(mask.shape)} {mask.dtype}")
         if not bool(mask.any(dim=1).all()):
             raise ValueError("skill_mask has a sample with no active skill")
         rows, inverse = torch.unique(mask, dim=0, return_inverse=True)

@@ -42,7 +42,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"no tokenizer.json at {path}")
-    return PreTrainedTokenizerFast(tokenizer_file=str(file), model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    return PreTrainedTokenizerFast(tokenizer_file=str(file),
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"],
                                    **SPECIAL_TOKENS)
 
 

@@ -109,7 +109,8 @@ def finetune_rows(seed: int, n: int) -> dict[str, list[dict]]:
     rows = {"sentiment": [], "pairs": [], "ner": [], "qa": []}
     for _ in range(n):
         good = rng.random() < 0.5
-        words = rng.sample(WORDS, 4) + [rng.choice(["good", "great"] if good else ["bad", "awful"])] + rng.sample(WORDS, 2)
+        words = (rng.sample(WORDS, 4) + [rng.choice(["good", "great"] if good else ["bad", "awful"])]
+                 + rng.sample(WORDS, 2))
         rows["sentiment"].append({"text": " ".join(words), "label": "positive" if good else "negative"})
         same = rng.random() < 0.5  # the second segment's cue word decides
         second = rng.sample(WORDS, 3) + ["indeed" if same else "never"] + rng.sample(WORDS, 2)
@@ -119,7 +120,8 @@ def finetune_rows(seed: int, n: int) -> dict[str, list[dict]]:
         words = rng.sample(WORDS, 3) + [city] + rng.sample(WORDS, 2)
         rows["ner"].append({"tokens": words, "tags": ["B-LOC" if w == city else "O" for w in words]})
         country, capital = rng.choice(["france", "italy", "norway", "peru", "egypt", "india"]), rng.choice(CITIES)
-        context = f"{' '.join(rng.sample(WORDS, 3))} the capital of {country} is {capital} {' '.join(rng.sample(WORDS, 2))}"
+        context = (f"{' '.join(rng.sample(WORDS, 3))} the capital of {country} is {capital} "
+                   f"{' '.join(rng.sample(WORDS, 2))}")
         rows["qa"].append({"question": f"what is the capital of {country}", "context": context,
                            "answers": {"text": [capital], "answer_start": [context.index(f"is {capital}") + 3]}})
     return rows
@@ -150,8 +152,8 @@ def workspace(tmp_path_factory):
 
 def finetune_config(root, files, tasks: list[str], **extra) -> str:
     heads = {
-        "sentiment": {"name": "sentiment_analysis", "head": {"type": "classification", "labels": ["negative", "positive"]},
-                      "skills": ["text"]},
+        "sentiment": {"name": "sentiment_analysis",
+                      "head": {"type": "classification", "labels": ["negative", "positive"]}, "skills": ["text"]},
         "pairs": {"name": "paraphrase", "head": {"type": "pair_classification", "labels": ["different", "same"]},
                   "skills": ["text"]},
         "ner": {"name": "named_entity_recognition", "head": {"type": "tagging", "labels": ["O", "B-LOC", "I-LOC"]},

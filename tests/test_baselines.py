@@ -19,7 +19,8 @@ def _train(model, steps=30):
     losses = []
     for step in range(steps):
         task = "masked_lm" if step % 2 == 0 else "next_sentence"
-        out = model(input_ids=inputs, task=task, **({"labels": labels} if task == "masked_lm" else {"next_sentence_label": pair}))
+        out = model(input_ids=inputs, task=task,
+                    **({"labels": labels} if task == "masked_lm" else {"next_sentence_label": pair}))
         opt.zero_grad()
         out.loss.backward()
         opt.step()

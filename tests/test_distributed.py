@@ -27,6 +27,8 @@ from conftest import finetune_config, free_port, rank_env
 from skillnet import SkillNetForPreTraining, load_config
 from training.zero.layout import STATES, parameter_layout, whole_parameters
 
+pytestmark = pytest.mark.slow  # real launchers and multi-rank training runs
+
 ROOT = Path(__file__).resolve().parents[1]
 # every parameter partitioned: the tiny model's tensors are all below DeepSpeed's default persistence threshold
 PARTITION_ALL = "distributed.ds_overrides.zero_optimization.stage3_param_persistence_threshold=0"
@@ -46,7 +48,8 @@ class Scenario:
         return self.name
 
 
-ZERO2, ZERO3_OFFLOAD = "distributed.ds_config=ds_configs/zero2.json", "distributed.ds_config=ds_configs/zero3_offload.json"
+ZERO2, ZERO3_OFFLOAD = ("distributed.ds_config=ds_configs/zero2.json",
+                        "distributed.ds_config=ds_configs/zero3_offload.json")
 SPLIT = "distributed.skill_parallel_size=2"
 DATA_LOCAL = ("train.steps=6", "checkpoint.every=3", "checkpoint.keep_last=5", "train.gradient_accumulation=2",
               "train.activation_checkpointing=true", SPLIT, "distributed.skill_placement=data_local")
@@ -59,10 +62,11 @@ SCENARIOS = [
                                                "train.log_samples=true"),
              ("resizes:1+6", "resizes:4+4", "resizes:2/2", "resizes:2/2/data_local"), corpus="small_shards"),
     Scenario("zero2-accumulation-recompute", "pretrain", 1,
-             ("train.steps=4", "checkpoint.every=2", "train.gradient_accumulation=2", "train.activation_checkpointing=true",
-              ZERO2), ("micro_batches_per_step:2", "resumes_exactly", "resumes_from_the_previous_layout"), "python"),
-    Scenario("zero3-offload", "pretrain", 1, ("train.steps=4", "checkpoint.every=2", ZERO3_OFFLOAD), ("resumes_exactly",),
-             "python"),
+             ("train.steps=4", "checkpoint.every=2", "train.gradient_accumulation=2",
+              "train.activation_checkpointing=true", ZERO2),
+             ("micro_batches_per_step:2", "resumes_exactly", "resumes_from_the_previous_layout"), "python"),
+    Scenario("zero3-offload", "pretrain", 1, ("train.steps=4", "checkpoint.every=2", ZERO3_OFFLOAD),
+             ("resumes_exactly",), "python"),
     *(Scenario(f"bf16-{ds}", "pretrain", 2, ("train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=3",
                                              "train.bf16=true", f"distributed.ds_config=ds_configs/{ds}.json"),
                ("bf16_reduced_in_fp32", "resumes_exactly", "exports_the_checkpoint")) for ds in ("zero2", "zero3")),
@@ -74,7 +78,8 @@ SCENARIOS = [
              ("data_local_tasks", "every_rank_on_tensorboard", "resumes_exactly", "exports_without_padding",
               "resizes:1/1", "resizes:4/2/data_local")),
     Scenario("all-skills-4-ranks", "pretrain", 4, ("train.steps=4", "checkpoint.every=4", "data.num_workers=0")),
-    Scenario("skills-split-4-ranks", "pretrain", 4, ("train.steps=4", "checkpoint.every=4", "data.num_workers=0", SPLIT),
+    Scenario("skills-split-4-ranks", "pretrain", 4,
+             ("train.steps=4", "checkpoint.every=4", "data.num_workers=0", SPLIT),
              ("trains_like:all-skills-4-ranks", "skills_partitioned_over_two_ranks", "exports_like:all-skills-4-ranks",
               "converts_offline", "resizes:2/2")),
     Scenario("finetune-one-process", "finetune", 1, (*FINETUNE, "train.steps=24", "checkpoint.every=4", ZERO2),
@@ -180,7 +185,8 @@ def saved_states(folder: Path, states: tuple[str, ...] = STATES) -> dict[str, di
     (skills merged from the ranks holding them, padding left out)."""
     world = json.loads((folder / "complete.json").read_text())["world_size"]
     layout, _ = parameter_layout(folder, world, skip=lambda name: "._padding" in name, frozen_ok=True)
-    return {name: {k: v.clone() for k, v in whole.items()} for name, _, whole in whole_parameters(folder, world, layout, states)}
+    return {name: {k: v.clone() for k, v in whole.items()}
+            for name, _, whole in whole_parameters(folder, world, layout, states)}
 
 
 def final_weights(s: Scenario, folder: Path) -> dict[str, torch.Tensor]:
@@ -208,7 +214,8 @@ def _steps(s: Scenario) -> tuple[int, int]:
 def assert_same_training(s: Scenario, got: Path, expected: Path, after: int = 0) -> None:
     """Every step's loss and task after `after`, and the final weights, bit for bit."""
     def tail(folder):
-        return [{k: r[k] for k in ("step", "loss", "tasks", "task") if k in r} for r in records(folder) if r["step"] > after]
+        return [{k: r[k] for k in ("step", "loss", "tasks", "task") if k in r}
+                for r in records(folder) if r["step"] > after]
 
     assert tail(got) == tail(expected)
     a, b = final_weights(s, got), final_weights(s, expected)
@@ -226,7 +233,8 @@ def assert_close_to_update(got: dict, expected: dict, rel: float = 1e-2) -> None
     assert got.keys() == expected.keys()
     for name, tensor in expected.items():
         update = (tensor - initial[name]).norm()
-        assert (got[name] - tensor).norm() <= rel * update + 1e-6, (name, float((got[name] - tensor).norm()), float(update))
+        assert (got[name] - tensor).norm() <= rel * update + 1e-6, (name, float((got[name] - tensor).norm()),
+                                                                     float(update))
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -348,10 +356,13 @@ def resizes(s, folder, driver, tmp_path, target):
         for key in STATES:
             assert torch.equal(loaded[name][key], states[key]), (name, key)
     before, after = (torch.load(f / "train_state_rank0.pt", weights_only=False) for f in (last, again))
-    assert {k: after[k] for k in before if "seen" in k or k == "step"} == {k: before[k] for k in before if "seen" in k or k == "step"}
+    assert ({k: after[k] for k in before if "seen" in k or k == "step"}
+            == {k: before[k] for k in before if "seen" in k or k == "step"})
     assert torch.equal(after["rng"]["torch"], before["rng"]["torch"])
-    schedules = [torch.load(next(f.glob("*model_states.pt")), weights_only=False)["lr_scheduler"] for f in (last, again)]
-    assert schedules[1]["last_epoch"] == schedules[0]["last_epoch"] == step and schedules[1]["_last_lr"][0] == schedules[0]["_last_lr"][0]
+    schedules = [torch.load(next(f.glob("*model_states.pt")), weights_only=False)["lr_scheduler"]
+                 for f in (last, again)]
+    assert (schedules[1]["last_epoch"] == schedules[0]["last_epoch"] == step
+            and schedules[1]["_last_lr"][0] == schedules[0]["_last_lr"][0])
     if go_on:
         driver.run(target_run, run, *[e for e in extra if not e.startswith(("checkpoint.resume", "train.steps"))],
                    f"train.steps={step + int(go_on)}")
@@ -399,7 +410,8 @@ def _each_sample_once_per_epoch(first: Path, second: Path, corpus: Path) -> None
         return by_line
 
     before, after = read(first), read(second)
-    keys = Counter((r["task"], e, k) for r in [*before.values(), *after.values()] for k, e in zip(r["keys"], r["epochs"]))
+    keys = Counter((r["task"], e, k) for r in [*before.values(), *after.values()]
+                   for k, e in zip(r["keys"], r["epochs"]))
     assert max(keys.values()) == 1, [k for k, n in keys.items() if n > 1][:5]
     under_way = {(r["task"], e) for r in before.values() for e in r["epochs"]}
     readers, latest = {}, {}
@@ -414,7 +426,8 @@ def _each_sample_once_per_epoch(first: Path, second: Path, corpus: Path) -> None
     for task, epoch in complete:
         index = json.loads((corpus / sources[task]).read_text())
         names = [shard["name"] for shard in index["shards"]]
-        every = {s["__key__"] for name in names for s in read_raw_samples(str(corpus / Path(sources[task]).parent / name), SkipCounter())}
+        every = {s["__key__"] for name in names
+                 for s in read_raw_samples(str(corpus / Path(sources[task]).parent / name), SkipCounter())}
         assert {k for t, e, k in keys if (t, e) == (task, epoch)} == every, (task, epoch)
 
 
@@ -446,7 +459,8 @@ def trains_like(s, folder, driver, tmp_path, reference):
     expected, got = records(driver.finished(reference)), records(folder)
     assert [r["tasks"] for r in got] == [r["tasks"] for r in expected]
     for a, b in zip(got, expected):
-        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5) and math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4)
+        assert (math.isclose(a["loss"], b["loss"], rel_tol=1e-5)
+                and math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4))
         assert a["skill_bytes"] > 0 and b["skill_bytes"] == 0
 
 
@@ -468,7 +482,8 @@ def data_local_tasks(s, folder, driver, tmp_path):
     assert placement["shared"] == ["generic"] and len(placement["slots"][0]) != len(placement["slots"][1])
     rows, seen = records(folder), set()
     for r in rows:
-        assert len(r["tasks"]) == 2 and all(t in placement["task_slots"][g] for pair in r["tasks"] for g, t in enumerate(pair))
+        assert len(r["tasks"]) == 2 and all(t in placement["task_slots"][g] for pair in r["tasks"]
+                                            for g, t in enumerate(pair))
         assert r["skill_bytes"] > 0 and math.isfinite(r["loss"])
         pairs = [tuple(pair) for pair in r["tasks"]]
         assert r["zero3_calls"] == 2 and r["zero3_traced"] >= sum(pair in seen for pair in pairs), r
@@ -485,7 +500,8 @@ def every_rank_on_tensorboard(s, folder, driver, tmp_path):
     trained = {t for r in records(folder) for pair in r["tasks"] for t in pair}
     tags = board.Tags()["scalars"]
     assert {tag.removeprefix("loss/") for tag in tags if tag.startswith("loss/")} == trained
-    counted = {tag.removeprefix("tasks/"): sum(e.value for e in board.Scalars(tag)) for tag in tags if tag.startswith("tasks/")}
+    counted = {tag.removeprefix("tasks/"): sum(e.value for e in board.Scalars(tag))
+               for tag in tags if tag.startswith("tasks/")}
     # 6 steps x 2 micro-batches x 2 ranks, one task each
     assert set(counted) == trained and sum(counted.values()) == 24
 
@@ -494,7 +510,8 @@ def exports_without_padding(s, folder, driver, tmp_path):
     model = _export(folder, tmp_path / "hf")
     names = set(model.state_dict())
     assert not [n for n in names if "padding" in n]
-    assert all(f"skillnet.encoder.layers.0.ffn.skills.{k}.fc1.weight" in names for k in load_config("tiny").registry.names)
+    assert all(f"skillnet.encoder.layers.0.ffn.skills.{k}.fc1.weight" in names
+               for k in load_config("tiny").registry.names)
 
 
 def skills_partitioned_over_two_ranks(s, folder, driver, tmp_path):
@@ -517,14 +534,15 @@ def predictions_reproduce_evaluation(s, folder, driver, tmp_path):
 
 
 CHECKS = {f.__name__: f for f in (
-    killed_and_resumed_exactly, resumes_exactly, resumes_from_the_previous_layout, exports_the_checkpoint, one_trace_per_kind_of_call,
-    micro_batches_per_step, bf16_reduced_in_fp32, trains_like, exports_like, balanced_placement, data_local_tasks,
-    every_rank_on_tensorboard, exports_without_padding, skills_partitioned_over_two_ranks,
-    predictions_reproduce_evaluation, resizes, converts_offline)}
+    killed_and_resumed_exactly, resumes_exactly, resumes_from_the_previous_layout, exports_the_checkpoint,
+    one_trace_per_kind_of_call, micro_batches_per_step, bf16_reduced_in_fp32, trains_like, exports_like,
+    balanced_placement, data_local_tasks, every_rank_on_tensorboard, exports_without_padding,
+    skills_partitioned_over_two_ranks, predictions_reproduce_evaluation, resizes, converts_offline)}
 
 
 def test_every_check_of_the_table_exists():
     named = {c.partition(":")[0] for s in SCENARIOS for c in s.checks}
     assert named <= set(CHECKS) and set(CHECKS) <= named
-    references = {c.partition(":")[2] for s in SCENARIOS for c in s.checks if c.startswith(("trains_like:", "exports_like:"))}
+    references = {c.partition(":")[2] for s in SCENARIOS for c in s.checks
+                  if c.startswith(("trains_like:", "exports_like:"))}
     assert references <= set(BY_NAME)

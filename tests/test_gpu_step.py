@@ -19,9 +19,11 @@ def test_without_a_gpu_it_says_so_in_one_line():
     assert done.returncode == 0 and done.stdout.count("\n") == 1 and "sees none" in done.stdout
 
 
+@pytest.mark.slow
 def test_its_steps_run_on_the_cpu():
-    done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--config", "tiny", "--rounds", "1"], capture_output=True, text=True,
-                          timeout=600, env=rank_env(MASTER_PORT=str(free_port())), cwd=ROOT)
+    done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--config", "tiny", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=600, env=rank_env(MASTER_PORT=str(free_port())),
+                          cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "ms / step" not in line]
     steps = {(row.split(" | ")[0][2:], row.split(" | ")[1]) for row in rows}

@@ -33,26 +33,32 @@ CASES = {
     "classification": ({"labels": ["neg", "pos"]}, [{"text": "a red circle", "label": "pos"},
                                                     {"text": "a blue square", "label": "neg"},
                                                     {"text": "a green tone", "label": "pos"}]),
-    "pair_classification": ({"labels": ["no", "yes"]}, [{"text": "a red circle", "text_pair": "a red square", "label": "yes"},
-                                                        {"text": "a tone", "text_pair": "a chord", "label": "no"},
-                                                        {"text": "left", "text_pair": "right", "label": "no"}]),
+    "pair_classification": ({"labels": ["no", "yes"]},
+                            [{"text": "a red circle", "text_pair": "a red square", "label": "yes"},
+                             {"text": "a tone", "text_pair": "a chord", "label": "no"},
+                             {"text": "left", "text_pair": "right", "label": "no"}]),
     "tagging": ({"labels": ["O", "B-C", "I-C"]}, [{"tokens": ["a", "red", "circle"], "tags": ["O", "B-C", "I-C"]},
                                                   {"tokens": ["blue", "square"], "tags": ["B-C", "O"]},
                                                   {"tokens": ["the", "tone"], "tags": ["O", "O"]}]),
-    "span": ({}, [{"question": "which colour", "context": "a red circle", "answers": {"text": ["red"], "answer_start": [2]}},
-                  {"question": "which shape", "context": "a blue square", "answers": {"text": ["square"], "answer_start": [7]}},
-                  {"question": "what", "context": "a low tone", "answers": {"text": ["low tone"], "answer_start": [2]}}]),
+    "span": ({}, [{"question": "which colour", "context": "a red circle",
+                   "answers": {"text": ["red"], "answer_start": [2]}},
+                  {"question": "which shape", "context": "a blue square",
+                   "answers": {"text": ["square"], "answer_start": [7]}},
+                  {"question": "what", "context": "a low tone",
+                   "answers": {"text": ["low tone"], "answer_start": [2]}}]),
     "generation": ({}, [{"text": "a red circle", "target": "red"}, {"text": "a blue square", "target": "blue"},
                         {"text": "a low tone", "target": "low"}]),
     "ctc": ({"labels": list("abc")}, [{"key": f"k{i}", "caption": c, "input_features": AUDIO[:, : 32 + 8 * i]}
                                       for i, c in enumerate(["ab", "cab", "c"])]),
-    "retrieval": ({"candidate_modality": "image"}, [{"key": f"k{i}", "caption": c, "pixel_values": torch.randn(3, 32, 32)}
-                                                    for i, c in enumerate(["a red circle", "a blue square", "a tone"])]),
+    "retrieval": ({"candidate_modality": "image"},
+                  [{"key": f"k{i}", "caption": c, "pixel_values": torch.randn(3, 32, 32)}
+                   for i, c in enumerate(["a red circle", "a blue square", "a tone"])]),
 }
 
 
 def test_the_registry_holds_one_class_per_type_from_every_module_of_the_package():
-    modules = {f"skillnet.heads.{m.name}" for m in pkgutil.iter_modules(skillnet.heads.__path__)} - {"skillnet.heads.base"}
+    modules = ({f"skillnet.heads.{m.name}" for m in pkgutil.iter_modules(skillnet.heads.__path__)}
+               - {"skillnet.heads.base"})
     shipped = {name: cls for name, cls in HEADS.items() if cls.__module__.startswith("skillnet.heads.")}
     assert set(shipped) == set(CASES)
     assert {cls.__module__ for cls in shipped.values()} == modules  # each module is discovered and registers
@@ -190,7 +196,8 @@ def test_a_new_head_type_in_a_file_of_its_own_finetunes_and_predicts(registry, t
     train, dev = write_rows(tmp_path, "train", rows[:64]), write_rows(tmp_path, "dev", rows[64:])
     init = tmp_path / "init"
     tokenizer = train_tokenizer([r["text"] for r in rows] * 3, 300, init)
-    SkillNetForPreTraining(load_config("tiny", vocab_size=len(tokenizer), max_position_embeddings=64)).save_pretrained(init)
+    SkillNetForPreTraining(load_config("tiny", vocab_size=len(tokenizer),
+                                       max_position_embeddings=64)).save_pretrained(init)
     tree = {"tasks": [{"name": "rating", "skills": ["text"], "head": {"type": "regression"},
                        "data": {"train": train, "validation": dev, "max_length": 16}}],
             "train": {"steps": 100, "batch_size": 16, "eval_batch_size": 32}, "optim": {"lr": 3e-3, "warmup_steps": 10}}
@@ -201,7 +208,8 @@ def test_a_new_head_type_in_a_file_of_its_own_finetunes_and_predicts(registry, t
     assert json.loads((out / "results.json").read_text())["results"]["rating"]["mse"] < 0.1  # the mean scores 0.25
     model = SkillNetForMultiTask.from_pretrained(out)
     assert model.config.task_heads["rating"] == {"type": "regression"}
-    assert {n for n in model.state_dict() if n.startswith("heads.")} == {"heads.rating.out.weight", "heads.rating.out.bias"}
+    assert ({n for n in model.state_dict() if n.startswith("heads.")}
+            == {"heads.rating.out.weight", "heads.rating.out.bias"})
     written = tmp_path / "predicted.jsonl"
     assert predict_main(["--model", str(out), "--task", "rating", "--input", dev, "--output", str(written)]) == 0
     assert written.read_text() == (out / "predictions" / "rating.jsonl").read_text()

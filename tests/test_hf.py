@@ -19,7 +19,8 @@ def test_save_and_load_round_trip(tmp_path, tiny_config):
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     ids = torch.randint(7, 512, (2, 8))
-    torch.testing.assert_close(loaded(input_ids=ids, task="text").embeddings, model(input_ids=ids, task="text").embeddings)
+    torch.testing.assert_close(loaded(input_ids=ids, task="text").embeddings,
+                               model(input_ids=ids, task="text").embeddings)
     base = AutoModel.from_pretrained(tmp_path)
     assert isinstance(base, SkillNetModel)
 
@@ -28,7 +29,8 @@ def test_checkpoint_with_other_skills_is_refused(tmp_path):
     SkillNetModel(nlu_config()).save_pretrained(tmp_path)
     other = nlu_config(skills=[{"name": n} for n in ("sequence", "token", "medical", "generic")],
                        tasks={"text_classification": ["sequence"]})
-    with pytest.raises(ValueError, match=r"checkpoint does not match the config: missing keys for skills \['medical'\]"):
+    with pytest.raises(ValueError,
+                       match=r"checkpoint does not match the config: missing keys for skills \['medical'\]"):
         SkillNetModel.from_pretrained(tmp_path, config=other)
     with pytest.raises(ValueError, match="shapes differ"):
         SkillNetModel.from_pretrained(tmp_path, config=nlu_config(intermediate_size=48), ignore_mismatched_sizes=True)

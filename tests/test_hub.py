@@ -74,7 +74,8 @@ REMOTE = textwrap.dedent("""
     json.dump({{"classes": [type(m).__module__ + "." + type(m).__name__ for m in (config, model, encoder, tasks)],
                "heads": sorted(heads.HEADS), "project": sorted(m for m in sys.modules if m.split(".")[0] in HIDDEN),
                "max_length": tokenizer.model_max_length,
-               "truncated": len(tokenizer("a red circle " * 50, truncation=True)["input_ids"])}}, open(out + ".json", "w"))
+               "truncated": len(tokenizer("a red circle " * 50, truncation=True)["input_ids"])}},
+              open(out + ".json", "w"))
 """).format(hidden=set(PROJECT))
 
 
@@ -188,7 +189,8 @@ def test_the_model_card_lists_the_skills_tasks_and_parameter_counts(exports):
     assert "```yaml\ntrain:\n  steps: 2\n```" in card and "| masked_lm | text/text.index.json |" in card
     assert "| masked_lm | 2 | 6.25 |" in card
     assert "AutoModelForPreTraining.from_pretrained(" in card and "trust_remote_code=True" in card
-    assert 'get_class_from_dynamic_module("modeling_skillnet.SkillNetForMultiTask"' in (multitask / "README.md").read_text()
+    assert ('get_class_from_dynamic_module("modeling_skillnet.SkillNetForMultiTask"'
+            in (multitask / "README.md").read_text())
 
 
 def _rows(card: str, section: str) -> dict[str, str]:

@@ -27,7 +27,8 @@ def test_text_and_code_from_a_locally_trained_tokenizer(model, tokenizer):
 
 def test_padding_does_not_change_the_unpadded_tokens(model, tokenizer):
     short = tokenizer(["a red circle"], return_tensors="pt")
-    padded = tokenizer(["a red circle", "a blue square on the left of a green circle"], padding=True, return_tensors="pt")
+    padded = tokenizer(["a red circle", "a blue square on the left of a green circle"], padding=True,
+                       return_tensors="pt")
     n = short["input_ids"].shape[1]
     alone = model.skillnet(**short, task="text").last_hidden_state
     batched = model.skillnet(**padded, task="text").last_hidden_state[:1, :n]
@@ -80,13 +81,15 @@ def test_contrastive_embeddings_for_every_modality(model):
     [
         (dict(pixel_values=torch.randn(2, 3, 28, 28)), ValueError, r"pixel_values must be \(batch, 3, 32, 32\)"),
         (dict(pixel_values=torch.randint(0, 255, (2, 3, 32, 32))), TypeError, "pixel_values must be a floating-point"),
-        (dict(pixel_values_videos=torch.randint(0, 255, (2, 4, 3, 32, 32), dtype=torch.int32)), TypeError, "must be a floating-point"),
+        (dict(pixel_values_videos=torch.randint(0, 255, (2, 4, 3, 32, 32), dtype=torch.int32)), TypeError,
+         "must be a floating-point"),
         (dict(input_ids=torch.randn(2, 5)), TypeError, "input_ids must be an integer"),
         (dict(input_ids=torch.randint(0, 9, (5,))), ValueError, r"input_ids must have shape \(batch, tokens\)"),
         (dict(input_ids=torch.full((1, 3), 512)), ValueError, "outside the vocabulary"),
         (dict(input_features=torch.randn(2, 80, 50)), ValueError, "80 mel bins, the config says num_mel_bins=16"),
         (dict(pixel_values_videos=torch.randn(2, 5, 3, 32, 32)), ValueError, "pixel_values_videos must be"),
-        (dict(input_ids=torch.ones(1, 3, dtype=torch.long), pixel_values=torch.randn(1, 3, 32, 32)), ValueError, "exactly one modality"),
+        (dict(input_ids=torch.ones(1, 3, dtype=torch.long), pixel_values=torch.randn(1, 3, 32, 32)), ValueError,
+         "exactly one modality"),
         (dict(input_ids=torch.ones(1, 3, dtype=torch.long), modality="image"), ValueError, "does not match the inputs"),
     ],
 )
@@ -110,4 +113,5 @@ def test_uint8_pixels_are_normalised_in_the_front_end(model, tiny_config):
     torch.testing.assert_close(a, model.skillnet(pixel_values=normalised, task="image").last_hidden_state)
     video = torch.randint(0, 256, (1, 4, 3, 32, 32), dtype=torch.uint8)
     b = model.skillnet(pixel_values_videos=video, task="video").last_hidden_state
-    torch.testing.assert_close(b, model.skillnet(pixel_values_videos=(video.float() / 255 - mean) / std, task="video").last_hidden_state)
+    torch.testing.assert_close(b, model.skillnet(pixel_values_videos=(video.float() / 255 - mean) / std,
+                                                 task="video").last_hidden_state)

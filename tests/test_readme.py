@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import free_port
 
@@ -24,6 +25,7 @@ def test_ci_runs_the_readme_test_command():
     assert ci[-1] == tests
 
 
+@pytest.mark.slow
 def test_readme_main_job_runs(tmp_path):
     """The main job as the README runs it (setup already done): local ranks, tiny config, sample corpus."""
     main_job, _ = _readme_commands()
@@ -51,7 +53,8 @@ def test_readme_main_job_runs(tmp_path):
     finetune = [line for line in (ROOT / "README.md").read_text().splitlines() if "-m finetune --config" in line][0]
     command = finetune.split("`")[1].replace("runs/tiny/export", str(tmp_path / "run" / "export"))
     images = tmp_path / "sample" / "image"
-    command += (f" 'tasks.0.data.train={images}/image-{{000000..000004}}.tar' tasks.0.data.validation={images}/image-000005.tar"
+    command += (f" 'tasks.0.data.train={images}/image-{{000000..000004}}.tar'"
+                f" tasks.0.data.validation={images}/image-000005.tar"
                 f" train.steps=4 output_dir={tmp_path / 'finetuned'}")
     out = subprocess.run(command.replace(".venv/bin/python", sys.executable, 1), shell=True, cwd=ROOT,
                          capture_output=True, text=True, timeout=600)

@@ -88,7 +88,8 @@ def test_per_sample_activation_equals_each_sample_alone(skill_attention):
     skills = [[registry.names[j] for j in registry.task_skills(t)] for t in tasks]
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, skills=skills).last_hidden_state, mixed)
     skill_mask = torch.stack([registry.mask(registry.task_skills(t)) for t in tasks])
-    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, skill_mask=skill_mask).last_hidden_state, mixed)
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, skill_mask=skill_mask).last_hidden_state,
+                               mixed)
 
 
 def test_skill_layers_placement_builds_dense_layers_elsewhere():
@@ -178,7 +179,8 @@ def test_attention_gets_no_mask_without_padding(monkeypatch):
     model(input_ids=torch.randint(5, 500, (2, 7)), task="text")
     assert seen == [(True, False)] * 4
     seen.clear()
-    model(input_ids=torch.randint(5, 500, (2, 7)), attention_mask=torch.tensor([[1] * 7, [1] * 5 + [0] * 2]), task="text")
+    model(input_ids=torch.randint(5, 500, (2, 7)), attention_mask=torch.tensor([[1] * 7, [1] * 5 + [0] * 2]),
+          task="text")
     assert seen == [(False, False)] * 2
     seen.clear()
     gen = SkillNetForConditionalGeneration(nlu_config(num_decoder_layers=1, decoder_start_token_id=1))

@@ -8,7 +8,8 @@ from pretrain.skill_parallel import balanced, data_local
 from skillnet import load_config
 
 MULTIMODAL = load_config("tiny").registry
-TASKS = {t: sorted(set(MULTIMODAL.skill_names(t)) | ({"text", "generic"} if t in ("image", "audio", "video", "code") else set()))
+TASKS = {t: sorted(set(MULTIMODAL.skill_names(t))
+                   | ({"text", "generic"} if t in ("image", "audio", "video", "code") else set()))
          for t in ("masked_lm", "next_sentence", "masked_code", "code", "image", "audio", "video")}
 
 
@@ -22,7 +23,8 @@ def test_balanced_placement_deals_every_skill_once():
 
 
 def test_data_local_placement_keeps_tasks_with_their_skills():
-    weights = {"masked_lm": 0.2, "next_sentence": 0.2, "masked_code": 0.1, "code": 0.1, "image": 0.2, "audio": 0.1, "video": 0.1}
+    weights = {"masked_lm": 0.2, "next_sentence": 0.2, "masked_code": 0.1, "code": 0.1, "image": 0.2, "audio": 0.1,
+               "video": 0.1}
     placement = data_local(MULTIMODAL.names, TASKS, weights, 2)
     assert placement.shared == ["generic"]  # every task activates it: held by every rank
     assert sorted(sum(placement.slots, []) + placement.shared) == sorted(MULTIMODAL.names)

@@ -22,8 +22,10 @@ def test_nlu_table_matches_paper():
 
 
 def test_shipped_sets():
-    assert [s["name"] for s in skill_set("nlg")["skills"]] == ["open_ended", "non_open_ended", "conversation", "data_to_text", "question", "generic"]
-    assert [s["name"] for s in skill_set("multimodal")["skills"]] == ["text", "image", "sound", "video", "code", "generic"]
+    assert [s["name"] for s in skill_set("nlg")["skills"]] == ["open_ended", "non_open_ended", "conversation",
+                                                               "data_to_text", "question", "generic"]
+    assert [s["name"] for s in skill_set("multimodal")["skills"]] == ["text", "image", "sound", "video", "code",
+                                                                      "generic"]
     with pytest.raises(ValueError, match="unknown skill set 'vision'"):
         skill_set("vision")
 

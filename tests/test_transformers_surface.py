@@ -48,12 +48,14 @@ class SkillNetModelTester:
 
     @staticmethod
     def main_output(model_class, out) -> torch.Tensor:
-        name = {SkillNetModel: "last_hidden_state", SkillNetForPreTraining: "last_hidden_state"}.get(model_class, "logits")
+        name = {SkillNetModel: "last_hidden_state",
+                SkillNetForPreTraining: "last_hidden_state"}.get(model_class, "logits")
         return out[name]
 
 
 tester = SkillNetModelTester()
-ALL = [SkillNetModel, SkillNetForPreTraining, SkillNetForMaskedLM, SkillNetForConditionalGeneration, SkillNetForMultiTask]
+ALL = [SkillNetModel, SkillNetForPreTraining, SkillNetForMaskedLM, SkillNetForConditionalGeneration,
+       SkillNetForMultiTask]
 ENCODERS = [SkillNetModel, SkillNetForPreTraining, SkillNetForMaskedLM]
 
 
@@ -231,7 +233,8 @@ def text_model_folder(tmp_path_factory):
     tokenizer.model_max_length = 40
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
-    SkillNetForPreTraining(tester.config(vocab_size=len(tokenizer), num_decoder_layers=0, task_heads={})).save_pretrained(folder)
+    SkillNetForPreTraining(tester.config(vocab_size=len(tokenizer), num_decoder_layers=0,
+                                         task_heads={})).save_pretrained(folder)
     return folder, tokenizer
 
 

@@ -58,7 +58,8 @@ def test_tested_range_is_the_pinned_range():
     import re
     from pathlib import Path
 
-    pinned = re.search(r'"deepspeed([^"]*)"', (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()).group(1)
+    pinned = re.search(r'"deepspeed([^"]*)"',
+                       (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()).group(1)
     assert pinned == ",".join(zero.TESTED)
     from packaging.specifiers import SpecifierSet
 
@@ -173,7 +174,8 @@ def test_zero3_hooks_only_the_modules_holding_parameters():
             engine.step()
     got, expected = _full(ours), _full(everywhere)
     assert all(torch.equal(got[name], tensor) for name, tensor in expected.items())
-    persistent = _engine(copy.deepcopy(model), _config(3, zero_optimization={"stage3_param_persistence_threshold": 100}))
+    persistent = _engine(copy.deepcopy(model),
+                         _config(3, zero_optimization={"stage3_param_persistence_threshold": 100}))
     assert {name for name, m in persistent.module.named_modules() if m._forward_pre_hooks} == {""}  # none to gather
 
 
@@ -358,4 +360,5 @@ def test_checkpoint_layout_gives_back_every_parameter_and_its_moments(tmp_path, 
     for name, shape, whole in whole_parameters(tmp_path / "step", 1, layout, STATES, batch_bytes=1):
         assert torch.equal(whole["fp32"], expected[name]), name
         for key in ("exp_avg", "exp_avg_sq"):
-            assert whole[key].abs().sum() > 0 and torch.allclose(whole[key], moments[name][key], rtol=1e-6, atol=0), (name, key)
+            assert (whole[key].abs().sum() > 0
+                    and torch.allclose(whole[key], moments[name][key], rtol=1e-6, atol=0)), (name, key)

@@ -145,7 +145,8 @@ def check_head(task: str, spec: dict, config) -> None:
     prompts = spec.get("prompts")
     if prompts is not None and (not isinstance(prompts, dict) or not isinstance(prompts.get("length"), int)
                                 or prompts["length"] < 1 or set(prompts) - {"length", "instance_wise"}):
-        raise ValueError(f"task {task!r}: prompts must be {{length: n >= 1, instance_wise: true|false}}, got {prompts!r}")
+        raise ValueError(f"task {task!r}: prompts must be {{length: n >= 1, instance_wise: true|false}}, "
+                         f"got {prompts!r}")
     head.check(config)
 
 

@@ -29,7 +29,8 @@ class FrameClassifier(nn.Module):
         loss = None
         if labels is not None:
             keep = labels != -100
-            loss = F.ctc_loss(log_probs.transpose(0, 1), labels[keep], lengths, keep.sum(1), blank=0, zero_infinity=True)
+            loss = F.ctc_loss(log_probs.transpose(0, 1), labels[keep], lengths, keep.sum(1), blank=0,
+                              zero_infinity=True)
         return loss, (log_probs, lengths)
 
     @staticmethod
@@ -50,7 +51,8 @@ class CTC(Head):
     def check(self, config) -> None:
         alphabet = self.spec.get("labels") or []
         if not alphabet or any(len(c) != 1 for c in alphabet) or len(set(alphabet)) != len(alphabet):
-            raise ValueError(f"task {self.task!r}: a ctc head needs `labels`, its alphabet of distinct single characters")
+            raise ValueError(f"task {self.task!r}: a ctc head needs `labels`, "
+                             "its alphabet of distinct single characters")
         if "audio" not in config.modalities:
             raise ValueError(f"task {self.task!r}: speech recognition needs the audio front-end in config.modalities")
 

@@ -41,7 +41,8 @@ class Generation(Head):
         if not labelled:
             return source
         target = field(row, fields.target, where)
-        ids = tokenizer(target, add_special_tokens=False, truncation=True, max_length=fields.max_length - 1)["input_ids"]
+        ids = tokenizer(target, add_special_tokens=False, truncation=True,
+                        max_length=fields.max_length - 1)["input_ids"]
         return {**source, "labels": torch.tensor(ids + [tokenizer.eos_token_id]), "meta": {"target": target}}
 
     def predict(self, model, batches, fields, tokenizer) -> list[str]:

@@ -43,7 +43,8 @@ class Retrieval(Head):
         if candidate is None:
             raise ValueError(f"retrieval task {self.task!r} needs candidate= (the inputs of the other side)")
         modality = self.spec["candidate_modality"]
-        sides = [model.task_inputs(self.task, inputs, "text"), model.task_inputs(self.candidate_task, candidate, modality)]
+        sides = [model.task_inputs(self.task, inputs, "text"),
+                 model.task_inputs(self.candidate_task, candidate, modality)]
         queries, candidates = (model.embedding(out) for out in model.skillnet(packed=sides))
         logits = model.similarities(queries, candidates)
         targets = torch.arange(len(logits), device=logits.device)
@@ -58,7 +59,8 @@ class Retrieval(Head):
         caption = tokenizer(row["caption"], truncation=True, max_length=fields.max_length)
         if self.shard_modality == "code":
             code = tokenizer(row["code"], truncation=True, max_length=fields.max_length)
-            candidate = {"input_ids": torch.tensor(code["input_ids"]), "attention_mask": torch.tensor(code["attention_mask"])}
+            candidate = {"input_ids": torch.tensor(code["input_ids"]),
+                         "attention_mask": torch.tensor(code["attention_mask"])}
         else:
             candidate = {k: v for k, v in row.items() if k in MEDIA_INPUTS}
         return {**tensors(caption), **{f"candidate_{k}": v for k, v in candidate.items()}, "meta": {"key": row["key"]}}

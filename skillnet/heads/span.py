@@ -60,7 +60,8 @@ class Span(Head):
     def example(self, row, fields, tokenizer, labelled, where):
         question, context = field(row, fields.question, where), field(row, fields.context, where)
         if len(tokenizer(question, add_special_tokens=False)["input_ids"]) + 4 > fields.max_length:
-            raise ValueError(f"{where}: the question leaves no room for the passage in data.max_length={fields.max_length}")
+            raise ValueError(f"{where}: the question leaves no room for the passage in "
+                             f"data.max_length={fields.max_length}")
         encoding = tokenizer(question, context, truncation="only_second", max_length=fields.max_length,
                              return_offsets_mapping=True)
         meta = {"context": context, "offsets": encoding["offset_mapping"]}
@@ -94,5 +95,6 @@ class Span(Head):
 def char_span_to_tokens(encoding, begin: int, end: int) -> tuple[int, int] | None:
     """The first and last tokens of the passage (sequence 1) covering characters [begin, end)."""
     ids = encoding.sequence_ids()
-    tokens = [i for i, ((s, e), seq) in enumerate(zip(encoding["offset_mapping"], ids)) if seq == 1 and e > begin and s < end]
+    tokens = [i for i, ((s, e), seq) in enumerate(zip(encoding["offset_mapping"], ids))
+              if seq == 1 and e > begin and s < end]
     return (tokens[0], tokens[-1]) if tokens else None

@@ -68,7 +68,8 @@ class Tagging(Head):
         self.check_modality(config)
 
     def build(self, config) -> nn.Module:
-        return Tagger(config.hidden_size, len(self.spec["labels"]), config.hidden_dropout_prob, self.spec.get("crf", True))
+        return Tagger(config.hidden_size, len(self.spec["labels"]), config.hidden_dropout_prob,
+                      self.spec.get("crf", True))
 
     def forward(self, model, word_mask, labels=None, **inputs):
         encoded = model.encode(self.task, **inputs)
