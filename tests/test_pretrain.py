@@ -119,14 +119,15 @@ def test_a_finished_run_leaves_nothing_running(sample, tmp_path):
     """Every rank ends its run with the process group destroyed and nothing left running: no gloo thread
     (one still running when the interpreter tears down aborts the process, after the run has printed that
     it finished), no Python thread but the main one. (`benchmarks/exit_stress.py` repeats whole runs.)"""
-    import re
-
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "tests" / "exit_worker.py"), "--config", "tiny", f"data_root={sample}",
            f"run_dir={tmp_path / 'run'}", "train.steps=4", "checkpoint.every=4"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=rank_env())
+    reports = tmp_path / "left"
+    reports.mkdir()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=rank_env(EXIT_REPORTS=str(reports)))
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    left = [json.loads(m) for m in re.findall(r"LEFT (\{.*\})", done.stdout)]
+    left = [json.loads(p.read_text()) for p in sorted(reports.glob("rank*.json"))]
     assert sorted(r["rank"] for r in left) == [0, 1]
     for rank in left:
         assert rank["code"] == 0 and rank["python"] == ["MainThread"], rank
