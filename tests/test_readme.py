@@ -60,3 +60,12 @@ def test_readme_main_job_runs(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "text_to_image: recall@1" in out.stdout and (tmp_path / "finetuned" / "model.safetensors").exists()
+
+
+def test_readme_model_example_runs():
+    """The README's model example, as a user would paste it: each call returns a loss or outputs."""
+    example = (ROOT / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    scope: dict = {}
+    exec(compile(example, "README.md", "exec"), scope)
+    assert scope["out"].loss.ndim == 0 and torch.isfinite(scope["out"].loss)
+    assert scope["img"] is not None and scope["mix"] is not None
