@@ -117,7 +117,7 @@ def prepare(config: FinetuneConfig) -> Inputs:
                             config.distributed.ds_overrides)
     resume = checkpoint.find_resume(config.checkpoint.resume, Path(config.output_dir) / "checkpoints", model.config,
                                     detect(), model_keys=MODEL_KEYS)
-    return Inputs(tokenizer, ds, resume, model, train, evaluation)
+    return Inputs(config, tokenizer, ds, resume, model, train, evaluation)
 
 
 class TaskBatches:
@@ -301,19 +301,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="the model folder to start from (an export of pretraining, or a finetuned model)")
     parser.add_argument("overrides", nargs="*", help="key=value settings, dotted (train.steps=200)")
     args = parser.parse_args(argv)
-    config = None
 
     def prepared() -> Inputs:
-        nonlocal config
         config = load_finetune_config(args.config, args.overrides)
-        if args.init:
-            config.init = args.init
+        config.init = args.init or config.init
         return prepare(config)
 
-    return run(prepared, lambda inputs: _train(config, inputs))
+    return run(prepared, _train)
 
 
-def _train(config: FinetuneConfig, inputs: Inputs) -> int:
+def _train(inputs: Inputs) -> int:
+    config = inputs.config
     result = train(config, inputs)
     if detect().is_main:
         if result["step"] >= config.train.steps:

@@ -73,7 +73,7 @@ def prepare(config: PretrainConfig, topology: Topology) -> Inputs:
     resume = checkpoint.find_resume(config.checkpoint.resume, Path(config.run_dir) / "checkpoints", model_config,
                                     topology, placement and placement.to_dict(),
                                     check=functools.partial(_check_data, loader=loader))
-    return Inputs(tokenizer, engine_config(config), resume, model_config, loader, placement)
+    return Inputs(config, tokenizer, engine_config(config), resume, model_config, loader, placement)
 
 
 def _check_data(resume: checkpoint.Resume, loader) -> checkpoint.Resume:
@@ -324,19 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="a pretraining YAML (pretrain/configs/*.yaml) or its name")
     parser.add_argument("overrides", nargs="*", help="key=value settings, dotted (optim.lr=1e-4)")
     args = parser.parse_args(argv)
-    topology, config = detect(), None
-
-    def prepared() -> Inputs:
-        nonlocal config
-        config = load_pretrain_config(args.config, args.overrides)
-        return prepare(config, topology)
-
-    return run(prepared, lambda inputs: _train(config, topology, inputs))
+    topology = detect()
+    return run(lambda: prepare(load_pretrain_config(args.config, args.overrides), topology),
+               lambda inputs: _train(inputs, topology))
 
 
-def _train(config: PretrainConfig, topology: Topology, inputs: Inputs) -> int:
+def _train(inputs: Inputs, topology: Topology) -> int:
     from data_pipeline.stream import DataError
 
+    config = inputs.config
     try:
         result = train(config, topology, inputs)
     except DataError as e:  # raised in a loader worker: its message, without the worker's traceback

@@ -20,6 +20,8 @@ INPUT_ERRORS = (ValueError, FileNotFoundError, TypeError, NotImplementedError)
 @dataclass
 class Prepared:
     """What a trainer's `prepare` checked and built before any process group or heavy work."""
+    config: Any
+    """The run's resolved config."""
     tokenizer: Any
     ds: dict
     """The DeepSpeed config, read and filled in (a bad file fails here)."""
