@@ -45,8 +45,6 @@ from .reshard import carried_slot_states, deal_leftovers, saved_reshards
 from .shards import SkipCounter, open_source
 from .stream import DataError, SourceStream
 
-_rng = seeded
-
 
 class _SlotBatches(IterableDataset):
     """What one DataLoader worker runs: the batches of its logical slot, with the slot's state attached."""
@@ -201,7 +199,7 @@ class MultiTaskLoader:
             stream = streams[0]
             if len(streams) > 1:
                 g, slot = streams[0].reshards, streams[0].slot
-                stream = _rng(self.cfg.seed, "source", *([g] if g else []), task, slot,
+                stream = seeded(self.cfg.seed, "source", *([g] if g else []), task, slot,
                               draws[task]).choices(streams, weights)[0]
             draws[task] += 1
             raw = next(stream)

@@ -21,9 +21,6 @@ class DataError(RuntimeError):
         return str(error).rstrip().splitlines()[-1].split("DataError: ", 1)[-1]
 
 
-_rng = seeded
-
-
 class SourceStream:
     """The raw samples of one source for one slot, round after round, shuffled and resumable.
 
@@ -63,10 +60,10 @@ class SourceStream:
     def round_shards(self, r: int) -> list[str]:
         urls, per = self.source.urls, self.cfg.shards_per_round
         if self.cfg.resample:
-            return _rng(*self._key("resample", self.slot, r)).choices(urls, k=per)
+            return seeded(*self._key("resample", self.slot, r)).choices(urls, k=per)
         epoch, j = divmod(r, self.rounds_per_epoch)
         order = list(urls)
-        _rng(self.cfg.seed, self.name, "epoch", self.base_epoch + epoch).shuffle(order)
+        seeded(self.cfg.seed, self.name, "epoch", self.base_epoch + epoch).shuffle(order)
         return order[self.slot :: self.num_slots][j * per : (j + 1) * per]
 
     def round_spec(self, r: int) -> dict:
@@ -90,7 +87,7 @@ class SourceStream:
         return [spec for spec in specs if spec["urls"]]
 
     def _round(self, spec: dict) -> Iterator[dict]:
-        rng = _rng(*spec["shuffle"])
+        rng = seeded(*spec["shuffle"])
         size, buffer = self.cfg.shuffle_buffer, []
         for url in spec["urls"]:
             for sample in read_raw_samples(url, self.skipped):

@@ -96,7 +96,7 @@ def compare(config, pretrained: Path, out: Path) -> dict:
             if router != "skill":
                 for task in run.tasks:
                     task.skills = task.skills or ["generic"]  # a task-table entry; the baselines' routing ignores it
-            results = train(run, prepare(run))["results"]
+            results = train(prepare(run))["results"]
             for task in run.tasks:
                 table[row][task.name] = results[task.name][head_type(task.head["type"]).main_metric]
     return table

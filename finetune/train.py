@@ -237,10 +237,10 @@ def evaluate(model, evaluation: dict, batch_size: int, out_dir: Path | None = No
     return results
 
 
-def train(config: FinetuneConfig, prepared: Inputs) -> dict:
+def train(prepared: Inputs) -> dict:
     """Train to `train.steps` (or a stop signal); returns {step, stopped, requeued, results}."""
-    tokenizer, train_data, evaluation, resume, ds = (prepared.tokenizer, prepared.train, prepared.evaluation,
-                                                     prepared.resume, prepared.ds)
+    config, train_data, evaluation, resume, ds = (prepared.config, prepared.train, prepared.evaluation,
+                                                  prepared.resume, prepared.ds)
     topology = detect()
     distributed.init(topology)  # joined already by `main`, which reports a device error in one line
     checkpoint.agree_on_resume(resume and resume.folder)
@@ -261,7 +261,7 @@ def train(config: FinetuneConfig, prepared: Inputs) -> dict:
         if result["step"] >= config.train.steps:
             if evaluation and not run.results:  # resumed from the last step's checkpoint
                 run.after_step(result["step"], last=True)
-            _save_model(config, run, tokenizer, train_data, evaluation)
+            _save_model(config, run, prepared.tokenizer, train_data, evaluation)
     finally:
         zero.release(engine)
     return {**result, "results": run.results}
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(inputs: Inputs) -> int:
     config = inputs.config
-    result = train(config, inputs)
+    result = train(inputs)
     if detect().is_main:
         if result["step"] >= config.train.steps:
             print(f"finetuned model: {config.output_dir}")

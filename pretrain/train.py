@@ -279,9 +279,9 @@ class Pretraining:
         self.state.update({k: first[k] for k in self.state})
 
 
-def train(config: PretrainConfig, topology: Topology, prepared: Inputs) -> dict:
-    model_config, tokenizer, loader = prepared.model_config, prepared.tokenizer, prepared.loader
-    resume, placement = prepared.resume, prepared.placement
+def train(prepared: Inputs, topology: Topology) -> dict:
+    config, model_config, tokenizer = prepared.config, prepared.model_config, prepared.tokenizer
+    loader, resume, placement = prepared.loader, prepared.resume, prepared.placement
     distributed.init(topology)  # joined already by `main`, which reports a device error in one line
     checkpoint.agree_on_resume(resume and resume.folder)
     run_dir = Path(config.run_dir)
@@ -334,7 +334,7 @@ def _train(inputs: Inputs, topology: Topology) -> int:
 
     config = inputs.config
     try:
-        result = train(config, topology, inputs)
+        result = train(inputs, topology)
     except DataError as e:  # raised in a loader worker: its message, without the worker's traceback
         return refuse(DataError.one_line(e))
     if topology.is_main:

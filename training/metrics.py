@@ -4,7 +4,7 @@ per-task losses and counts summed over every rank since the last log (carried ov
 from __future__ import annotations
 
 import json
-import os
+import logging
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -35,13 +35,18 @@ def quiet_third_party() -> None:
     and, filtered where they are raised, the messages that only say how a library works inside:
     - torch's deprecation of `all_gather_into_tensor` and `reduce_scatter_tensor`, which DeepSpeed's ZeRO
       calls (by category, message and the module torch raises it from);
-    - DeepSpeed's "Setting accelerator to CPU" guess where torch sees no GPU, by naming the CPU accelerator
-      (`DS_ACCELERATOR`, read when DeepSpeed is first imported; a user's own setting is kept)."""
+    - DeepSpeed's "Setting accelerator to CPU" where it finds no GPU (a filter on its "DeepSpeed" logger, which
+      it creates when first imported and never clears; its choice of accelerator is left alone)."""
     show_each_warning_once()
     warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
                             "deprecated", FutureWarning, r"torch\.distributed\.c10d_logger")
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if _not_the_cpu_fallback not in deepspeed_logger.filters:
+        deepspeed_logger.addFilter(_not_the_cpu_fallback)
+
+
+def _not_the_cpu_fallback(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Setting accelerator to CPU")
 
 
 def summed_over_ranks(**tables: dict) -> dict[str, dict]:
