@@ -7,8 +7,12 @@ Rows: task-specific finetuning (a dense model per task), joint dense, joint MoE 
 7 experts), and the skill model from random initialisation and after sparse pretraining (`--pretrained`,
 an export of `python -m pretrain`). Every row has the pretrained model's shape; all but the random-init
 row start from its weights, the baselines' FFNs, experts and projections from its generic skill (as the
-papers start every system from one pretrained BERT). Columns: each task's main metric and their average; `table.md` and
-`results.json` go to `--out`. New skills, `freeze_old` and prompts of the config apply to no row.
+papers start every system from one pretrained BERT). Columns: each task's main metric and their average;
+`table.md` and `results.json` go to `--out`. New skills, `freeze_old` and prompts of the config apply to no row.
+
+`compare()` also takes other rows (`System`: router, model settings such as FFN width or experts, one model per
+task or not, pretrained or random start, a skill left out of every route) and a seed; `benchmarks/separation.py`
+runs it that way over seeds.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,12 +34,30 @@ from training import distributed
 from .config import load_finetune_config
 from .train import prepare, train
 
-SYSTEMS = [  # (row, router, one model per task, start from the pretrained weights)
-    ("Task-specific finetuning", "dense", True, True),
-    ("Joint finetuning (dense)", "dense", False, True),
-    ("Joint finetuning (MoE)", "moe", False, True),
-    ("SkillNet, random init", "skill", False, False),
-    ("SkillNet, sparse pretraining", "skill", False, True),
+
+@dataclass
+class System:
+    """A row of the table: its router, whether one model trains per task, whether it starts from the
+    pretrained weights, the model settings it changes (FFN width, experts) and, for an ablation, the skill
+    every task's route leaves out."""
+    row: str
+    router: str = "skill"
+    per_task: bool = False
+    pretrained: bool = True
+    model: dict = field(default_factory=dict)
+    drop_skill: str | None = None
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "_", self.row.lower()).strip("_")
+
+
+SYSTEMS = [
+    System("Task-specific finetuning", "dense", per_task=True),
+    System("Joint finetuning (dense)", "dense"),
+    System("Joint finetuning (MoE)", "moe", model={"num_experts": 7, "moe_top_k": 2}),  # the papers' MoE
+    System("SkillNet, random init", pretrained=False),
+    System("SkillNet, sparse pretraining"),
 ]
 
 
@@ -48,21 +72,22 @@ def _generic(name: str, generic: str) -> list[str]:
     return [name] + [".".join(parts[:i] + ["skills", generic] + parts[i:]) for i in (len(parts) - 2, len(parts) - 1)]
 
 
-def _init(pretrained: Path, router: str, use_pretrained: bool, out: Path, seed: int) -> Path:
-    """A model of the pretrained one's shape with `router`, saved with its tokenizer: randomly initialised,
-    or with every weight from the pretrained skill model (a dense FFN, each MoE expert and each shared
-    projection from its generic skill, as the papers initialise skills and experts from BERT's FFN); only
-    a MoE gate starts random."""
+def _init(pretrained: Path, system: System, out: Path, seed: int) -> Path:
+    """A model of the pretrained one's shape with the system's router and settings, saved with its tokenizer:
+    randomly initialised, or with every weight from the pretrained skill model (a dense FFN, each MoE expert
+    and each shared projection from its generic skill, as the papers initialise skills and experts from
+    BERT's FFN; a tensor whose shape the system changed starts random); only a MoE gate starts random."""
     from safetensors.torch import load_file
 
     from skillnet import SkillNetConfig, SkillNetForMultiTask
 
     config = SkillNetConfig.from_pretrained(pretrained)
-    config.router, config.task_heads = router, {}
-    config.num_experts, config.moe_top_k = 7, 2  # the papers' MoE baseline
+    config.router, config.task_heads = system.router, {}
+    for key, value in system.model.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model = SkillNetForMultiTask(config)
-    if use_pretrained:
+    if system.pretrained:
         weights = {k: v for f in sorted(pretrained.glob("*.safetensors")) for k, v in load_file(f).items()}
         state = model.state_dict()
         for name, tensor in state.items():
@@ -76,30 +101,39 @@ def _init(pretrained: Path, router: str, use_pretrained: bool, out: Path, seed: 
     return out
 
 
-def compare(config, pretrained: Path, out: Path) -> dict:
-    """{row: {task: main metric}}; each row trains with `config`'s data, steps and optimizer."""
+def compare(config, pretrained: Path, out: Path, systems: list[System] = SYSTEMS, seed: int | None = None) -> dict:
+    """{row: {task: main metric}}; each row trains with `config`'s data, steps and optimizer (and `seed`, for
+    its initialisation and data order, in place of the config's)."""
     config = copy.deepcopy(config)
     config.new_skills, config.freeze_old = [], False
+    config.train.seed = config.train.seed if seed is None else seed
     for task in config.tasks:
         task.prompts = None
     table = {}
-    for row, router, per_task, use_pretrained in SYSTEMS:
-        slug = row.lower().replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
-        init = pretrained if router == "skill" and use_pretrained else \
-            _init(pretrained, router, use_pretrained, out / slug / "init", config.train.seed)
-        groups = [[t] for t in config.tasks] if per_task else [config.tasks]
-        table[row] = {}
+    for system in systems:
+        skill_model = system.router == "skill" and not system.model
+        init = pretrained if skill_model and system.pretrained else \
+            _init(pretrained, system, out / system.slug / "init", config.train.seed)
+        groups = [[t] for t in config.tasks] if system.per_task else [config.tasks]
+        table[system.row] = {}
         for tasks in groups:
             run = copy.deepcopy(config)
             run.tasks, run.init = copy.deepcopy(tasks), str(init)
-            run.output_dir = str(out / slug / (tasks[0].name if per_task else "joint"))
-            if router != "skill":
-                for task in run.tasks:
+            run.output_dir = str(out / system.slug / (tasks[0].name if system.per_task else "joint"))
+            for task in run.tasks:
+                if system.router != "skill":
                     task.skills = task.skills or ["generic"]  # a task-table entry; the baselines' routing ignores it
+                elif system.drop_skill:
+                    task.skills = [s for s in _skills(task, init) if s != system.drop_skill]
             results = train(prepare(run))["results"]
             for task in run.tasks:
-                table[row][task.name] = results[task.name][head_type(task.head["type"]).main_metric]
+                table[system.row][task.name] = results[task.name][head_type(task.head["type"]).main_metric]
     return table
+
+
+def _skills(task, init: Path) -> list[str]:
+    """The skills a task's route names: its config's, or the model's task table entry."""
+    return list(task.skills or json.loads((init / "config.json").read_text())["tasks"][task.name])
 
 
 def markdown(table: dict, config) -> str:

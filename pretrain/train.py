@@ -58,7 +58,8 @@ def prepare(config: PretrainConfig, topology: Topology) -> Inputs:
     registry = model_config.registry
     for t in config.data.tasks:
         registry.task_skills(t.name)
-    if config.train.caption_task not in model_config.tasks:
+    contrastive = any(config.objective(t.name) == "contrastive" for t in config.data.tasks)
+    if contrastive and config.train.caption_task not in model_config.tasks:  # the text side of every pair
         raise ValueError(f"train.caption_task {config.train.caption_task!r} is not in the model's task table")
     if config.data.batch_mode != "task":
         raise ValueError("pretraining needs data.batch_mode 'task': one objective per step on every rank")

@@ -43,6 +43,7 @@ def _overrides(sample: Path, run_dir: Path, *extra: str) -> list[str]:
         (["distributed.ds_config=ds_configs/zero9.json"], "distributed.ds_config: no file ds_configs/zero9.json"),
         (["distributed.ds_config=README.md"], "distributed.ds_config: README.md is not JSON"),
         (["data.tasks.0.sources.0.colour=red"], "unknown config key data.tasks[0].sources[0].colour"),
+        (["train.caption_task=nothing"], "train.caption_task 'nothing' is not in the model's task table"),
     ],
 )
 def test_bad_config_fails_in_one_line_before_any_work(sample, tmp_path, capsys, extra, message):
