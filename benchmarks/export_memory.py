@@ -1,12 +1,20 @@
-"""Peak memory of exporting a ZeRO-3 checkpoint: `pretrain.export` against DeepSpeed's zero_to_fp32.
+"""Peak memory of exporting a ZeRO-3 checkpoint (`pretrain.export`, whole and for one task, against DeepSpeed's
+zero_to_fp32), and what serving one task costs from a per-task export against the full model.
 
-    python benchmarks/export_memory.py [--hidden 768 --layers 4]
+    python benchmarks/export_memory.py [--hidden 768 --layers 4] [--only export|load]
 
-Trains one step of a multimodal model (6 skills in FFN and attention) on 2 CPU ranks to get a real
+Export: trains one step of a multimodal model (6 skills in FFN and attention) on 2 CPU ranks to get a real
 ZeRO-3 checkpoint, then exports it in separate processes and reads each one's peak resident memory
-(wait4's ru_maxrss): `pretrain.export` in fp32 and bf16, and `convert_zero_checkpoint_to_fp32_state_dict`.
-Memory is reported above the baseline of a process that only imports torch, deepspeed and transformers,
-as a ratio to the exported file's size (target: at most 1.5x).
+(wait4's ru_maxrss): `pretrain.export` in fp32 and bf16, `pretrain.export --tasks masked_lm` (only that
+task's skills), and `convert_zero_checkpoint_to_fp32_state_dict`. Memory is reported above the baseline of
+a process that only imports torch, deepspeed and transformers, as a ratio to the exported file's size
+(target: at most 1.5x).
+
+Load: `multimodal-base` and SkillNet-NLU base at full size (random weights), saved whole and extracted for
+one task (`model.extract`); for each, the file size, and the peak memory (above the baseline) and seconds of
+`from_pretrained` with every weight then read into memory of its own (safetensors are memory-mapped, so a
+weight costs memory once touched; moving the model to a GPU touches all), in a fresh process, as ratios of
+the extracted model's to the full one's.
 """
 
 from __future__ import annotations
@@ -38,11 +46,65 @@ def benchmark_model(hidden: int, layers: int) -> str:
             f"num_mel_bins: 16, max_audio_frames: 256, num_frames: 4, projection_dim: 64}}")
 
 
+LOAD = """
+import sys, time, torch
+from skillnet import SkillNetModel
+start = time.perf_counter()
+model = SkillNetModel.from_pretrained(sys.argv[1])
+for p in model.parameters():  # read every weight into memory of its own, as moving it to a GPU would
+    p.data = p.data.clone()
+print(time.perf_counter() - start)
+"""
+
+
+def loading(name: str, task: str, tmp: Path) -> tuple[float, float, float]:
+    """(file size, peak memory above the baseline, seconds of `from_pretrained`): extracted for `task` over
+    full, for the shipped model config `name` at full size."""
+    import torch
+
+    from skillnet import SkillNetModel, load_config
+
+    with torch.device("meta"):
+        full = SkillNetModel(load_config(name))
+    full = full.to_empty(device="cpu")  # the weights' values do not matter here, only their sizes
+    folders = {"full": tmp / f"{name}-full", "extracted": tmp / f"{name}-{task}"}
+    full.save_pretrained(folders["full"])
+    full.extract([task]).save_pretrained(folders["extracted"])
+    del full
+    baseline = peak_rss("import torch, transformers, skillnet")
+    got = {}
+    for kind, folder in folders.items():
+        seconds = subprocess.run([sys.executable, "-c", LOAD, str(folder)], cwd=ROOT, check=True, capture_output=True,
+                                 text=True).stdout.split()[-1]
+        size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        got[kind] = (size, peak_rss(LOAD.replace("sys.argv[1]", repr(str(folder)))) - baseline, float(seconds))
+    print(f"  {name}, {task}: file {got['full'][0] / 2**20:.0f} -> {got['extracted'][0] / 2**20:.0f} MiB, "
+          f"load peak {got['full'][1] / 2**20:.0f} -> {got['extracted'][1] / 2**20:.0f} MiB, "
+          f"load {got['full'][2]:.2f} -> {got['extracted'][2]:.2f} s")
+    return tuple(e / f for e, f in zip(got["extracted"], got["full"]))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--only", choices=["export", "load"])
     args = parser.parse_args(argv)
+    ok = True
+    if args.only != "load":
+        ok = export_rows(args)
+    if args.only != "export":
+        print("\nserving one task: the model extracted for it over the full model (fresh processes, CPU)")
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = [(name, task, loading(name, task, Path(tmp))) for name, task in
+                    (("multimodal-base", "masked_lm"), ("skillnet-nlu-base", "sentiment_analysis"))]
+        print(f"\n  {'model, task':<40}{'file':>8}{'load peak':>12}{'load time':>12}   (extracted / full)")
+        for name, task, (size, peak, seconds) in rows:
+            print(f"  {name + ', ' + task:<40}{size:>8.2f}{peak:>12.2f}{seconds:>12.2f}")
+    return 0 if ok else 1
+
+
+def export_rows(args) -> bool:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         subprocess.run([sys.executable, "-m", "pretrain.prepare_sample", "--out", str(tmp / "sample")], cwd=ROOT,
@@ -63,6 +125,9 @@ def main(argv=None) -> int:
              tmp / "fp32" / "model.safetensors"),
             ("pretrain.export, bf16", f"from pretrain.export import export; export('{ckpt}', '{tmp / 'bf16'}', 'bf16')",
              tmp / "bf16" / "model.safetensors"),
+            ("pretrain.export --tasks masked_lm",
+             f"from pretrain.export import export; export('{ckpt}', '{tmp / 'mlm'}', tasks=['masked_lm'])",
+             tmp / "mlm" / "model.safetensors"),
             ("deepspeed zero_to_fp32",
              "from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict as c; "
              f"c('{ckpt.parent}', '{tmp / 'ds'}', tag='{ckpt.name}', safe_serialization=True)",
@@ -78,7 +143,7 @@ def main(argv=None) -> int:
         print(f"  {label:<26}{size / 2**20:>10.0f}{peak / 2**20:>10.0f}{ratio:>26.2f}")
     ok = all(ratio <= 1.5 for label, _, _, ratio in rows if label.startswith("pretrain"))
     print(f"\n  target (pretrain.export) <= 1.50: {'met' if ok else 'NOT met'}")
-    return 0 if ok else 1
+    return ok
 
 
 if __name__ == "__main__":

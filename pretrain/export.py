@@ -2,6 +2,7 @@
 
     python -m pretrain.export runs/tiny/checkpoints/step00000040 runs/tiny/export [--dtype fp32|bf16]
     python -m pretrain.export runs/tiny runs/tiny/export          # the run's newest checkpoint
+    python -m pretrain.export runs/tiny runs/tiny/masked_lm --tasks masked_lm   # only what these tasks run
 
 Streams tensor by tensor: the safetensors header is written first (every shape is known from the
 checkpoint), then each parameter is gathered from the ranks' fp32 partitions, cast and appended. A
@@ -12,32 +13,38 @@ the size of the largest batch rather than of the model.
 Beside the weights go the run's tokenizer (truncating to the model's positions), the model code as flat
 files (`trust_remote_code=True` loads the folder where `skillnet` is not installed: `skillnet.hub`) and a
 model card, `README.md`, generated from the config and the run.
+
+With `--tasks`, the export holds only what those tasks run (`skillnet.extract`): their skills, the shared
+weights and the front-ends of their modalities; the other skills' tensors are never read. The output folder
+must then be new or empty.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
-import struct
 import sys
 from pathlib import Path
 
 import torch
 import yaml
 
-from skillnet.hub import save_model_code, set_model_max_length, write_model_card
+from skillnet.extract import extracted_config, take, task_list
+from skillnet.hub import save_model_code, set_model_max_length, write_model_card, write_safetensors
 from training.checkpoint import COMPLETE, complete_checkpoints
 from training.metrics import quiet_third_party
 from training.zero.layout import parameter_layout, whole_parameters
 
 from .skill_parallel import PADDING
 
-DTYPES = {"fp32": (torch.float32, "F32"), "bf16": (torch.bfloat16, "BF16")}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
-    """`checkpoint`: a complete checkpoint folder, or a run folder (its newest complete checkpoint)."""
+def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", tasks: list[str] | None = None) -> Path:
+    """`checkpoint`: a complete checkpoint folder, or a run folder (its newest complete checkpoint); `tasks`:
+    keep only what they run."""
     folder, out = Path(checkpoint), Path(out)
     if not (folder / COMPLETE).exists():
         found = complete_checkpoints(folder / "checkpoints")
@@ -46,40 +53,29 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path
         folder = found[-1]
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {list(DTYPES)}")
-    torch_dtype, st_dtype = DTYPES[dtype]
+    torch_dtype = DTYPES[dtype]
     complete = json.loads((folder / COMPLETE).read_text())
     world = complete["world_size"]
+    config = json.loads((folder / "model_config.json").read_text())
+    if tasks is not None:
+        config, keep, rows = extraction(config, tasks, "SkillNetForPreTraining", out)
     # skill parallelism's padding skills are all DeepSpeed finds frozen; they are not part of the model
     layout, buffers = parameter_layout(folder, world, skip=lambda name: f".{PADDING}" in name)
+    if tasks is not None:
+        check_holds(keep, {name for name, *_ in layout} | set(buffers), f"checkpoint {folder}")
+        layout = [entry for entry in layout if entry[0] in keep]
+        buffers = {name: take(name, t, rows) for name, t in buffers.items() if name in keep}
     out.mkdir(parents=True, exist_ok=True)
 
-    header, position = {}, 0
-    for name, shape, *_ in layout:
-        size = shape.numel() * torch_dtype.itemsize
-        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [position, position + size]}
-        position += size
-    for name, tensor in buffers.items():
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": {torch.float32: "F32", torch.int64: "I64", torch.bool: "BOOL"}[tensor.dtype],
-                        "shape": list(tensor.shape), "data_offsets": [position, position + size]}
-        position += size
-    header["__metadata__"] = {"format": "pt"}
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data to 8 bytes
+    def tensors():
+        for name, _, whole in whole_parameters(folder, world, layout):
+            yield name, (take(name, whole["fp32"], rows) if tasks is not None else whole["fp32"]).to(torch_dtype)
+        yield from buffers.items()
 
-    from tqdm import tqdm
+    shapes = [(name, keep[name] if tasks is not None else shape, torch_dtype) for name, shape, *_ in layout]
+    write_safetensors(out / "model.safetensors", shapes + [(n, t.shape, t.dtype) for n, t in buffers.items()],
+                      tensors())
 
-    with (out / "model.safetensors").open("wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for name, shape, whole in tqdm(whole_parameters(folder, world, layout), total=len(layout), desc="exporting",
-                                       unit=" tensors"):
-            tensor = whole["fp32"].to(torch_dtype).contiguous()
-            f.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-        for tensor in buffers.values():
-            f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
-
-    config = json.loads((folder / "model_config.json").read_text())
     config["architectures"] = ["SkillNetForPreTraining"]
     config["torch_dtype"] = "bfloat16" if dtype == "bf16" else "float32"
     (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -91,6 +87,31 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path
     save_model_code(out)
     _write_card(out, run, complete["step"])
     return out
+
+
+def extraction(config: dict, tasks: list[str], architecture: str, out: Path) -> tuple[dict, dict, dict]:
+    """For an export of `tasks` only: (the extracted config as a dict, {kept tensor: its shape}, the rows the
+    row-indexed tensors keep). Refuses, before anything is read or written, no task, a task the model does not
+    hold, and an output folder that exists and is not empty."""
+    from skillnet import SkillNetConfig, modeling
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not empty: an extracted export goes to a new or empty folder")
+    extracted, rows = extracted_config(SkillNetConfig.from_dict(config), tasks)
+    with torch.device("meta"):
+        model = getattr(modeling, architecture)(extracted)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if extracted.tie_word_embeddings else set()
+    keep = {name: t.shape for name, t in model.state_dict().items() if name not in tied}  # as saved: no tied copy
+    return extracted.to_dict(), keep, rows
+
+
+def check_holds(keep: dict, held: set[str], where: str) -> None:
+    """Refuse a source that lacks tensors the extracted model needs (naming the skills, where they are skills')."""
+    missing = sorted(set(keep) - held)
+    if missing:
+        skills = sorted({m.group(1) for name in missing if (m := re.search(r"\.skills\.([^.]+)\.", name))})
+        raise ValueError(f"{where} lacks " + (f"skills {skills} that the tasks run" if skills else
+                                               f"{len(missing)} tensors the tasks need, e.g. {missing[0]}"))
 
 
 def _write_card(out: Path, run: Path, step: int) -> None:
@@ -119,10 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a complete checkpoint folder, or a run folder (its newest checkpoint)")
     parser.add_argument("out", help="the Hugging Face folder to write")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    parser.add_argument("--tasks", type=task_list, help="comma-separated tasks: export only what they run")
     args = parser.parse_args(argv)
     quiet_third_party()
     try:
-        out = export(args.checkpoint, args.out, args.dtype)
+        out = export(args.checkpoint, args.out, args.dtype, args.tasks)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

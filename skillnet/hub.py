@@ -14,6 +14,8 @@ import ast
 import importlib.util
 import json
 import pkgutil
+import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -194,6 +196,10 @@ def write_model_card(folder: str | Path, training_config: str | None = None, dat
         f"{config.max_position_embeddings} positions; modalities: {', '.join(config.modalities)}.",
         f"**Total parameters: {counts.total:,}** (every skill, front-end and head).",
     ]
+    if getattr(config, "extracted_tasks", None):
+        parts.append(f"Extracted for {', '.join(f'`{t}`' for t in config.extracted_tasks)}: it holds only the skills, "
+                     "heads and front-ends these tasks run, and for them gives the outputs of the model it was "
+                     "extracted from.")
     if registry is not None:
         rows = [[s["name"], s.get("description", ""), f"{counts.per_skill.get(s['name'], 0):,}"] for s in config.skills]
         parts += ["## Skills", _table(["skill", "description", "parameters"], rows)]
@@ -244,3 +250,34 @@ def _loading(folder: Path, config: SkillNetConfig, architecture: str) -> str:
             f"With the `{PACKAGE}` package installed, `{PACKAGE}.{architecture}.from_pretrained({path})` loads it with "
             f"the package's code; so do the Auto classes once `import {PACKAGE}` has registered them (transformers "
             "prefers a registered class to a folder's code, with `trust_remote_code` or without).")
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+                      torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, specs: list[tuple[str, torch.Size, torch.dtype]],
+                      tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Write a safetensors file one tensor at a time: the header from `specs` (name, shape, dtype) first, then
+    the data of `tensors`, which yields them by name in the order of `specs` (each tensor in memory only
+    while it is written)."""
+    from tqdm import tqdm
+
+    header, position = {}, 0
+    for name, shape, dtype in specs:
+        size = torch.Size(shape).numel() * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [position, position + size]}
+        position += size
+    header["__metadata__"] = {"format": "pt"}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data to 8 bytes
+    with Path(path).open("wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for (name, shape, dtype), (got, tensor) in tqdm(zip(specs, tensors, strict=True), total=len(specs),
+                                                        desc="exporting", unit=" tensors"):
+            if got != name or tensor.shape != torch.Size(shape) or tensor.dtype != dtype:
+                raise RuntimeError(f"{path}: {got} {tuple(tensor.shape)} {tensor.dtype} written where the header "
+                                   f"says {name} {tuple(shape)} {dtype}")
+            f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")

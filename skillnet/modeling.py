@@ -138,6 +138,22 @@ class SkillNetPreTrainedModel(PreTrainedModel):
             if isinstance(module, (SkillFFN, SkillLinear)):
                 module.add_skill(name, source)
 
+    def extract(self, tasks: list[str]) -> SkillNetPreTrainedModel:
+        """A model of this class holding only what `tasks` run (`skillnet.extract`): their skills in every skill
+        layer, the shared weights, their heads and prompts and the front-ends of their modalities, the same
+        tensors under the same names. For those tasks its outputs equal this model's; a call naming another
+        task fails, naming the tasks it holds."""
+        from .extract import extracted_config, take
+
+        config, rows = extracted_config(self.config, tasks)
+        kwargs = {"add_pooling_layer": self.pooler is not None} if isinstance(self, SkillNetModel) else {}
+        with torch.device("meta"):
+            model = type(self)(config, **kwargs)
+        state = self.state_dict()
+        model.load_state_dict({name: take(name, state[name], rows) for name in model.state_dict()}, assign=True)
+        model.tie_weights()
+        return model.train(self.training)
+
     def add_task(self, name: str, skills: list[str]) -> None:
         """Declare a task (or redeclare its skills) in the config's task table."""
         self.registry.resolve(skills, what=f"task {name!r}")

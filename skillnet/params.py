@@ -28,7 +28,8 @@ def activated_parameters(model: nn.Module, skills: set[str], modality: str = "te
     """Parameters that process one token of `modality` when `skills` are active, without task heads.
 
     Skill parameters count only for active skills, expert parameters for the experts one token uses
-    (top-k, one per prototype group, or the one the task router picks), front-ends only for `modality`.
+    (top-k, one per prototype group, or the one the task router picks), front-ends and rows of the
+    modality-type embedding only for `modality`.
     """
     config = model.config
     front = "text" if modality == "code" else modality
@@ -39,6 +40,9 @@ def activated_parameters(model: nn.Module, skills: set[str], modality: str = "te
         if (m := _FRONTEND.search(name)) and m.group(1) != front:
             continue
         if (s := _SKILL.search(name)) and s.group(1) not in skills:
+            continue
+        if name.endswith("modality_embeddings.weight"):  # one row per modality: a token reads its own
+            used += p.numel() // p.shape[0]
             continue
         if e := _EXPERT.search(name):
             layer = name[: e.start()]

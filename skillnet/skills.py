@@ -158,7 +158,7 @@ class SkillRegistry:
 
     def task_skills(self, task: str) -> tuple[int, ...]:
         if task not in self.tasks:
-            raise ValueError(f"unknown task {task!r}; tasks in the config: {sorted(self.tasks)}")
+            raise ValueError(f"unknown task {task!r}; the model holds tasks {sorted(self.tasks)}")
         return self.tasks[task]
 
     def skill_names(self, task: str) -> list[str]:

@@ -257,6 +257,20 @@ def _export(folder: Path, out: Path, *args: str) -> SkillNetForPreTraining:
     return SkillNetForPreTraining.from_pretrained(out, **({"dtype": torch.bfloat16} if "bf16" in args else {}))
 
 
+def _extracts(folder: Path, full: SkillNetForPreTraining, out: Path) -> None:
+    """`--tasks masked_lm` of the same checkpoint holds the full export's tensors of what that task runs (the
+    rows of its modalities in the modality-type embedding) and predicts masked tokens as it does."""
+    extracted = _export(folder, out, "--tasks", "masked_lm").eval()
+    assert [s["name"] for s in extracted.config.skills] == full.registry.skill_names("masked_lm")
+    rows = [full.config.modalities.index(m) for m in extracted.config.modalities]
+    whole = full.state_dict()
+    for name, tensor in extracted.state_dict().items():
+        assert torch.equal(tensor, whole[name][rows] if name.endswith("modality_embeddings.weight") else whole[name])
+    ids = torch.randint(7, full.config.vocab_size, (2, 9))
+    assert torch.equal(extracted.eval()(input_ids=ids, task="masked_lm").prediction_logits,
+                       full.eval()(input_ids=ids, task="masked_lm").prediction_logits)
+
+
 # -- the checks -----------------------------------------------------------------------------------------------
 
 def killed_and_resumed_exactly(s, folder, driver, tmp_path):
@@ -322,6 +336,7 @@ def exports_the_checkpoint(s, folder, driver, tmp_path):
     half = _export(checkpoints(folder)[-1], tmp_path / "hf16", "--dtype", "bf16")
     assert all(torch.equal(t, expected[n].to(torch.bfloat16)) for n, t in half.state_dict().items())
     assert export_main([str(tmp_path / "hf"), str(tmp_path / "nope")]) == 2
+    _extracts(checkpoints(folder)[-1], model, tmp_path / "masked_lm")
 
 
 def resizes(s, folder, driver, tmp_path, target):
@@ -465,9 +480,10 @@ def trains_like(s, folder, driver, tmp_path, reference):
 
 
 def exports_like(s, folder, driver, tmp_path, reference):
-    """The export merges every rank's skills into the reference run's model."""
+    """The export merges every rank's skills into the reference run's model; so does a one-task export."""
     model = _export(folder, tmp_path / "hf")
     assert_close_to_update(model.state_dict(), final_weights(BY_NAME[reference], driver.finished(reference)))
+    _extracts(folder, model, tmp_path / "masked_lm")
 
 
 def balanced_placement(s, folder, driver, tmp_path):

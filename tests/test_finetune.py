@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_four_heads_in_one_model_learn_and_predict_reproduces_evaluation(workspace, tmp_path):
+    from finetune.export import main as export_main
+
     root, files, init = workspace
     out = tmp_path / "model"
     config = _config(root, files, ["sentiment", "pairs", "ner", "qa"])
@@ -43,6 +45,13 @@ def test_four_heads_in_one_model_learn_and_predict_reproduces_evaluation(workspa
                       ("sentiment_analysis", "sentiment")):
         written = tmp_path / f"{task}.jsonl"
         assert predict_main(["--model", str(out), "--task", task, "--input", files[key][1],
+                             "--output", str(written)]) == 0
+        assert written.read_text() == (out / "predictions" / f"{task}.jsonl").read_text()
+    # two of the four tasks exported alone predict as the full model
+    assert export_main([str(out), str(tmp_path / "two"), "--tasks", "named_entity_recognition,sentiment_analysis"]) == 0
+    for task, key in (("named_entity_recognition", "ner"), ("sentiment_analysis", "sentiment")):
+        written = tmp_path / f"two_{task}.jsonl"
+        assert predict_main(["--model", str(tmp_path / "two"), "--task", task, "--input", files[key][1],
                              "--output", str(written)]) == 0
         assert written.read_text() == (out / "predictions" / f"{task}.jsonl").read_text()
     # an input without labels predicts as well
@@ -223,6 +232,7 @@ def test_speech_recognition_and_retrieval_from_webdataset_shards(workspace, tmp_
 
     from data_pipeline.sample_corpus import images
     from data_pipeline.writer import write_shards
+    from finetune.export import main as export_main
 
     root, _, init = workspace
     train_audio, dev_audio = _tone_shards(tmp_path / "tones_train", 96, 0), _tone_shards(tmp_path / "tones_dev", 24, 1)
@@ -253,6 +263,15 @@ def test_speech_recognition_and_retrieval_from_webdataset_shards(workspace, tmp_
         written = tmp_path / f"{task}.jsonl"
         assert predict_main(["--model", str(out), "--task", task, "--input", data, "--output", str(written)]) == 0
         assert written.read_text() == (out / "predictions" / f"{task}.jsonl").read_text()
+    # the retrieval task extracted alone keeps its candidate side (the image task's skills and front-end) and
+    # ranks the held-out images exactly as the full model does; the audio front-end and skill go
+    assert export_main([str(out), str(tmp_path / "t2i"), "--tasks", "text_to_image"]) == 0
+    extracted = SkillNetForMultiTask.from_pretrained(tmp_path / "t2i")
+    assert extracted.config.modalities == ["text", "image"] and "sound" not in extracted.registry.names
+    written = tmp_path / "extracted_t2i.jsonl"
+    assert predict_main(["--model", str(tmp_path / "t2i"), "--task", "text_to_image", "--input",
+                         f"{shards}/image-000002.tar", "--output", str(written)]) == 0
+    assert written.read_text() == (out / "predictions" / "text_to_image.jsonl").read_text()
 
 
 def test_prompt_tuning_with_the_backbone_frozen_and_describe_counts(workspace, tmp_path):
@@ -365,7 +384,7 @@ def test_compare_on_the_sample_corpus_sparse_pretraining_beats_random_init(tmp_p
     config.write_text(yaml.safe_dump(tree))
     assert compare_main(["--config", str(config), "--pretrained", str(tmp_path / "export"), "--out", str(out)]) == 0
     table = json.loads((out / "results.json").read_text())
-    assert list(table) == [row for row, *_ in SYSTEMS]
+    assert list(table) == [system.row for system in SYSTEMS]
     pretrained, scratch = (table["SkillNet, sparse pretraining"]["text_to_image"],
                            table["SkillNet, random init"]["text_to_image"])
     assert pretrained >= 4 / 40 and pretrained > scratch  # recall@1; chance is 1 in 40

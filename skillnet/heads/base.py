@@ -76,6 +76,16 @@ class Head(ABC):
         """The modality of the encoder's input (what a token of the task costs: `skillnet.params`)."""
         return "text"
 
+    @property
+    def routes(self) -> tuple[str, ...]:
+        """The tasks whose skills the head runs: its own (what a model extracted for it must keep)."""
+        return (self.task,)
+
+    @property
+    def modalities(self) -> set[str]:
+        """The modalities whose front-ends the head runs."""
+        return {self.spec.get("modality", self.modality)}
+
     @abstractmethod
     def example(self, row: dict, fields, tokenizer, labelled: bool, where: str) -> dict | None:
         """One example (1-d tensors, and `meta` for predictions and gold answers) from a data row, or from a

@@ -27,6 +27,14 @@ class Retrieval(Head):
     def candidate_task(self) -> str:
         return self.spec.get("candidate_task", self.spec["candidate_modality"])
 
+    @property
+    def routes(self) -> tuple[str, ...]:
+        return (self.task, self.candidate_task)
+
+    @property
+    def modalities(self) -> set[str]:
+        return {"text", self.spec["candidate_modality"]}
+
     def check(self, config) -> None:
         if config.projection_dim <= 0:
             raise ValueError(f"task {self.task!r}: a retrieval head needs projection_dim > 0 in the model config")
