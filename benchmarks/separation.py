@@ -330,7 +330,7 @@ def plot(summary: dict, path: Path) -> None:
 
     rows = [r for r in summary if r not in ("margins", "ablation")]
     groups = [*TASKS, "average"]
-    fig, ax = plt.subplots(figsize=(12, 4.5))
+    fig, ax = plt.subplots(figsize=(12, 5.5))
     width = 0.8 / len(rows)
     for i, row in enumerate(rows):
         values = [summary[row]["tasks"][t] for t in TASKS] + [summary[row]["average"]]
@@ -339,7 +339,7 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel("accuracy / entity F1 (%)")
     ax.set_title(f"Generated multi-task data, conflict c = {DEFAULT_CONFLICT}: mean and standard deviation over seeds")
-    ax.legend(fontsize=7, ncols=3, loc="lower right")
+    ax.legend(fontsize=8, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

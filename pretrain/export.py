@@ -67,8 +67,11 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", tasks: 
         buffers = {name: take(name, t, rows) for name, t in buffers.items() if name in keep}
     out.mkdir(parents=True, exist_ok=True)
 
+    # a batch's pages of the ranks' files stay resident until the next: an eighth of the export at most
+    batch = min(256 * 2**20, max(16 * 2**20, sum(shape.numel() * 4 for _, shape, *_ in layout) // 8))
+
     def tensors():
-        for name, _, whole in whole_parameters(folder, world, layout):
+        for name, _, whole in whole_parameters(folder, world, layout, batch_bytes=batch):
             yield name, (take(name, whole["fp32"], rows) if tasks is not None else whole["fp32"]).to(torch_dtype)
         yield from buffers.items()
 
