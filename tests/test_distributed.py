@@ -267,8 +267,8 @@ def _extracts(folder: Path, full: SkillNetForPreTraining, out: Path) -> None:
     for name, tensor in extracted.state_dict().items():
         assert torch.equal(tensor, whole[name][rows] if name.endswith("modality_embeddings.weight") else whole[name])
     ids = torch.randint(7, full.config.vocab_size, (2, 9))
-    assert torch.equal(extracted.eval()(input_ids=ids, task="masked_lm").prediction_logits,
-                       full.eval()(input_ids=ids, task="masked_lm").prediction_logits)
+    assert torch.equal(extracted(input_ids=ids, labels=ids, task="masked_lm").prediction_logits,
+                       full.eval()(input_ids=ids, labels=ids, task="masked_lm").prediction_logits)
 
 
 # -- the checks -----------------------------------------------------------------------------------------------
