@@ -143,6 +143,8 @@ def base_model(folder: Path, ffn: int = WIDTH) -> Path:
 
 
 def finetune_config(data: Path, steps: int, out: Path):
+    import yaml
+
     from finetune.config import load_finetune_config
 
     tasks = [{"name": name, "skills": skills, "head": head,
@@ -153,8 +155,6 @@ def finetune_config(data: Path, steps: int, out: Path):
                                       "log_every": 10**6},
             "optim": {"lr": 3e-3, "warmup_steps": steps // 20}, "checkpoint": {"every": steps, "keep_last": 1}}
     path = out / "finetune.yaml"
-    import yaml
-
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return load_finetune_config(path)
 
