@@ -14,7 +14,9 @@ kernel the profiler saw. The engine rows run the trainer's own step (`Pretrainin
 objectives, the engine, the ranks' stop agreement, the logs' window) on synthetic batches in the loader's
 format; the plain rows run the same objectives on the model under autocast bf16 with fused AdamW
 (`--compile` adds one with `torch.compile`). Then the skill layer (k=2 of 7 skills) against one dense
-FFN and against DeepSpeed's MoE (top-2 of 7 experts), forward and backward in bf16.
+FFN and against DeepSpeed's MoE (top-2 of 7 experts), forward and backward in bf16; and serving the
+default task from the full encoder against the encoder extracted for it (`model.extract`): tokens per second
+and the weights' memory.
 
 Without a GPU it says so in one line; `--device cpu` measures the same rows on the CPU (where compute is
 tiny, what is left is host work: see `benchmarks/pretrain_step.py --proxy`).
@@ -259,6 +261,26 @@ def skill_layer_rows(device, repeats: int = 10) -> list[tuple]:
     return rows
 
 
+def serving_row(model_config, device, batch: int, tokens: int, repeats: int = 5) -> tuple:
+    """Serving one task (the config's default one), forward only in bf16 on `batch` x `tokens`: (task, tokens per
+    second and weights' memory in GiB of the full encoder, the same of the encoder extracted for the task)."""
+    from skillnet import SkillNetModel
+
+    task = model_config.default_task
+    dtype = torch.bfloat16
+    full = SkillNetModel(model_config).to(device, dtype).eval()
+    extracted = full.extract([task])
+    ids = torch.randint(7, model_config.vocab_size, (batch, tokens), device=device)
+    row = [task]
+    for model in (full, extracted):
+        def step(model=model):
+            with torch.no_grad():
+                model(input_ids=ids, task=task)
+        seconds = _timed(step, repeats, device)
+        row += [ids.numel() / seconds, sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30]
+    return tuple(row)
+
+
 def _print_table(results: dict[str, list[dict]], kinds: dict[str, str]) -> None:
     print("| objective | step | ms / step | TFLOP/s | MFU | peak GiB | host syncs / step | attention kernel |")
     print("|---|---|---|---|---|---|---|---|")
@@ -353,6 +375,12 @@ def main(argv=None) -> int:
         labels = {"mlm": f"MLM {size} x {args.tokens}", "image": f"image pairs, {size} x {model_config.image_size}px",
                   "video": f"video pairs, {size} x {model_config.num_frames} frames"}
         _print_table(results, labels)
+        length = min(args.tokens, model_config.max_position_embeddings)
+        task, full, full_gib, extracted, extracted_gib = serving_row(model_config, device, size, length)
+        print(f"\nserving {task} (forward, bf16, {size} x {length} tokens): full model {full:,.0f} tokens/s with "
+              f"{full_gib:.2f} GiB of weights, extracted for the task {extracted:,.0f} tokens/s with "
+              f"{extracted_gib:.2f} GiB ({extracted / full:.2f}x the throughput, {extracted_gib / full_gib:.2f}x the "
+              f"weights)")
         if device.type == "cuda":
             print("\nskill layer, forward + backward, bf16, hidden 768, FFN 3072 (ms):")
             print("| tokens | dense FFN | k=2 of 7 skills | DeepSpeed MoE top-2 of 7 | skills / dense | skills / MoE |")

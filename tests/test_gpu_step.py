@@ -32,3 +32,4 @@ def test_its_steps_run_on_the_cpu():
             assert any(o.startswith(objective) and s == step for o, s in steps), (objective, step, done.stdout)
     assert all(float(row.split(" | ")[3]) > 0 for row in rows)  # TFLOP/s from counted FLOPs
     assert "engine step / plain step" in done.stdout
+    assert "serving masked_lm" in done.stdout and "extracted for the task" in done.stdout
