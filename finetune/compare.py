@@ -30,6 +30,7 @@ import torch
 
 from skillnet.heads import head_type
 from training import distributed
+from training.metrics import quiet_third_party
 
 from .config import load_finetune_config
 from .train import prepare, train
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    quiet_third_party()
     try:
         config = load_finetune_config(args.config, args.overrides)
         pretrained = Path(args.pretrained)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from training.metrics import quiet_third_party
+
 from .config import load_finetune_config
 from .train import build_model
 
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", help="the model folder the config would start from")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    quiet_third_party()
     try:
         config = load_finetune_config(args.config, args.overrides)
         config.init = args.init or config.init

@@ -20,6 +20,7 @@ import torch
 
 from skillnet.heads import head_type
 from training.distributed import to_device
+from training.metrics import quiet_third_party
 
 from .data import DataFiles, TaskData, collate
 
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="where to write the predictions (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
+    quiet_third_party()
     from data_pipeline.media import MediaConfig
     from skillnet import SkillNetForMultiTask
     from skillnet.tokenizer import load_tokenizer

@@ -17,12 +17,14 @@ import time
 from pathlib import Path
 
 from .checkpoint import COMPLETE, check_readable, complete_checkpoints, ensure_universal
+from .metrics import quiet_third_party
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.reshard", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a complete checkpoint folder, or a run folder (its newest checkpoint)")
     args = parser.parse_args(argv)
+    quiet_third_party()
     folder = Path(args.checkpoint)
     if not (folder / COMPLETE).exists():
         found = complete_checkpoints(folder / "checkpoints")
