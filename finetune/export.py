@@ -18,7 +18,7 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from skillnet.extract import take, task_list
+from skillnet.extract import check_holds, extraction, take, task_list
 from skillnet.hub import SAFETENSORS_DTYPES, save_model_code, write_model_card, write_safetensors
 from training.metrics import quiet_third_party
 
@@ -27,8 +27,6 @@ WEIGHTS = (".safetensors", ".bin", ".pt")
 
 def export(folder: str | Path, out: str | Path, tasks: list[str]) -> Path:
     from safetensors import safe_open
-
-    from pretrain.export import check_holds, extraction
 
     folder, out = Path(folder), Path(out)
     files = sorted(folder.glob("*.safetensors"))

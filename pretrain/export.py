@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from skillnet.extract import extracted_config, take, task_list
+from skillnet.extract import check_holds, extraction, take, task_list
 from skillnet.hub import save_model_code, set_model_max_length, write_model_card, write_safetensors
 from training.checkpoint import COMPLETE, complete_checkpoints
 from training.metrics import quiet_third_party
@@ -90,31 +89,6 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", tasks: 
     save_model_code(out)
     _write_card(out, run, complete["step"])
     return out
-
-
-def extraction(config: dict, tasks: list[str], architecture: str, out: Path) -> tuple[dict, dict, dict]:
-    """For an export of `tasks` only: (the extracted config as a dict, {kept tensor: its shape}, the rows the
-    row-indexed tensors keep). Refuses, before anything is read or written, no task, a task the model does not
-    hold, and an output folder that exists and is not empty."""
-    from skillnet import SkillNetConfig, modeling
-
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists and is not empty: an extracted export goes to a new or empty folder")
-    extracted, rows = extracted_config(SkillNetConfig.from_dict(config), tasks)
-    with torch.device("meta"):
-        model = getattr(modeling, architecture)(extracted)
-    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if extracted.tie_word_embeddings else set()
-    keep = {name: t.shape for name, t in model.state_dict().items() if name not in tied}  # as saved: no tied copy
-    return extracted.to_dict(), keep, rows
-
-
-def check_holds(keep: dict, held: set[str], where: str) -> None:
-    """Refuse a source that lacks tensors the extracted model needs (naming the skills, where they are skills')."""
-    missing = sorted(set(keep) - held)
-    if missing:
-        skills = sorted({m.group(1) for name in missing if (m := re.search(r"\.skills\.([^.]+)\.", name))})
-        raise ValueError(f"{where} lacks " + (f"skills {skills} that the tasks run" if skills else
-                                               f"{len(missing)} tensors the tasks need, e.g. {missing[0]}"))
 
 
 def _write_card(out: Path, run: Path, step: int) -> None:

@@ -11,6 +11,9 @@ same name in the extracted model as in the full one; only the two embeddings ind
 from __future__ import annotations
 
 import copy
+import importlib
+import re
+from pathlib import Path
 
 import torch
 
@@ -65,3 +68,30 @@ def take(name: str, tensor: torch.Tensor, rows: dict[str, list[int]]) -> torch.T
 def task_list(text: str) -> list[str]:
     """`--tasks a,b` of the export commands."""
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def extraction(config: dict, tasks: list[str], architecture: str, out: Path) -> tuple[dict, dict, dict]:
+    """For an export of `tasks` only: (the extracted config as a dict, {kept tensor: its shape}, the rows the
+    row-indexed tensors keep). Refuses, before anything is read or written, no task, a task the model does not
+    hold, and an output folder that exists and is not empty."""
+    from .configuration import SkillNetConfig
+
+    modeling = importlib.import_module(".modeling", __package__)  # the class by name (flat code names no package)
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not empty: an extracted export goes to a new or empty folder")
+    extracted, rows = extracted_config(SkillNetConfig.from_dict(config), tasks)
+    with torch.device("meta"):
+        model = getattr(modeling, architecture)(extracted)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if extracted.tie_word_embeddings else set()
+    keep = {name: t.shape for name, t in model.state_dict().items() if name not in tied}  # as saved: no tied copy
+    return extracted.to_dict(), keep, rows
+
+
+def check_holds(keep: dict, held: set[str], where: str) -> None:
+    """Refuse a source that lacks tensors the extracted model needs (naming the skills, where they are skills')."""
+    missing = sorted(set(keep) - held)
+    if missing:
+        skills = sorted({m.group(1) for name in missing if (m := re.search(r"\.skills\.([^.]+)\.", name))})
+        raise ValueError(f"{where} lacks " + (f"skills {skills} that the tasks run" if skills else
+                                               f"{len(missing)} tensors the tasks need, e.g. {missing[0]}"))
