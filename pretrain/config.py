@@ -11,7 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipeline.config import DataConfig
-from training.config import CheckpointConfig, OptimConfig, build, dump, read_tree, resolve_ds_config, under_root
+from training.config import (
+    CheckpointConfig,
+    OptimConfig,
+    apply_overrides,
+    build,
+    dump,
+    read_tree,
+    resolve_ds_config,
+    under_root,
+)
 from training.config import DistributedConfig as SharedDistributedConfig
 
 __all__ = ["PretrainConfig", "load_pretrain_config", "dump"]
@@ -19,6 +28,7 @@ __all__ = ["PretrainConfig", "load_pretrain_config", "dump"]
 # What each task trains: masked-token prediction, sentence-pair prediction, or contrastive matching of
 # the task's input (image, audio, video or code) with its caption.
 OBJECTIVES = ("mlm", "nsp", "contrastive")
+MOMENTS = ("rescale", "reset", "copy")
 DEFAULT_OBJECTIVES = {"masked_lm": "mlm", "masked_code": "mlm", "next_sentence": "nsp", "image": "contrastive",
                       "audio": "contrastive", "video": "contrastive", "code": "contrastive"}
 
@@ -63,9 +73,38 @@ class DistributedConfig(SharedDistributedConfig):
 
 
 @dataclass
+class PseudoToRealConfig:
+    """Pseudo-to-Real (M6-10T): train a model whose layers share weights (`model.layer_sharing`), then delink
+    it into the real model (every layer its own copy) and go on training that."""
+    delink_at: int | None = None
+    """The step after which the run delinks (checkpointed on both sides: `stepN` holds the shared model,
+    `stepN-delinked` the real one); None: no delinking."""
+    moments: str = "rescale"
+    """What each copy's AdamW moments start from: "rescale" (the shared ones over the n depths the layer
+    served: m/n, v/n^2), "reset" (zeros, and the learning rate warms up again over `rewarmup_steps`) or
+    "copy" (the shared ones as they are)."""
+    rewarmup_steps: int = 100
+    """With `moments: reset`: steps over which the learning rate rises again from 0 after delinking."""
+
+    def validate(self, steps: int) -> None:
+        if self.moments not in MOMENTS:
+            raise ValueError(f"pseudo_to_real.moments must be one of {MOMENTS}, got {self.moments!r}")
+        if self.delink_at is not None and not 0 < self.delink_at < steps:
+            raise ValueError(f"pseudo_to_real.delink_at {self.delink_at} must lie between 0 and train.steps "
+                             f"{steps} (excluded)")
+        if self.rewarmup_steps < 1:
+            raise ValueError("pseudo_to_real.rewarmup_steps must be >= 1")
+
+    def rewarmup(self) -> tuple[int, int] | None:
+        """(first step, steps) of the learning rate's second warmup, or None."""
+        return (self.delink_at, self.rewarmup_steps) if self.delink_at and self.moments == "reset" else None
+
+
+@dataclass
 class PretrainConfig:
     model: str | dict = "tiny"
-    """A shipped model config name, a YAML file, or the SkillNetConfig fields inline."""
+    """A shipped model config name, a YAML file, or the SkillNetConfig fields inline; `model.<field>=value`
+    overrides one field of a named config (`model: {config: tiny, layer_sharing: all}`)."""
     data_root: str = ""
     """Folder that relative shard, index and tokenizer paths are read from (e.g. the sample corpus)."""
     tokenizer: str = "tokenizer"
@@ -78,12 +117,17 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    pseudo_to_real: PseudoToRealConfig = field(default_factory=PseudoToRealConfig)
 
     def model_config(self):
         """The model's `SkillNetConfig`."""
         from skillnet import SkillNetConfig, load_config
 
-        return SkillNetConfig(**self.model) if isinstance(self.model, dict) else load_config(self.model)
+        if isinstance(self.model, str):
+            return load_config(self.model)
+        fields = dict(self.model)
+        named = fields.pop("config", None)
+        return load_config(named, **fields) if named else SkillNetConfig(**fields)
 
     def objective(self, task: str) -> str:
         return self.objectives.get(task, DEFAULT_OBJECTIVES.get(task, ""))
@@ -95,6 +139,7 @@ class PretrainConfig:
                 raise ValueError(f"task {t.name!r} has no objective: set objectives.{t.name} to one of {OBJECTIVES}")
         if self.train.steps < 1:
             raise ValueError("train.steps must be >= 1")
+        self.pseudo_to_real.validate(self.train.steps)
         self.checkpoint.validate()
         if self.distributed.skill_placement not in ("balanced", "data_local"):
             raise ValueError("distributed.skill_placement must be 'balanced' or 'data_local', "
@@ -107,7 +152,11 @@ class PretrainConfig:
 
 def load_pretrain_config(path: str | Path, overrides: list[str] = ()) -> PretrainConfig:
     """defaults <- YAML file <- `key=value` overrides (values parsed as YAML)."""
-    tree = read_tree(path, overrides, Path(__file__).parent / "configs")
+    tree = read_tree(path, [o for o in overrides if not o.startswith("model.")], Path(__file__).parent / "configs")
+    model_overrides = [o for o in overrides if o.startswith("model.")]
+    if model_overrides and isinstance(tree.get("model", "tiny"), str):  # fields over a named config
+        tree["model"] = {"config": tree.get("model", "tiny")}
+    apply_overrides(tree, model_overrides)
     data = tree.pop("data", {}) or {}
     for key, owner in (("batch_size", "train.micro_batch_size"), ("seed", "train.seed")):
         if key in data:

@@ -5,7 +5,8 @@
     python -m pretrain.export runs/tiny runs/tiny/masked_lm --tasks masked_lm   # only what these tasks run
 
 Streams tensor by tensor: the safetensors header is written first (every shape is known from the
-checkpoint), then each parameter is gathered from the ranks' fp32 partitions, cast and appended. A
+checkpoint), then each parameter is gathered from the ranks' fp32 partitions (or, for a checkpoint that
+holds only DeepSpeed's universal layout, as `training.delink` writes, read from it), cast and appended. A
 skill-parallel checkpoint's skills, each held by some of the ranks, are merged into one model. The
 partition files are memory-mapped a bounded batch of parameters at a time, so peak memory stays near
 the size of the largest batch rather than of the model.
@@ -34,6 +35,7 @@ from skillnet.extract import check_holds, extraction, take, task_list
 from skillnet.hub import save_model_code, set_model_max_length, write_model_card, write_safetensors
 from training.checkpoint import COMPLETE, complete_checkpoints
 from training.metrics import quiet_third_party
+from training.zero import universal
 from training.zero.layout import parameter_layout, whole_parameters
 
 from .skill_parallel import PADDING
@@ -58,8 +60,10 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", tasks: 
     config = json.loads((folder / "model_config.json").read_text())
     if tasks is not None:
         config, keep, rows = extraction(config, tasks, "SkillNetForPreTraining", out)
-    # skill parallelism's padding skills are all DeepSpeed finds frozen; they are not part of the model
-    layout, buffers = parameter_layout(folder, world, skip=lambda name: f".{PADDING}" in name)
+    if complete.get("universal_only"):  # e.g. delinked (`training.delink`): the universal copy alone
+        layout, buffers = universal.held_parameters(folder), {}
+    else:  # skill parallelism's padding skills are all DeepSpeed finds frozen; they are not part of the model
+        layout, buffers = parameter_layout(folder, world, skip=lambda name: f".{PADDING}" in name)
     if tasks is not None:
         check_holds(keep, {name for name, *_ in layout} | set(buffers), f"checkpoint {folder}")
         layout = [entry for entry in layout if entry[0] in keep]
@@ -69,9 +73,16 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", tasks: 
     # a batch's pages of the ranks' files stay resident until the next: an eighth of the export at most
     batch = min(256 * 2**20, max(16 * 2**20, sum(shape.numel() * 4 for _, shape, *_ in layout) // 8))
 
+    def wholes():
+        if complete.get("universal_only"):
+            yield from ((name, universal.read_parameter(folder, name)) for name, *_ in layout)
+        else:
+            yield from ((name, whole["fp32"]) for name, _, whole in whole_parameters(folder, world, layout,
+                                                                                     batch_bytes=batch))
+
     def tensors():
-        for name, _, whole in whole_parameters(folder, world, layout, batch_bytes=batch):
-            yield name, (take(name, whole["fp32"], rows) if tasks is not None else whole["fp32"]).to(torch_dtype)
+        for name, whole in wholes():
+            yield name, (take(name, whole, rows) if tasks is not None else whole).to(torch_dtype)
         yield from buffers.items()
 
     shapes = [(name, keep[name] if tasks is not None else shape, torch_dtype) for name, shape, *_ in layout]

@@ -54,7 +54,7 @@ def prepare(config: PretrainConfig, topology: Topology) -> Inputs:
     from skillnet.tokenizer import load_tokenizer
 
     check_accelerator(topology)
-    model_config = config.model_config()
+    model_config = model_at_resume(config, config.model_config(), Path(config.run_dir) / "checkpoints")
     registry = model_config.registry
     for t in config.data.tasks:
         registry.task_skills(t.name)
@@ -137,17 +137,45 @@ def build_engine(config: PretrainConfig, model_config, ds: dict, placement):
 
     engine, split = parallelize(functools.partial(build_model, model_config, config.train.seed), ds, config.optim,
                                 config.train.steps, activation_checkpointing=config.train.activation_checkpointing,
-                                split_skills=placement and functools.partial(split_skills, placement=placement))
+                                split_skills=placement and functools.partial(split_skills, placement=placement),
+                                rewarmup=config.pseudo_to_real.rewarmup())
     return (engine, *(split or ([], None)))
 
 
-class Pretraining:
-    """The pretraining step, its logs and its train state (`state`, the loader's position, `window`)."""
+@dataclass
+class Engine:
+    """What is built around a model: the engine, this rank's skill layers (skill parallelism), ZeRO-3's trace
+    switch and the objectives that call the model."""
+    engine: object
+    skill_layers: list
+    traces: TraceSwitch
+    objectives: Objectives
 
-    def __init__(self, config: PretrainConfig, topology: Topology, engine, loader, objectives, traces, placement,
-                 skill_layers: list):
-        self.config, self.topology, self.engine, self.loader = config, topology, engine, loader
-        self.objectives, self.traces, self.placement, self.skill_layers = objectives, traces, placement, skill_layers
+
+def model_at_resume(config: PretrainConfig, model_config, root: Path):
+    """The model a run continues with: the real one (`skillnet.delink`) where the run delinks and the
+    checkpoint it resumes from was written after delinking."""
+    from skillnet.delink import delinked_config
+
+    delink_at = config.pseudo_to_real.delink_at
+    if delink_at is None:
+        return model_config
+    if not model_config.shares_layers:
+        raise ValueError("pseudo_to_real.delink_at needs a model that shares layers (model.layer_sharing)")
+    folder = checkpoint.resolve_resume(config.checkpoint.resume, root)
+    meta = checkpoint.check_readable(folder) if folder is not None else None
+    if meta is not None and (meta["step"] > delink_at or "delinked" in meta):
+        return delinked_config(model_config)
+    return model_config
+
+
+class Pretraining:
+    """The pretraining step, its logs and its train state (`state`, the loader's position, `window`).
+    `build(model_config)` builds the `Engine` (again, for the real model, when the run delinks)."""
+
+    def __init__(self, config: PretrainConfig, topology: Topology, model_config, loader, placement, build):
+        self.config, self.topology, self.loader, self.placement, self.build = config, topology, loader, placement, build
+        self.attach(build(model_config))
         self.device = distributed.device(topology)
         self.data_local = placement is not None and placement.task_slots is not None
         self.state = {"step": 0, "tokens_seen": 0, "samples_seen": 0}
@@ -247,20 +275,59 @@ class Pretraining:
     def after_step(self, step: int, last: bool) -> dict:
         return {}
 
-    def close(self) -> None:
-        """Stop the loader's workers and close the sample log (on every way out of training)."""
+    def close_loader(self) -> None:
         if self.batches is not None:
             self.batches.close()  # the DataLoader iterator it runs shuts its workers down
             self.batches = None
+
+    def close(self) -> None:
+        """Stop the loader's workers and close the sample log (on every way out of training)."""
+        self.close_loader()
         if self.samples is not None:
             self.samples.close()
 
+    def attach(self, built: Engine) -> None:
+        self.engine, self.skill_layers = built.engine, built.skill_layers
+        self.traces, self.objectives = built.traces, built.objectives
+
     def save(self) -> Path:
         state = {**self.state, "loader": self.loader.state_dict(), "window": self.window.state_dict()}
-        return checkpoint.save(self.engine, Path(self.config.run_dir) / "checkpoints", self.state["step"], state,
-                               checkpoint.fingerprint(self.engine.module.config), self.config.checkpoint.keep_last,
-                               self.placement and self.placement.to_dict(),
-                               {"tokenizer": fingerprint(self.loader.tokenizer)})
+        folder = checkpoint.save(self.engine, Path(self.config.run_dir) / "checkpoints", self.state["step"], state,
+                                 checkpoint.fingerprint(self.engine.module.config), self.config.checkpoint.keep_last,
+                                 self.placement and self.placement.to_dict(),
+                                 {"tokenizer": fingerprint(self.loader.tokenizer)})
+        return self.delink(folder) if self.delinks_now() else folder
+
+    def delinks_now(self) -> bool:
+        return self.state["step"] == self.config.pseudo_to_real.delink_at and self.engine.module.config.shares_layers
+
+    def delink(self, folder: Path) -> Path:
+        """Pseudo-to-Real: the shared model's checkpoint `folder` (this step's) rewritten for the real model
+        (`training.delink`) beside it, `<folder>-delinked`, and training goes on from there, as a run resumed
+        from it would."""
+        import torch.distributed as dist
+
+        from skillnet.delink import delinked_config
+        from training.delink import delink
+
+        out = folder.with_name(folder.name + "-delinked")
+        real = delinked_config(self.engine.module.config)
+        if not (out / checkpoint.COMPLETE).exists():
+            checkpoint.ensure_universal(folder)  # a collective: every rank converts a share
+        if self.topology.is_main:
+            if not (out / checkpoint.COMPLETE).exists():
+                delink(folder, out, self.config.pseudo_to_real.moments, progress=True)
+            real.save_pretrained(self.config.run_dir)
+        dist.barrier()
+        self.close_loader()
+        zero.release(self.engine)
+        self.attach(self.build(real))
+        resume = checkpoint.Resume(out, checkpoint.check_readable(out), universal=True)
+        self.resume(resume)
+        if self.topology.is_main:
+            print(f"delinked {folder.name} into the real model ({self.config.pseudo_to_real.moments} moments): "
+                  f"{out}", file=sys.stderr)
+        return out
 
     def resume(self, resume: checkpoint.Resume) -> None:
         """Continue from a checkpoint; one of another layout is mapped: the loader deals out what every saving
@@ -293,13 +360,17 @@ def train(prepared: Inputs, topology: Topology) -> dict:
         tokenizer.save_pretrained(run_dir / "tokenizer")
         if placement is not None:
             (run_dir / "skill_placement.json").write_text(json.dumps(placement.to_dict(), indent=1))
-    engine, skill_layers, data_group = build_engine(config, model_config, prepared.ds, placement)
-    torch.manual_seed(config.train.seed + topology.rank)  # dropout differs per rank; the weights do not
-    traces = TraceSwitch(engine, config.distributed.trace_per_call)
-    data_local = placement is not None and placement.task_slots is not None
-    # data-local: the ranks at one position share a task, so contrastive negatives come from them
-    objectives = Objectives(config, tokenizer, model_config, data_group if data_local else None, traces.select)
-    run = Pretraining(config, topology, engine, loader, objectives, traces, placement, skill_layers)
+
+    def build(model_config) -> Engine:
+        engine, skill_layers, data_group = build_engine(config, model_config, prepared.ds, placement)
+        torch.manual_seed(config.train.seed + topology.rank)  # dropout differs per rank; the weights do not
+        traces = TraceSwitch(engine, config.distributed.trace_per_call)
+        data_local = placement is not None and placement.task_slots is not None
+        # data-local: the ranks at one position share a task, so contrastive negatives come from them
+        objectives = Objectives(config, tokenizer, model_config, data_group if data_local else None, traces.select)
+        return Engine(engine, skill_layers, traces, objectives)
+
+    run = Pretraining(config, topology, model_config, loader, placement, build)
     if resume is not None:
         start = time.perf_counter()
         run.resume(resume)
@@ -309,13 +380,16 @@ def train(prepared: Inputs, topology: Topology) -> dict:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
             print(f"resumed {resume.folder.name} in {time.perf_counter() - start:.2f} s (rank 0's peak resident "
                   f"memory so far {peak:.2f} GiB)", file=sys.stderr)
+        if run.delinks_now():  # stopped after saving the shared model, before delinking it
+            run.delink(resume.folder)
     metrics = Metrics(run_dir, topology.is_main, config.train.steps, run.steps_done, "pretraining")
     try:
+        delink_at = config.pseudo_to_real.delink_at
         result = train_loop(run, config.train.steps, config.train.log_every, config.checkpoint.every, metrics,
-                            topology.is_main)
+                            topology.is_main, checkpoint_at=() if delink_at is None else (delink_at,))
     finally:
         run.close()
-        zero.release(engine)
+        zero.release(run.engine)
     skipped = summed_over_ranks(skipped=loader.skipped)["skipped"]
     return {**result, "run_dir": run_dir, "skipped": {k: int(v) for k, v in skipped.items()}}
 

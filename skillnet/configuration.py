@@ -33,6 +33,11 @@ class SkillNetConfig(PretrainedConfig):
             bottom), "top:n" (the top n layers) or an explicit list of layer indices. Other layers hold
             one dense FFN.
         skill_attention: make the query/key/value/output projections skill-specific as well.
+        layer_sharing: "none" (every layer its own weights), "all" (one layer's weights at every depth: the
+            "pseudo giant" of Pseudo-to-Real, ALBERT's sharing) or "cycle:M" (M layers, depth i runs layer
+            i mod M; M divides the depth). Each skill of a shared layer is shared across depth; a task's
+            route is the same at every depth. `training.delink` turns a shared model into the real one.
+        decoder_layer_sharing: the same for the decoder stack (None: as `layer_sharing`).
         router: "skill" (SkillNet), or a baseline: "dense" (one FFN), "moe" (learned top-k gate over
             `num_experts` FFNs), "prototype" (k-top-1 expert prototyping: `num_experts` split into
             `prototype_groups` groups, top-1 in each, outputs summed) or "task_router" (a task embedding
@@ -79,6 +84,8 @@ class SkillNetConfig(PretrainedConfig):
         always_generic: bool = True,
         skill_layers: str | list[int] = "all",
         skill_attention: bool = False,
+        layer_sharing: str = "none",
+        decoder_layer_sharing: str | None = None,
         router: str = "skill",
         num_experts: int = 7,
         moe_top_k: int = 2,
@@ -132,6 +139,8 @@ class SkillNetConfig(PretrainedConfig):
         self.always_generic = always_generic
         self.skill_layers = skill_layers
         self.skill_attention = skill_attention
+        self.layer_sharing = layer_sharing
+        self.decoder_layer_sharing = decoder_layer_sharing
         self.router = router
         self.num_experts = num_experts
         self.moe_top_k = moe_top_k
@@ -202,7 +211,9 @@ class SkillNetConfig(PretrainedConfig):
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
         if "video" in self.modalities and self.num_frames % self.tubelet_size:
             raise ValueError(f"num_frames {self.num_frames} is not divisible by tubelet_size {self.tubelet_size}")
-        self.skill_layer_indices(self.num_hidden_layers)
+        self.stack_layers(self.num_hidden_layers)
+        if self.num_decoder_layers:
+            self.stack_layers(self.num_decoder_layers, decoder=True)
         if self.default_task is not None and self.default_task not in self.tasks:
             raise ValueError(f"default_task {self.default_task!r} is not in the task table {sorted(self.tasks)}")
         for task, spec in self.task_heads.items():
@@ -229,6 +240,43 @@ class SkillNetConfig(PretrainedConfig):
                 return [i for i in range(num_layers) if (i + 1) % n == 0]
             return list(range(max(0, num_layers - n), num_layers))
         raise ValueError(f"skill_layers must be 'all', 'every:k', 'top:n' or a list of layer indices, got {spec!r}")
+
+    def shared_layers(self, num_layers: int, decoder: bool = False) -> int:
+        """How many layers of their own a stack of `num_layers` holds under its `layer_sharing` (depth i runs
+        layer i mod that number)."""
+        name = "decoder_layer_sharing" if decoder and self.decoder_layer_sharing is not None else "layer_sharing"
+        spec = str(getattr(self, name))
+        if spec == "none":
+            return num_layers
+        if spec == "all":
+            return 1
+        kind, _, value = spec.partition(":")
+        if kind != "cycle" or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{name} must be 'none', 'all' or 'cycle:M', got {spec!r}")
+        if num_layers % int(value):
+            raise ValueError(f"{name} {spec!r}: {value} does not divide the stack's {num_layers} layers")
+        return int(value)
+
+    @property
+    def shares_layers(self) -> bool:
+        """Whether a stack runs one layer's weights at several depths."""
+        decoder = self.num_decoder_layers
+        return (self.shared_layers(self.num_hidden_layers) < self.num_hidden_layers
+                or 0 < decoder and self.shared_layers(decoder, True) < decoder)
+
+    def stack_layers(self, num_layers: int, decoder: bool = False) -> list[bool]:
+        """Whether each layer of its own of a stack carries skills: layer j serves depths j, j + M, ...,
+        which must agree (`skill_layers` names depths)."""
+        unique = self.shared_layers(num_layers, decoder)
+        skilled = set(self.skill_layer_indices(num_layers))
+        carries = []
+        for j in range(unique):
+            depths = range(j, num_layers, unique)
+            if len({d in skilled for d in depths}) > 1:
+                raise ValueError(f"skill_layers {self.skill_layers!r} gives skills to some of the depths "
+                                 f"{list(depths)} that shared layer {j} runs, not all")
+            carries.append(j in skilled)
+        return carries
 
 
 

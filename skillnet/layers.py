@@ -214,14 +214,13 @@ class Attention(nn.Module):
     scaled_dot_product_attention, or written out ("eager") where `config._attn_implementation` says so or
     the attention weights are asked for."""
 
-    def __init__(self, config, skilled: bool, layer_idx: int = 0):
+    def __init__(self, config, skilled: bool):
         super().__init__()
         h = config.hidden_size
         names = [s["name"] for s in config.skills]
         proj = (lambda: SkillLinear(names, h, h)) if skilled else (lambda: SharedLinear(h, h))
         self.q, self.k, self.v, self.o = proj(), proj(), proj(), proj()
         self.config = config  # read at call time: `model.set_attn_implementation` changes it
-        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.dropout = config.attention_probs_dropout_prob
 
@@ -230,10 +229,11 @@ class Attention(nn.Module):
         return x.view(b, n, self.num_heads, h // self.num_heads).transpose(1, 2)
 
     def forward(self, x, mask, route, kv_states=None, cache: EncoderDecoderCache | None = None, is_causal=False,
-                output_attentions=False):
+                output_attentions=False, depth: int = 0):
         """`mask`: bool (batch, 1, q or 1, keys), True where attending, or `Packed` (self-attention within
         each packed input). `kv_states`: the encoder states for cross-attention. `cache`: the decoder's
-        keys/values of earlier decoding steps (this layer's entry; cross-attention's are computed once).
+        keys/values of earlier decoding steps (the entry of `depth`, the stack position this call runs at: a
+        shared layer runs at several; cross-attention's are computed once).
         Returns the output and the attention weights (None unless `output_attentions`)."""
         if isinstance(mask, Packed):
             if kv_states is not None or cache is not None or is_causal or output_attentions:
@@ -241,17 +241,17 @@ class Attention(nn.Module):
             return self._packed(x, mask, route), None
         q = self._heads(self.q(x, route))
         cross = kv_states is not None
-        if cache is not None and cross and cache.is_updated.get(self.layer_idx):
-            layer = cache.cross_attention_cache.layers[self.layer_idx]
+        if cache is not None and cross and cache.is_updated.get(depth):
+            layer = cache.cross_attention_cache.layers[depth]
             k, v = layer.keys, layer.values  # fixed for the whole generation
         else:
             source = kv_states if cross else x
             k, v = self._heads(self.k(source, route)), self._heads(self.v(source, route))
             if cache is not None:
                 own = cache.cross_attention_cache if cross else cache.self_attention_cache
-                k, v = own.update(k, v, self.layer_idx)
+                k, v = own.update(k, v, depth)
                 if cross:
-                    cache.is_updated[self.layer_idx] = True
+                    cache.is_updated[depth] = True
         # no mask at all where every key is valid, and SDPA's own causal flag, so that its efficient and flash
         # kernels stay eligible; an explicit mask only with padding (or a cache offsetting the queries)
         causal_flag = is_causal and mask is None and q.shape[2] == k.shape[2]
@@ -292,31 +292,32 @@ class SkillNetLayer(GradientCheckpointingLayer):
     """Post-LayerNorm transformer layer (BERT's layout): attention, optional cross-attention, FFN block.
     Under `model.gradient_checkpointing_enable()` its activations are recomputed in the backward pass."""
 
-    def __init__(self, config, carries_skills: bool, decoder: bool = False, layer_idx: int = 0):
+    def __init__(self, config, carries_skills: bool, decoder: bool = False):
         super().__init__()
         skilled_attention = carries_skills and config.skill_attention and config.router == "skill"
         eps = config.layer_norm_eps
-        self.attn = Attention(config, skilled_attention, layer_idx)
+        self.attn = Attention(config, skilled_attention)
         self.attn_norm = nn.LayerNorm(config.hidden_size, eps=eps)
         self.decoder = decoder
         if decoder:
-            self.cross_attn = Attention(config, skilled_attention, layer_idx)
+            self.cross_attn = Attention(config, skilled_attention)
             self.cross_norm = nn.LayerNorm(config.hidden_size, eps=eps)
         self.ffn = make_ffn(config, carries_skills)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, mask, route, encoder_states=None, encoder_mask=None, cache=None,
-                output_attentions=False):
+                output_attentions=False, depth: int = 0):
         """The layer's output, its self-attention weights and its cross-attention weights (None unless
-        `output_attentions`)."""
+        `output_attentions`), run at stack position `depth`."""
         attended, weights = self.attn(x, mask, route, cache=cache, is_causal=self.decoder,
-                                      output_attentions=output_attentions)
+                                      output_attentions=output_attentions, depth=depth)
         x = self.attn_norm(x + self.dropout(attended))
         cross_weights = None
         if self.decoder:
             attended, cross_weights = self.cross_attn(x, encoder_mask, route, kv_states=encoder_states,
-                                                      cache=cache, output_attentions=output_attentions)
+                                                      cache=cache, output_attentions=output_attentions,
+                                                      depth=depth)
             x = self.cross_norm(x + self.dropout(attended))
         return self.ffn_norm(x + self.dropout(self.ffn(x, route))), weights, cross_weights
 

@@ -154,6 +154,22 @@ class SkillNetPreTrainedModel(PreTrainedModel):
         model.tie_weights()
         return model.train(self.training)
 
+    def delink(self) -> SkillNetPreTrainedModel:
+        """Pseudo-to-Real (`skillnet.delink`): the model of this class without layer sharing whose every depth
+        holds a copy of the shared layer it ran, so that its outputs equal this model's; a model that shares
+        no layers is refused."""
+        from .delink import copies, delinked_config
+
+        config = delinked_config(self.config)
+        kwargs = {"add_pooling_layer": self.pooler is not None} if isinstance(self, SkillNetModel) else {}
+        with torch.device("meta"):
+            model = type(self)(config, **kwargs)
+        state = {target: tensor.clone() for name, tensor in self.state_dict().items()
+                 for target, _ in copies(name, self.config)}
+        model.load_state_dict(state, assign=True)
+        model.tie_weights()
+        return model.train(self.training)
+
     def add_task(self, name: str, skills: list[str]) -> None:
         """Declare a task (or redeclare its skills) in the config's task table."""
         self.registry.resolve(skills, what=f"task {name!r}")
@@ -193,22 +209,26 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class SkillNetEncoder(nn.Module):
-    """A stack of `SkillNetLayer`s; the layers named by `config.skill_layers` carry skills."""
+    """A stack of `num_layers` depths of `SkillNetLayer`s; the depths named by `config.skill_layers` carry skills.
+    Under layer sharing (`config.layer_sharing`) `layers` holds fewer layers than depths, and depth i runs
+    `layers[i % len(layers)]`: a shared layer is one module, called at each of its depths."""
 
     def __init__(self, config: SkillNetConfig, num_layers: int, decoder: bool = False):
         super().__init__()
-        skilled = set(config.skill_layer_indices(num_layers))
-        self.layers = nn.ModuleList(SkillNetLayer(config, i in skilled, decoder, i) for i in range(num_layers))
+        carries = config.stack_layers(num_layers, decoder)
+        self.layers = nn.ModuleList(SkillNetLayer(config, c, decoder) for c in carries)
+        self.depth = num_layers
 
     def forward(self, x, mask, route, encoder_states=None, encoder_mask=None, cache=None,
                 output_hidden_states=False, output_attentions=False) -> BaseModelOutputWithCrossAttentions:
         hidden = [x] if output_hidden_states else None
         attentions, cross = ([], []) if output_attentions else (None, None)
-        for layer in self.layers:
+        for depth in range(self.depth):
+            layer = self.layers[depth % len(self.layers)]
             # a layer recomputed in the backward pass must not write the cache twice (transformers' layer drops
             # it by the keyword its version uses: `past_key_values` before 5.24, `cache` since)
             recomputed = layer.gradient_checkpointing and self.training and torch.is_grad_enabled()
-            x, weights, cross_weights = layer(x, mask, route, encoder_states, encoder_mask,
+            x, weights, cross_weights = layer(x, mask, route, encoder_states, encoder_mask, depth=depth,
                                               cache=None if recomputed else cache, output_attentions=output_attentions)
             if hidden is not None:
                 hidden.append(x)

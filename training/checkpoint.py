@@ -35,8 +35,11 @@ from .zero.internals import replay_cpu_adam
 COMPLETE = "complete.json"
 FORMAT = 1
 MODEL_KEYS = ("skills", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-              "skill_layers", "skill_attention", "router", "modalities", "num_experts")
+              "skill_layers", "skill_attention", "router", "modalities", "num_experts", "layer_sharing",
+              "decoder_layer_sharing")
 """What a resumed model must share with the checkpoint's (dropout or a task's skills may change)."""
+LATER_KEYS = {"layer_sharing": "none", "decoder_layer_sharing": None}
+"""Keys a checkpoint written before they existed lacks, with the value it had."""
 
 
 def _tag(step: int) -> str:
@@ -44,16 +47,28 @@ def _tag(step: int) -> str:
 
 
 def _step_folders(root: Path) -> list[Path]:
-    """The checkpoint folders this trainer writes under `root` (`stepNNNNNNNN`), oldest first; nothing else
-    there is ever read or removed."""
+    """The checkpoint folders this trainer writes under `root` (`stepNNNNNNNN`, and `stepNNNNNNNN-delinked`
+    after it where a run delinks: `training.delink`), oldest first; nothing else there is ever read or
+    removed."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step\d{8}", p.name))
+    return sorted(p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step\d{8}(-delinked)?", p.name))
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoint folders under `root`, oldest first."""
     return [p for p in _step_folders(root) if (p / COMPLETE).exists()]
+
+
+def checkpoint_or_run(path: str | Path) -> Path:
+    """A complete checkpoint folder as given, or a run folder's newest one (what the offline tools read)."""
+    folder = Path(path)
+    if (folder / COMPLETE).exists():
+        return folder
+    found = complete_checkpoints(folder / "checkpoints")
+    if not found:
+        raise FileNotFoundError(f"{folder} is neither a complete checkpoint nor a run folder holding one")
+    return found[-1]
 
 
 def resolve_resume(resume: str, root: Path) -> Path | None:
@@ -113,11 +128,14 @@ def check_compatible(folder: Path, model_config: dict, model_keys: tuple[str, ..
     placement is mapped (`needs_universal`)."""
     meta = check_readable(folder)
     saved = meta["model"]
+    saved = {**LATER_KEYS, **saved}
     diff = [k for k in model_keys if saved.get(k) != model_config.get(k)]
     if diff:
         k = diff[0]
+        hint = (" (`python -m training.delink` turns a shared model's checkpoint into the real model's)"
+                if k in ("layer_sharing", "decoder_layer_sharing") and saved.get(k) != "none" else "")
         raise ValueError(f"checkpoint {folder} does not fit the config: {k} is {saved.get(k)!r} there, "
-                         f"{model_config.get(k)!r} here")
+                         f"{model_config.get(k)!r} here{hint}")
     return meta
 
 
@@ -141,8 +159,10 @@ def check_readable(folder: Path) -> dict:
 
 def needs_universal(meta: dict, world_size: int, placement: dict | None = None) -> bool:
     """Whether a checkpoint (its `complete.json`) was written by another number of ranks or skill placement
-    than this run's: then it loads through its universal copy."""
-    return meta["world_size"] != world_size or meta.get("skill_placement") != placement
+    than this run's, or holds nothing else (`training.delink` writes such): then it loads through its universal
+    copy."""
+    return (meta["world_size"] != world_size or meta.get("skill_placement") != placement
+            or bool(meta.get("universal_only")))
 
 
 def describe_resize(folder: Path, meta: dict, world_size: int, placement: dict | None = None) -> str:

@@ -31,8 +31,9 @@ class Trainer(Protocol):
 
 
 def train_loop(trainer: Trainer, steps: int, log_every: int, checkpoint_every: int, metrics: Metrics,
-               is_main: bool) -> dict:
-    """Runs `trainer` to `steps`; returns {step, checkpoint, stopped, requeued}. On a failure the progress
+               is_main: bool, checkpoint_at: tuple[int, ...] = ()) -> dict:
+    """Runs `trainer` to `steps`, checkpointing also at the steps `checkpoint_at`; returns {step, checkpoint,
+    stopped, requeued}. On a failure the progress
     bar ends before the error propagates, and the step records since the last checkpoint stay unwritten
     (that checkpoint does not hold them)."""
     stop, saved, stopping = Stop(), None, GO_ON
@@ -46,7 +47,7 @@ def train_loop(trainer: Trainer, steps: int, log_every: int, checkpoint_every: i
             if scalars:
                 metrics.log(step, scalars)
                 metrics.flush()
-            if step % checkpoint_every == 0 or step == steps or stopping != GO_ON:
+            if step % checkpoint_every == 0 or step == steps or stopping != GO_ON or step in checkpoint_at:
                 metrics.flush()
                 saved = trainer.save()
         if saved is None:  # resumed at its last step: the run's folder still ends with its checkpoint (the

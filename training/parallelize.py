@@ -22,10 +22,11 @@ from .config import OptimConfig
 
 
 def parallelize(build: Callable[[dict | None], nn.Module], ds: dict, optim: OptimConfig, steps: int, *,
-                split_skills: Callable[[nn.Module], Any] | None = None, activation_checkpointing: bool = False):
+                split_skills: Callable[[nn.Module], Any] | None = None, activation_checkpointing: bool = False,
+                rewarmup: tuple[int, int] | None = None):
     """The engine for the model `build` makes: `build(ds)` builds it partitioned, `build(None)` whole.
     `split_skills(model)` keeps this rank's skills (skill parallelism); what it returns is handed back.
-    Returns (engine, split)."""
+    `rewarmup`: a second warmup of the learning rate (`optim.linear_schedule`). Returns (engine, split)."""
     from .optim import build_optimizer, parameter_groups
     from .zero.internals import expert_parameter_groups
 
@@ -34,7 +35,7 @@ def parallelize(build: Callable[[dict | None], nn.Module], ds: dict, optim: Opti
     if activation_checkpointing:
         checkpoint_activations(model)
     groups = expert_parameter_groups(parameter_groups(model, optim.weight_decay))
-    optimizer, scheduler = build_optimizer(groups, optim, steps, zero.offloads_optimizer(ds))
+    optimizer, scheduler = build_optimizer(groups, optim, steps, zero.offloads_optimizer(ds), rewarmup)
     return zero.initialize(model, optimizer, scheduler, ds), split
 
 

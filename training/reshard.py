@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-from .checkpoint import COMPLETE, check_readable, complete_checkpoints, ensure_universal
+from .checkpoint import check_readable, checkpoint_or_run, ensure_universal
 from .metrics import quiet_third_party
 
 
@@ -25,16 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a complete checkpoint folder, or a run folder (its newest checkpoint)")
     args = parser.parse_args(argv)
     quiet_third_party()
-    folder = Path(args.checkpoint)
-    if not (folder / COMPLETE).exists():
-        found = complete_checkpoints(folder / "checkpoints")
-        if not found:
-            print(f"error: {folder} is neither a complete checkpoint nor a run folder holding one", file=sys.stderr)
-            return 2
-        folder = found[-1]
     try:
+        folder = checkpoint_or_run(args.checkpoint)
         check_readable(folder)
-    except ValueError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     start = time.perf_counter()

@@ -120,9 +120,10 @@ def offloads_optimizer(ds: dict) -> bool:
 
 def initialize(model, optimizer, scheduler, ds: dict):
     """The DeepSpeed engine (its scheduler steps with it). Under ZeRO-3 each skill's FFN is gathered as one
-    unit (a z3 leaf: one fetch for both its layers, no hooks inside it), and only modules holding
-    parameters get ZeRO-3's hooks (`internals.hooks_on_parameter_holders`). The gradient norm is taken over
-    all tensors at once (`internals.batched_grad_norm`)."""
+    unit (a z3 leaf: one fetch for both its layers, no hooks inside it; not where layers are shared: a leaf
+    reduces its gradients each time it is called, and a shared layer is called at each of its depths), and
+    only modules holding parameters get ZeRO-3's hooks (`internals.hooks_on_parameter_holders`). The
+    gradient norm is taken over all tensors at once (`internals.batched_grad_norm`)."""
     import deepspeed
     from deepspeed.utils import set_z3_leaf_modules
 
@@ -132,7 +133,8 @@ def initialize(model, optimizer, scheduler, ds: dict):
 
     check_version()
     zero3 = zero_stage(ds) == 3
-    if zero3 and any(isinstance(m, FFN) for m in model.modules()):
+    shared = getattr(getattr(model, "config", None), "shares_layers", False)
+    if zero3 and not shared and any(isinstance(m, FFN) for m in model.modules()):
         set_z3_leaf_modules(model, [FFN])
     with internals.hooks_on_parameter_holders() if zero3 else contextlib.nullcontext():
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)

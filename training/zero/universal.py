@@ -62,6 +62,19 @@ def finish(folder: Path, out: Path) -> None:
             shutil.copy2(states, out / states.name)
 
 
+def held_parameters(folder: Path) -> list[tuple[str, torch.Size, None]]:
+    """(name, shape, None) of every parameter the universal copy in checkpoint `folder` holds, in name order
+    (the `layout.Layout` entries of a checkpoint that holds nothing else, as `training.delink` writes)."""
+    root = folder / FOLDER / "zero"
+    return [(p.name, torch.load(p / "fp32.pt", map_location="cpu", weights_only=False, mmap=True)["param"].shape, None)
+            for p in sorted(root.iterdir()) if (p / "fp32.pt").exists()]
+
+
+def read_parameter(folder: Path, name: str) -> torch.Tensor:
+    """One parameter's fp32 values from the universal copy in checkpoint `folder`."""
+    return torch.load(folder / FOLDER / "zero" / name / "fp32.pt", map_location="cpu", weights_only=False)["param"]
+
+
 def _step(folder: Path):
     groups = optimizer_settings(folder)["optimizer_state_dict"]["state"]
     return next(iter(groups.values()))["step"] if groups else 0
