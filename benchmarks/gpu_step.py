@@ -193,7 +193,7 @@ def engine_steps(mode: str, config, model_config, tokenizer, batches: dict, devi
     """The trainer's step on its engine (`mode`: a shipped DeepSpeed config), one per objective, warmed up:
     ({objective: (step, peak memory)}, what to release at the end)."""
     from pretrain.objectives import Objectives
-    from pretrain.train import Pretraining, build_engine, engine_config
+    from pretrain.train import Engine, Pretraining, build_engine, engine_config
     from training.distributed import Topology
     from training.signals import Stop
     from training.zero.traces import TraceSwitch
@@ -203,9 +203,10 @@ def engine_steps(mode: str, config, model_config, tokenizer, batches: dict, devi
     engine, _, _ = build_engine(config, model_config, engine_config(config), None)
     traces = TraceSwitch(engine, config.distributed.trace_per_call)
     objectives = Objectives(config, tokenizer, model_config, None, traces.select)
+    built = Engine(engine, [], traces, objectives)
     stop, steps, runs = Stop(), {}, []
     for kind, batch in batches.items():
-        run = Pretraining(config, Topology(0, 1, 0), engine, Batches(batch), objectives, traces, None, [])
+        run = Pretraining(config, Topology(0, 1, 0), model_config, Batches(batch), None, lambda _: built)
         step = functools.partial(run.train_step, stop)
         steps[kind] = (step, _warm(step, device, before))
         runs.append(run)

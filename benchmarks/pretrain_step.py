@@ -9,7 +9,8 @@ Prints, in one run:
   - at 2 ranks with every parameter partitioned (persistence threshold 0): ZeRO-3 step time against ZeRO-2's,
     and the bytes ZeRO-3 all-gathers per step (DeepSpeed's comms logger) over the bytes of the parameters
     the step calls (forward hooks on a plain model), target at most 1.1 per pass: masked-token prediction,
-    and image-caption pairs whose two sides run in one model call (against one call per side);
+    and image-caption pairs, whose two sides run in one model call (ZeRO-3 cannot reduce an FFN leaf's
+    gradients twice in one backward, so one call per side no longer trains);
   - MFU (6 x activated parameters x tokens per second over the accelerator's peak) when a GPU is present;
   - ZeRO-3 prefetch: the share of model calls that ran along a complete ZeRO-3 trace (so DeepSpeed
     prefetched), one trace per kind of call against DeepSpeed's single trace, tiny config, every objective;
@@ -72,15 +73,11 @@ def _batch(args, rank: int, device) -> dict:
 
 
 def _loss(model, batch: dict, objective: str) -> torch.Tensor:
-    """The step's loss; `separate`: the two sides of a pair in two model calls (as before they shared one)."""
+    """The step's loss: masked-token prediction, or a pair's contrastive loss (both sides in one call)."""
     if "pair" not in batch:
         return model(**batch).loss
-    if objective == "separate":
-        side, other = model(**{k: v for k, v in batch.items() if k != "pair"}), model(**batch["pair"])
-        a, b, scale = side.embeddings, other.embeddings, side.logit_scale
-    else:
-        out = model(**batch)
-        a, b, scale = out.embeddings, out.pair_embeddings, out.logit_scale
+    out = model(**batch)
+    a, b, scale = out.embeddings, out.pair_embeddings, out.logit_scale
     logits = scale * a @ b.T
     return torch.nn.functional.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
@@ -310,7 +307,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ds", default="zero3", help=argparse.SUPPRESS)
     parser.add_argument("--partition-all", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--build-worker", help=argparse.SUPPRESS)
-    parser.add_argument("--objective", choices=["mlm", "contrastive", "separate"], default="mlm",
+    parser.add_argument("--objective", choices=["mlm", "contrastive"], default="mlm",
                         help=argparse.SUPPRESS)
     parser.add_argument("--proxy-rounds", type=int, default=15,
                         help="timing rounds of the proxy (3 steps per row each)")
@@ -335,11 +332,10 @@ def main(argv=None) -> int:
     if args.only in (None, "gather"):
         print("bytes all-gathered per step over (passes x bytes of the parameters the step calls), 2 ranks, every "
               "parameter partitioned (target <= 1.1 per pass):")
-        for objective, what in (("mlm", "masked-token prediction"), ("contrastive", "image-caption pairs, one call"),
-                                ("separate", "image-caption pairs, one call per side")):
+        for objective, what in (("mlm", "masked-token prediction"), ("contrastive", "image-caption pairs, one call")):
             args.objective = objective
             gathered, needed = _ranks(args, 2, "zero3", partition_all=True)["gathered"], called_parameter_bytes(args)
-            passes = max(1, round(gathered / needed)) if objective != "separate" else 1
+            passes = max(1, round(gathered / needed))
             print(f"  {what}: {gathered / 2**20:.2f} MiB gathered, {needed / 2**20:.2f} MiB called, {passes} pass(es), "
                   f"{gathered / (passes * needed):.3f} per pass")
         args.objective = "mlm"
