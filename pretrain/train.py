@@ -244,6 +244,8 @@ class Pretraining:
                       zero3_calls=calls, zero3_traced=traced)
         if self.comm is not None:
             record["gathered_bytes"] = self.comm.read()  # this rank's
+        if self.fresh_engine:  # what this rank's engine holds once its optimizer has stepped, by device
+            record["state_bytes"], self.fresh_engine = zero.internals.state_bytes(self.engine), False
         return record, stopping
 
     def grad_norm(self) -> torch.Tensor | float:
@@ -289,6 +291,7 @@ class Pretraining:
     def attach(self, built: Engine) -> None:
         self.engine, self.skill_layers = built.engine, built.skill_layers
         self.traces, self.objectives = built.traces, built.objectives
+        self.fresh_engine = True
 
     def save(self) -> Path:
         state = {**self.state, "loader": self.loader.state_dict(), "window": self.window.state_dict()}

@@ -67,6 +67,11 @@ SCENARIOS = [
              ("micro_batches_per_step:2", "resumes_exactly", "resumes_from_the_previous_layout"), "python"),
     Scenario("zero3-offload", "pretrain", 1, ("train.steps=4", "checkpoint.every=2", ZERO3_OFFLOAD),
              ("resumes_exactly",), "python"),
+    # DeepSpeed's partial optimizer offload: half the sub-groups (small here, so that there are several) on the
+    # CPU (CPU Adam), the rest on the accelerator (torch's AdamW)
+    Scenario("zero3-partial-offload", "pretrain", 1,
+             ("train.steps=4", "checkpoint.every=2", "distributed.ds_config=ds_configs/zero3_offload_partial.json",
+              "distributed.ds_overrides.zero_optimization.sub_group_size=20000"), ("resumes_exactly",), "python"),
     *(Scenario(f"bf16-{ds}", "pretrain", 2, ("train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=3",
                                              "train.bf16=true", f"distributed.ds_config=ds_configs/{ds}.json"),
                ("bf16_reduced_in_fp32", "resumes_exactly", "exports_the_checkpoint")) for ds in ("zero2", "zero3")),
@@ -82,6 +87,10 @@ SCENARIOS = [
              ("train.steps=4", "checkpoint.every=4", "data.num_workers=0", SPLIT),
              ("trains_like:all-skills-4-ranks", "skills_partitioned_over_two_ranks", "exports_like:all-skills-4-ranks",
               "converts_offline", "resizes:2/2")),
+    Scenario("pseudo-to-real-2-ranks", "pretrain", 2,
+             ("train.steps=6", "checkpoint.every=3", "checkpoint.keep_last=5", "model.num_hidden_layers=4",
+              "model.layer_sharing=all", "pseudo_to_real.delink_at=3"),
+             ("resumes_exactly", "resumes_delinked:1+2")),
     Scenario("finetune-one-process", "finetune", 1, (*FINETUNE, "train.steps=24", "checkpoint.every=4", ZERO2),
              ("killed_and_resumed_exactly", "predictions_reproduce_evaluation", "resizes:2+2"), "python"),
     Scenario("finetune-accelerate-zero3", "finetune", 2, (*FINETUNE, "train.steps=12", "checkpoint.every=6"),
@@ -183,7 +192,11 @@ def checkpoints(folder: Path) -> list[Path]:
 def saved_states(folder: Path, states: tuple[str, ...] = STATES) -> dict[str, dict[str, torch.Tensor]]:
     """A checkpoint's fp32 weights and AdamW moments by parameter name, reassembled from its ranks' files
     (skills merged from the ranks holding them, padding left out)."""
-    world = json.loads((folder / "complete.json").read_text())["world_size"]
+    meta = json.loads((folder / "complete.json").read_text())
+    if meta.get("universal_only"):  # written by delinking: DeepSpeed's universal layout only
+        return {p.name: {k: torch.load(p / f"{k}.pt", weights_only=False)["param"] for k in states}
+                for p in (folder / "universal" / "zero").iterdir() if p.is_dir() and "._padding" not in p.name}
+    world = meta["world_size"]
     layout, _ = parameter_layout(folder, world, skip=lambda name: "._padding" in name, frozen_ok=True)
     return {name: {k: v.clone() for k, v in whole.items()}
             for name, _, whole in whole_parameters(folder, world, layout, states)}
@@ -346,10 +359,21 @@ def resizes(s, folder, driver, tmp_path, target):
     seen, schedule and rank 0's RNG states. `+steps`: the resized run then trains on; where the data is not
     resampled, no sample is read twice in an epoch across the resize, and every epoch the new ranks have all
     finished holds every sample of its source (at least one of them read on both sides of the resize)."""
+    _resize(s, checkpoints(folder)[-1], driver, tmp_path, target, s.overrides)
+
+
+def resumes_delinked(s, folder, driver, tmp_path, target):
+    """The checkpoint written by delinking (`stepN-delinked`, universal only) resumed on another world, as
+    `resizes` resumes the last one, by a run that goes on with the real model (`layer_sharing: none`)."""
+    delinked = next(f for f in checkpoints(folder) if f.name.endswith("-delinked"))
+    real = tuple(o for o in s.overrides if not o.startswith(("pseudo_to_real.", "model.layer_sharing=")))
+    _resize(s, delinked, driver, tmp_path, target, (*real, "model.layer_sharing=none"))
+
+
+def _resize(s, last: Path, driver, tmp_path, target: str, overrides: tuple[str, ...]) -> None:
     run = tmp_path / f"resized-{target.replace('/', '-')}"
     target, _, go_on = target.partition("+")
     ranks, p, placement = (target.split("/") + [None, None])[:3]
-    last = checkpoints(folder)[-1]
     step = json.loads((last / "complete.json").read_text())["step"]
     extra = [f"checkpoint.resume={last}", f"train.steps={step}"]
     if s.program == "pretrain":
@@ -357,7 +381,7 @@ def resizes(s, folder, driver, tmp_path, target):
     extra += [f"distributed.skill_parallel_size={p}"] if p else []
     extra += [f"distributed.skill_placement={placement}"] if placement else []
     target_run = Scenario(f"{s.name}-on-{target}", s.program, int(ranks),
-                          tuple(o for o in s.overrides if not o.startswith(("distributed.skill", "data.num_workers"))),
+                          tuple(o for o in overrides if not o.startswith(("distributed.skill", "data.num_workers"))),
                           corpus=s.corpus)
     out = driver.run(target_run, run, *extra)
     assert f"resuming {last.name} ({s.ranks} rank" in out
@@ -374,8 +398,8 @@ def resizes(s, folder, driver, tmp_path, target):
     assert ({k: after[k] for k in before if "seen" in k or k == "step"}
             == {k: before[k] for k in before if "seen" in k or k == "step"})
     assert torch.equal(after["rng"]["torch"], before["rng"]["torch"])
-    schedules = [torch.load(next(f.glob("*model_states.pt")), weights_only=False)["lr_scheduler"]
-                 for f in (last, again)]
+    schedules = [torch.load([*f.glob("*model_states.pt"), *f.glob("universal/*model_states.pt")][0],
+                            weights_only=False)["lr_scheduler"] for f in (last, again)]  # delinked: universal only
     assert (schedules[1]["last_epoch"] == schedules[0]["last_epoch"] == step
             and schedules[1]["_last_lr"][0] == schedules[0]["_last_lr"][0])
     if go_on:
@@ -388,7 +412,7 @@ def resizes(s, folder, driver, tmp_path, target):
             exported = _export(checkpoints(run)[-1], run / "hf").state_dict()
             assert all(torch.equal(exported[n], w["fp32"]) for n, w in saved_states(checkpoints(run)[-1]).items())
         if "data.resample=false" in s.overrides:
-            _each_sample_once_per_epoch(folder, run, driver.corpora[s.corpus])
+            _each_sample_once_per_epoch(last.parent.parent, run, driver.corpora[s.corpus])
 
 
 def converts_offline(s, folder, driver, tmp_path):
@@ -553,7 +577,8 @@ CHECKS = {f.__name__: f for f in (
     killed_and_resumed_exactly, resumes_exactly, resumes_from_the_previous_layout, exports_the_checkpoint,
     one_trace_per_kind_of_call, micro_batches_per_step, bf16_reduced_in_fp32, trains_like, exports_like,
     balanced_placement, data_local_tasks, every_rank_on_tensorboard, exports_without_padding,
-    skills_partitioned_over_two_ranks, predictions_reproduce_evaluation, resizes, converts_offline)}
+    skills_partitioned_over_two_ranks, predictions_reproduce_evaluation, resizes, resumes_delinked,
+    converts_offline)}
 
 
 def test_every_check_of_the_table_exists():

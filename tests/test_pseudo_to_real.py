@@ -70,11 +70,12 @@ def test_rewarmup_scales_the_schedule_after_delinking():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ds", ["zero2", "zero3"])
-def test_pretraining_delinks_at_its_step_and_the_offline_delink_agrees(sample, tmp_path, ds):
+def test_pretraining_delinks_at_its_step_and_the_offline_delink_agrees(sample, tmp_path):
     """The run checkpoints the shared model at `delink_at`, delinks it beside it and trains the real model on;
     `python -m training.delink` of the same checkpoint writes the same tensors; both export to a model equal to
-    the shared export's `delink()`."""
+    the shared export's `delink()`. (ZeRO-3 on 2 ranks, resuming across the delink and on another world
+    size: the pseudo-to-real scenario of test_distributed.py.)"""
+    ds = "zero2"
     from pretrain.export import main as export
     from pretrain.train import main
     from training.delink import main as delink
@@ -120,3 +121,34 @@ def test_bad_delink_settings_are_refused_before_any_work(sample, tmp_path, capsy
     assert main([*base, "train.steps=4", "pseudo_to_real.delink_at=2"]) == 2
     assert "needs a model that shares layers" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_benchmark_reads_steps_seconds_and_memory_to_reach_scratchs_final_loss(tmp_path):
+    """`benchmarks/pseudo_to_real.py`'s summary of made-up runs: a row twice as fast per step as scratch
+    reaches scratch's final loss in about half the steps; its state bytes per phase over the real model's."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pseudo_to_real.py"
+    spec = importlib.util.spec_from_file_location("pseudo_to_real_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    table, seeds, steps = bench.rows(40), [0, 1], 40
+    assert list(table.values())[1] == {"delink_at": 2, "moments": "rescale"}
+
+    def run(rate, seed, phases):
+        return {"loss": [max(1.0, 10 - rate * i) + 0.01 * seed for i in range(steps)],
+                "time": [0.5 * i for i in range(steps)], "state_bytes": phases}
+
+    runs = {f"{row}|{s}": run(0.2 if row == bench.SCRATCH else 0.4, s, [2**20] if row == bench.SCRATCH
+                              else [2**18, 2**20]) for row in table for s in seeds}
+    text, summary = bench.summarize(runs, table, seeds, window=4)
+    target = summary["target"]
+    assert target == pytest.approx(10 - 0.2 * 37.5 + 0.005)
+    scratch, fast = summary[bench.SCRATCH], summary["delinked at 5%"]
+    assert scratch["reach"][0] == 40 and fast["reach"][0] == 22  # the first full window at or below the target
+    assert fast["reach"][1] == pytest.approx(0.5 * 21)
+    assert fast["difference"][0] == pytest.approx(1 - target + 0.005)
+    assert "| delinked at 5% |" in text and "| 0.25 -> 1.00 |" in text and "| 0.55 |" in text
+    bench.plot(runs, table, seeds, 4, target, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -362,3 +362,20 @@ def test_checkpoint_layout_gives_back_every_parameter_and_its_moments(tmp_path, 
         for key in ("exp_avg", "exp_avg_sq"):
             assert (whole[key].abs().sum() > 0
                     and torch.allclose(whole[key], moments[name][key], rtol=1e-6, atol=0)), (name, key)
+
+
+@pytest.mark.parametrize("stage, per_parameter", [(0, 12), (2, 16), (3, 20)])
+def test_state_bytes_counts_weights_master_copies_moments_and_gradient_partitions(stage, per_parameter):
+    """After a step: fp32 weights and two Adam moments (12 bytes a parameter), ZeRO-2's fp32 master copy
+    (16), ZeRO-3's gradient partitions (20); twice the width, four times the bytes."""
+    held = []
+    for width in (64, 128):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(width, width), nn.Linear(width, width))
+        engine = _engine(model, _config(stage))
+        engine.backward(engine(torch.randn(4, width)).pow(2).mean())
+        engine.step()
+        held.append(internals.state_bytes(engine))
+        assert held[-1].keys() == {"cpu"}
+        assert held[-1]["cpu"] / (2 * width * (width + 1)) == pytest.approx(per_parameter, rel=1e-3)
+    assert held[1]["cpu"] / held[0]["cpu"] == pytest.approx(4, rel=0.02)

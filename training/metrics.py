@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -136,9 +137,10 @@ class Metrics:
         self.bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.3f}")
 
     def advance(self, step: int, record: dict) -> None:
+        """A step's record, stamped with the time it ended (seconds since the epoch)."""
         if self.main:
             self.bar.update(1)
-            self.pending.append({"step": step, **record})
+            self.pending.append({"step": step, "time": time.time(), **record})
 
     def flush(self) -> None:
         if self.main and self.pending:

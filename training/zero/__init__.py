@@ -13,6 +13,7 @@ DeepSpeed internals, each tested in `tests/test_zero_internals.py`:
 - `internals.forget_module`: ZeRO-3's module-level references to the model (the stack of modules in their
   forward, the parameter coordinator's release cache);
 - `internals.CommClock`: the comms logger's records;
+- `internals.state_bytes`: the attributes of ZeRO's optimizer wrappers (what a rank holds to train);
 - `traces.TraceSwitch`: ZeRO-3's parameter coordinator (one prefetch trace per kind of model call);
 - `layout`: the file layout of ZeRO checkpoints (read by the exporter and the converter);
 - `universal`: DeepSpeed's universal checkpoint layout, written from that (`ds_to_universal` cannot read

@@ -142,6 +142,39 @@ def replay_cpu_adam(engine) -> None:
                                           group["weight_decay"], group["bias_correction"], empty, empty, empty, empty)
 
 
+def state_bytes(engine) -> dict[str, int]:
+    """Bytes of what this rank holds to train, by device type: the module's parameters (ZeRO-3: their
+    partitions) and gradients, and everything tensor-valued the optimizer keeps (ZeRO's flat fp32 partitions
+    and gradient buffers, the inner optimizer's moments), each storage once. Activations are not counted."""
+    seen, held = set(), {}
+
+    def add(value, depth=0):
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            key = (value.device, storage.data_ptr())
+            if value.device.type != "meta" and storage.nbytes() and key not in seen:
+                seen.add(key)
+                held[value.device.type] = held.get(value.device.type, 0) + storage.nbytes()
+            add(value.grad, depth + 1) if value.grad is not None else None
+        elif depth < 4 and isinstance(value, (list, tuple)):
+            for item in value:
+                add(item, depth + 1)
+        elif depth < 4 and isinstance(value, dict):
+            for item in value.values():
+                add(item, depth + 1)
+
+    for param in engine.module.parameters():
+        add(param)
+        add(getattr(param, "ds_tensor", None))
+    optimizer = engine.optimizer
+    while optimizer is not None:
+        add(list(vars(optimizer).values()))
+        add(getattr(optimizer, "state", {}))
+        add([group["params"] for group in getattr(optimizer, "param_groups", [])])
+        optimizer = getattr(optimizer, "optimizer", None)
+    return held
+
+
 @contextlib.contextmanager
 def whole_on_rank0(params: list):
     """ZeRO-3 partitioned parameters whole on rank 0 (on the CPU) inside the context, what rank 0 leaves in
