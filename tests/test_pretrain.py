@@ -42,6 +42,7 @@ def _overrides(sample: Path, run_dir: Path, *extra: str) -> list[str]:
         (["distributed.ds_config=/nowhere/ds.json"], "distributed.ds_config: no file /nowhere/ds.json"),
         (["distributed.ds_config=ds_configs/zero9.json"], "distributed.ds_config: no file ds_configs/zero9.json"),
         (["distributed.ds_config=README.md"], "distributed.ds_config: README.md is not JSON"),
+        (["distributed.ds_overrides.zero_optimization.stage=0"], "zero_optimization.stage 0 is not supported"),
         (["data.tasks.0.sources.0.colour=red"], "unknown config key data.tasks[0].sources[0].colour"),
         (["train.caption_task=nothing"], "train.caption_task 'nothing' is not in the model's task table"),
     ],

@@ -85,6 +85,9 @@ def engine_config(base: dict | str | Path, micro_batch: int, accumulation: int, 
     merge(ds, overrides or {})
     if profile_comm:
         ds["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True, "debug": False}
+    if zero_stage(ds) not in (1, 2, 3):  # stage 0 saves its optimizer in the model file, which nothing here reads
+        raise ValueError(f"zero_optimization.stage {zero_stage(ds)} is not supported: checkpoints are resumed, "
+                         f"resharded and exported from ZeRO's own layouts (stage 1, 2 or 3)")
     autos = [k for k, v in _leaves(ds) if v == "auto"]
     if autos:
         raise ValueError(f"DeepSpeed config entries left at 'auto' that this trainer does not fill: {autos}")
