@@ -152,3 +152,43 @@ def test_the_benchmark_reads_steps_seconds_and_memory_to_reach_scratchs_final_lo
     assert "| delinked at 5% |" in text and "| 0.25 -> 1.00 |" in text and "| 0.55 |" in text
     bench.plot(runs, table, seeds, 4, target, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_shared_layers_work_with_activation_checkpointing_and_lora(tmp_path):
+    """A shared layer is an ordinary module called at several depths: recomputing its activations gives the
+    same gradients, and LoRA adapts it once (one adapter per unique layer, trained by every depth)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    config = load_config("tiny", num_hidden_layers=4, layer_sharing="cycle:2", hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)
+    model = SkillNetForPreTraining(config).train()
+    ids = torch.randint(5, 500, (2, 9))
+
+    def gradients():
+        model.zero_grad()
+        model(input_ids=ids, labels=ids, task="masked_lm").loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    model.gradient_checkpointing_enable()
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys() and any(".layers.1." in n for n in plain)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    model.gradient_checkpointing_disable()
+
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=r".*\.ffn\.skills\.\w+\.fc[12]",
+                                            init_lora_weights=False))
+    out = lora(input_ids=ids, labels=ids, task="masked_lm").loss
+    out.backward()
+    adapters = {n: p for n, p in lora.named_parameters() if p.requires_grad}
+    layers = {n.split(".layers.")[1].split(".")[0] for n in adapters}
+    assert layers == {"0", "1"}  # two unique layers, four depths
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters.values())
+    lora.save_pretrained(tmp_path)
+    torch.manual_seed(0)  # the same base weights (no step was taken)
+    reloaded = PeftModel.from_pretrained(SkillNetForPreTraining(config), tmp_path).eval()
+    lora.eval()
+    torch.testing.assert_close(reloaded(input_ids=ids, task="masked_lm").prediction_logits,
+                               lora(input_ids=ids, task="masked_lm").prediction_logits)
