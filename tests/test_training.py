@@ -147,4 +147,4 @@ def test_engine_config_fills_what_the_run_sets():
     assert ds["fp16"]["enabled"] is False and ds["bf16"]["enabled"] is False and "train_batch_size" not in ds
     assert ds["zero_optimization"]["stage"] == 3
     with pytest.raises(ValueError, match="left at 'auto'.*zero_optimization.reduce_bucket_size"):
-        zero.engine_config({"zero_optimization": {"reduce_bucket_size": "auto"}}, 1, 1, 0.0, False)
+        zero.engine_config({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}, 1, 1, 0.0, False)
