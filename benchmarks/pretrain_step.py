@@ -72,7 +72,7 @@ def _batch(args, rank: int, device) -> dict:
     return {"input_ids": ids.to(device), "labels": labels.to(device), "task": "masked_lm"}
 
 
-def _loss(model, batch: dict, objective: str) -> torch.Tensor:
+def _loss(model, batch: dict) -> torch.Tensor:
     """The step's loss: masked-token prediction, or a pair's contrastive loss (both sides in one call)."""
     if "pair" not in batch:
         return model(**batch).loss
@@ -102,7 +102,7 @@ def plain_step_time(args, device) -> float:
     batch = _batch(args, 0, device)
 
     def step():
-        loss = _loss(model, batch, args.objective)
+        loss = _loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -117,7 +117,7 @@ def called_parameter_bytes(args) -> int:
     used = {}
     for module in model.modules():
         module.register_forward_hook(lambda m, i, o: used.update({id(p): p for p in m.parameters(recurse=False)}))
-    _loss(model, _batch(args, 0, "cpu"), args.objective)
+    _loss(model, _batch(args, 0, "cpu"))
     return sum(p.numel() * p.element_size() for p in used.values())
 
 
@@ -145,7 +145,7 @@ def engine_step_time(args) -> dict:
     batch = _batch(args, topology.rank, device)
 
     def step():
-        loss = _loss(engine, batch, args.objective)
+        loss = _loss(engine, batch)
         engine.backward(loss)
         engine.step()
 

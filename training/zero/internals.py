@@ -155,7 +155,8 @@ def state_bytes(engine) -> dict[str, int]:
             if value.device.type != "meta" and storage.nbytes() and key not in seen:
                 seen.add(key)
                 held[value.device.type] = held.get(value.device.type, 0) + storage.nbytes()
-            add(value.grad, depth + 1) if value.grad is not None else None
+            if value.grad is not None:
+                add(value.grad, depth + 1)
         elif depth < 4 and isinstance(value, (list, tuple)):
             for item in value:
                 add(item, depth + 1)
