@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from .distributed import Topology
 from .zero import universal
-from .zero.internals import replay_cpu_adam
+from .zero.internals import partial_offload_moments_loaded, partial_offload_moments_saved, replay_cpu_adam
 
 COMPLETE = "complete.json"
 FORMAT = 1
@@ -206,7 +206,8 @@ def save(engine, root: Path, step: int, train_state: dict, model_config: dict, k
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({**train_state, "rng": rng_state()}, folder / f"train_state_rank{rank}.pt")
-    engine.save_checkpoint(str(root), tag=folder.name, client_state={"step": step}, save_latest=False)
+    with partial_offload_moments_saved(engine):
+        engine.save_checkpoint(str(root), tag=folder.name, client_state={"step": step}, save_latest=False)
     dist.barrier()
     if rank == 0:
         (folder / "model_config.json").write_text(json.dumps(model_config, indent=1))
@@ -259,6 +260,7 @@ def load(engine, folder: Path, universal_copy: bool = False, every_rank: bool = 
         universal.load(engine, folder)
     else:
         engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    partial_offload_moments_loaded(engine)
     replay_cpu_adam(engine)
     saved_by = json.loads((folder / COMPLETE).read_text())["world_size"]
     rank = dist.get_rank()

@@ -142,6 +142,47 @@ def replay_cpu_adam(engine) -> None:
                                           group["weight_decay"], group["bias_correction"], empty, empty, empty, empty)
 
 
+def _accelerator_sub_groups(engine) -> list:
+    """Under ZeRO-3's partial optimizer offload (`offload_optimizer.ratio` < 1): the fp32 partitions of the
+    sub-groups stepped on the accelerator, by torch's AdamW (`backup_optimizer`), not by the CPU Adam whose
+    state DeepSpeed saves."""
+    optimizer = engine.optimizer
+    if getattr(optimizer, "backup_optimizer", None) is None:
+        return []
+    return [optimizer.fp32_partitioned_groups_flat[i] for i, device in optimizer.subgroup_to_device.items()
+            if device != "cpu"]
+
+
+@contextlib.contextmanager
+def partial_offload_moments_saved(engine):
+    """While a checkpoint is written: the Adam state of the sub-groups the partial optimizer offload steps on
+    the accelerator, copied into the CPU Adam's state, which DeepSpeed saves (it saves nothing of the
+    `backup_optimizer`'s, so a resumed run would start those sub-groups' moments from zero)."""
+    base, backup = getattr(engine.optimizer, "optimizer", None), getattr(engine.optimizer, "backup_optimizer", None)
+    lent = [p for p in _accelerator_sub_groups(engine) if p in backup.state]
+    for p in lent:
+        state = backup.state[p]
+        base.state[p] = {"step": int(state["step"]), "exp_avg": state["exp_avg"].cpu(),
+                         "exp_avg_sq": state["exp_avg_sq"].cpu()}
+    try:
+        yield
+    finally:
+        for p in lent:
+            del base.state[p]
+
+
+def partial_offload_moments_loaded(engine) -> None:
+    """After a checkpoint was loaded (as saved, or through its universal copy): the Adam state of the
+    sub-groups stepped on the accelerator handed from the CPU Adam, which loaded it, to the `backup_optimizer`
+    that steps them (see `partial_offload_moments_saved`)."""
+    base, backup = getattr(engine.optimizer, "optimizer", None), getattr(engine.optimizer, "backup_optimizer", None)
+    for p in _accelerator_sub_groups(engine):
+        state = base.state.pop(p, None)
+        if state:
+            backup.state[p] = {"step": torch.tensor(float(state["step"])), "exp_avg": state["exp_avg"].to(p.device),
+                               "exp_avg_sq": state["exp_avg_sq"].to(p.device)}
+
+
 def state_bytes(engine) -> dict[str, int]:
     """Bytes of what this rank holds to train, by device type: the module's parameters (ZeRO-3: their
     partitions) and gradients, and everything tensor-valued the optimizer keeps (ZeRO's flat fp32 partitions
