@@ -62,6 +62,15 @@ class TrainConfig:
 
 
 @dataclass
+class OffloadConfig:
+    skills: str = "none"
+    """"inactive": under ZeRO-3 with the optimizer offloaded to the CPU, only the shared parameters and the
+    skills of the step's tasks (and, prefetched, the next step's) stay on the accelerator; every other
+    skill's weights wait in pinned CPU memory beside its optimizer state (`training.zero.offload`).
+    "none": every weight partition stays on the accelerator."""
+
+
+@dataclass
 class DistributedConfig(SharedDistributedConfig):
     skill_parallel_size: int = 1
     """Split each skill layer's skills over this many ranks."""
@@ -70,6 +79,7 @@ class DistributedConfig(SharedDistributedConfig):
     trace_per_call: bool = True
     """ZeRO-3 records one module trace per kind of model call (task and call in the step) and prefetches
     along it; false: DeepSpeed's single trace, which a change of task breaks."""
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
 
 
 @dataclass
@@ -144,6 +154,12 @@ class PretrainConfig:
         if self.distributed.skill_placement not in ("balanced", "data_local"):
             raise ValueError("distributed.skill_placement must be 'balanced' or 'data_local', "
                              f"got {self.distributed.skill_placement!r}")
+        if self.distributed.offload.skills not in ("none", "inactive"):
+            raise ValueError(f"distributed.offload.skills must be 'none' or 'inactive', "
+                             f"got {self.distributed.offload.skills!r}")
+        if self.distributed.offload.skills != "none" and self.distributed.skill_parallel_size > 1:
+            raise ValueError("distributed.offload.skills cannot combine with skill_parallel_size > 1: each rank "
+                             "holds only its own skills already")
         if isinstance(self.train.bf16, bool):  # YAML's true/false
             self.train.bf16 = str(self.train.bf16).lower()
         if self.train.bf16 not in ("auto", "true", "false"):

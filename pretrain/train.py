@@ -32,6 +32,8 @@ from training.parallelize import parallelize
 from training.run import Prepared, exit_status, refuse, run
 from training.signals import Stop
 from training.step import optimizer_step
+from training.zero.offload import SkillOffload
+from training.zero.offload import check as offload_check
 from training.zero.traces import TraceSwitch
 
 from .config import PretrainConfig, dump, load_pretrain_config
@@ -71,10 +73,13 @@ def prepare(config: PretrainConfig, topology: Topology) -> Inputs:
                              {t: registry.skill_names(t) for t in model_config.tasks}, topology.rank,
                              topology.world_size)
     placement = _placement(config, model_config, loader, topology)
+    ds = engine_config(config)
+    if config.distributed.offload.skills == "inactive":
+        offload_check(ds, registry.names if model_config.router == "skill" else [])
     resume = checkpoint.find_resume(config.checkpoint.resume, Path(config.run_dir) / "checkpoints", model_config,
                                     topology, placement and placement.to_dict(),
                                     check=functools.partial(_check_data, loader=loader))
-    return Inputs(config, tokenizer, engine_config(config), resume, model_config, loader, placement)
+    return Inputs(config, tokenizer, ds, resume, model_config, loader, placement)
 
 
 def _check_data(resume: checkpoint.Resume, loader) -> checkpoint.Resume:
@@ -108,16 +113,19 @@ def _placement(config: PretrainConfig, model_config, loader, topology: Topology)
     names = model_config.registry.names
     if config.distributed.skill_placement == "balanced":
         return skill_parallel.balanced(names, p)
-    registry = model_config.registry
-    caption = registry.skill_names(config.train.caption_task)
-    # a contrastive task also runs its captions with the caption task's skills
-    tasks = {t.name: sorted(set(registry.skill_names(t.name))
-                            | (set(caption) if config.objective(t.name) == "contrastive" else set()))
-             for t in config.data.tasks}
+    tasks = {t: sorted(skills) for t, skills in task_skills(config, model_config.registry).items()}
     weights = dict(zip(tasks, loader.probabilities))
     placement = skill_parallel.data_local(names, tasks, weights, p)
     loader.split_tasks(placement.task_slots, topology.rank % p)
     return placement
+
+
+def task_skills(config: PretrainConfig, registry) -> dict[str, set[str]]:
+    """The skills each task's steps run: its own, and for a contrastive task the caption task's too (its
+    captions go through them)."""
+    caption = set(registry.skill_names(config.train.caption_task))
+    return {t.name: set(registry.skill_names(t.name)) | (caption if config.objective(t.name) == "contrastive"
+                                                         else set()) for t in config.data.tasks}
 
 
 def engine_config(config: PretrainConfig) -> dict:
@@ -138,18 +146,20 @@ def build_engine(config: PretrainConfig, model_config, ds: dict, placement):
     engine, split = parallelize(functools.partial(build_model, model_config, config.train.seed), ds, config.optim,
                                 config.train.steps, activation_checkpointing=config.train.activation_checkpointing,
                                 split_skills=placement and functools.partial(split_skills, placement=placement),
-                                rewarmup=config.pseudo_to_real.rewarmup())
+                                rewarmup=config.pseudo_to_real.rewarmup(),
+                                group_by_skill=config.distributed.offload.skills == "inactive")
     return (engine, *(split or ([], None)))
 
 
 @dataclass
 class Engine:
     """What is built around a model: the engine, this rank's skill layers (skill parallelism), ZeRO-3's trace
-    switch and the objectives that call the model."""
+    switch, the objectives that call the model and the skill offloader (None unless skills are offloaded)."""
     engine: object
     skill_layers: list
     traces: TraceSwitch
     objectives: Objectives
+    offload: SkillOffload | None = None
 
 
 def model_at_resume(config: PretrainConfig, model_config, root: Path):
@@ -186,6 +196,7 @@ class Pretraining:
         if config.train.log_samples:
             (Path(config.run_dir) / "samples").mkdir(parents=True, exist_ok=True)
             self.samples = (Path(config.run_dir) / "samples" / f"rank{topology.rank}.jsonl").open("a", buffering=1)
+        self.task_skills = task_skills(config, model_config.registry)
         self.counters = {"skill_norms": {}}
         self.reset_counters()
 
@@ -194,7 +205,7 @@ class Pretraining:
         and those along a complete trace; the last skill gradient norms stay."""
         self.counters = {"data_wait_s": 0.0, "compute_s": 0.0, "skill_bytes": 0, "calls": 0, "traced": 0,
                          "skill_norms": self.counters["skill_norms"], "since": time.perf_counter(), "steps": 0,
-                         "tokens": 0, "samples": 0}
+                         "tokens": 0, "samples": 0, "offload_peak": 0, "offload_copied_in": 0, "offload_misses": 0}
 
     @property
     def steps_done(self) -> int:
@@ -209,6 +220,12 @@ class Pretraining:
         def read_norms():  # after the last backward, before the optimizer step
             if (step + 1) % self.config.train.log_every == 0:
                 self.counters["skill_norms"] = skill_grad_norms(self.engine.module)
+            if self.offload is not None:
+                self.offload.before_optimizer_step()
+
+        if self.offload is not None:  # the route of this step and the next is known: their skills come in
+            first = self.loader.consumed
+            self.offload.begin_step(self.skills_of_batches(first, n), self.skills_of_batches(first + n, n))
 
         with optimizer_step(self.engine, n, self.placement is not None, read_norms) as backward:
             for micro in range(n):
@@ -244,9 +261,20 @@ class Pretraining:
                       zero3_calls=calls, zero3_traced=traced)
         if self.comm is not None:
             record["gathered_bytes"] = self.comm.read()  # this rank's
+        if self.offload is not None:
+            held = self.offload.take()
+            record.update(offload_peak_bytes=held["peak"], offload_model_bytes=held["model"],
+                          offload_copied_in_bytes=held["copied_in"], offload_misses=held["misses"])
+            self.counters["offload_peak"] = max(self.counters["offload_peak"], held["peak"])
+            self.counters["offload_copied_in"] += held["copied_in"]
+            self.counters["offload_misses"] += held["misses"]
         if self.fresh_engine:  # what this rank's engine holds once its optimizer has stepped, by device
             record["state_bytes"], self.fresh_engine = zero.internals.state_bytes(self.engine), False
         return record, stopping
+
+    def skills_of_batches(self, first: int, n: int) -> set[str]:
+        """The skills the `n` batches from `first` on run (their tasks are drawn from the index alone)."""
+        return set().union(*(self.task_skills[self.loader.task_for_batch(i)] for i in range(first, first + n)))
 
     def grad_norm(self) -> torch.Tensor | float:
         """The last step's gradient norm, left on the device (reading it would stop the host every step)."""
@@ -268,6 +296,10 @@ class Pretraining:
             scalars["time/compute_s"] -= scalars["time/communication_s"]
         if self.placement is not None:
             scalars["skills/bytes_exchanged_per_step"] = counts["skill_bytes"] / max(1, counts["steps"])
+        if self.offload is not None:  # skill offloading: the peak on the compute device, against the whole model
+            scalars.update({"offload/peak_share": counts["offload_peak"] / self.offload.model_bytes,
+                            "offload/copied_in_bytes_per_step": counts["offload_copied_in"] / max(1, counts["steps"]),
+                            "offload/misses": counts["offload_misses"]})
         if counts["calls"]:  # model calls along a complete ZeRO-3 trace, which prefetch
             scalars["zero3/traced_call_share"] = counts["traced"] / counts["calls"]
         scalars.update({f"skills/grad_norm/{s}": v for s, v in counts["skill_norms"].items()})
@@ -290,7 +322,7 @@ class Pretraining:
 
     def attach(self, built: Engine) -> None:
         self.engine, self.skill_layers = built.engine, built.skill_layers
-        self.traces, self.objectives = built.traces, built.objectives
+        self.traces, self.objectives, self.offload = built.traces, built.objectives, built.offload
         self.fresh_engine = True
 
     def save(self) -> Path:
@@ -371,7 +403,9 @@ def train(prepared: Inputs, topology: Topology) -> dict:
         data_local = placement is not None and placement.task_slots is not None
         # data-local: the ranks at one position share a task, so contrastive negatives come from them
         objectives = Objectives(config, tokenizer, model_config, data_group if data_local else None, traces.select)
-        return Engine(engine, skill_layers, traces, objectives)
+        offload = (SkillOffload(engine, distributed.device(topology))
+                   if config.distributed.offload.skills == "inactive" else None)
+        return Engine(engine, skill_layers, traces, objectives, offload)
 
     run = Pretraining(config, topology, model_config, loader, placement, build)
     if resume is not None:

@@ -53,6 +53,9 @@ ZERO2, ZERO3_OFFLOAD = ("distributed.ds_config=ds_configs/zero2.json",
 SPLIT = "distributed.skill_parallel_size=2"
 DATA_LOCAL = ("train.steps=6", "checkpoint.every=3", "checkpoint.keep_last=5", "train.gradient_accumulation=2",
               "train.activation_checkpointing=true", SPLIT, "distributed.skill_placement=data_local")
+# no clipping: its norm is summed per optimizer group, and skill offloading's groups sum it in another order
+OFFLOAD_OPTIMIZER = ("train.steps=6", "checkpoint.every=3", PARTITION_ALL, "train.grad_clip=0",
+                     "distributed.ds_config=ds_configs/zero3_offload_skills.json")
 FINETUNE = ("train.log_every=2", "train.batch_size=8", "optim.lr=3e-3", PARTITION_ALL)
 
 SCENARIOS = [
@@ -91,6 +94,10 @@ SCENARIOS = [
              ("train.steps=6", "checkpoint.every=3", "checkpoint.keep_last=5", "model.num_hidden_layers=4",
               "model.layer_sharing=all", "pseudo_to_real.delink_at=3"),
              ("resumes_exactly", "resumes_delinked:1+2")),
+    # the same run with every skill resident, and with only the step's skills on the compute device
+    Scenario("optimizer-offload-2-ranks", "pretrain", 2, OFFLOAD_OPTIMIZER),
+    Scenario("skill-offload-2-ranks", "pretrain", 2, (*OFFLOAD_OPTIMIZER, "distributed.offload.skills=inactive"),
+             ("offloads_skills_as:optimizer-offload-2-ranks", "resumes_exactly")),
     Scenario("finetune-one-process", "finetune", 1, (*FINETUNE, "train.steps=24", "checkpoint.every=4", ZERO2),
              ("killed_and_resumed_exactly", "predictions_reproduce_evaluation", "resizes:2+2"), "python"),
     Scenario("finetune-accelerate-zero3", "finetune", 2, (*FINETUNE, "train.steps=12", "checkpoint.every=6"),
@@ -503,6 +510,16 @@ def trains_like(s, folder, driver, tmp_path, reference):
         assert a["skill_bytes"] > 0 and b["skill_bytes"] == 0
 
 
+def offloads_skills_as(s, folder, driver, tmp_path, reference):
+    """Skill offloading trains as the reference run with every skill resident, bit for bit (every task, loss
+    and final weight), while each step held less than the whole model on the compute device and no skill was
+    called without having been brought in ahead (a miss)."""
+    assert_same_training(s, folder, driver.finished(reference))
+    for r in records(folder):
+        assert r["offload_misses"] == 0 and 0 < r["offload_peak_bytes"] < r["offload_model_bytes"]
+    assert any(r["offload_copied_in_bytes"] > 0 for r in records(folder)[1:])  # a change of task brought skills in
+
+
 def exports_like(s, folder, driver, tmp_path, reference):
     """The export merges every rank's skills into the reference run's model; so does a one-task export."""
     model = _export(folder, tmp_path / "hf")
@@ -576,6 +593,7 @@ def predictions_reproduce_evaluation(s, folder, driver, tmp_path):
 CHECKS = {f.__name__: f for f in (
     killed_and_resumed_exactly, resumes_exactly, resumes_from_the_previous_layout, exports_the_checkpoint,
     one_trace_per_kind_of_call, micro_batches_per_step, bf16_reduced_in_fp32, trains_like, exports_like,
+    offloads_skills_as,
     balanced_placement, data_local_tasks, every_rank_on_tensorboard, exports_without_padding,
     skills_partitioned_over_two_ranks, predictions_reproduce_evaluation, resizes, resumes_delinked,
     converts_offline)}
@@ -585,5 +603,5 @@ def test_every_check_of_the_table_exists():
     named = {c.partition(":")[0] for s in SCENARIOS for c in s.checks}
     assert named <= set(CHECKS) and set(CHECKS) <= named
     references = {c.partition(":")[2] for s in SCENARIOS for c in s.checks
-                  if c.startswith(("trains_like:", "exports_like:"))}
+                  if c.startswith(("trains_like:", "exports_like:", "offloads_skills_as:"))}
     assert references <= set(BY_NAME)

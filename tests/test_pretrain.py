@@ -45,6 +45,18 @@ def _overrides(sample: Path, run_dir: Path, *extra: str) -> list[str]:
         (["distributed.ds_overrides.zero_optimization.stage=0"], "zero_optimization.stage 0 is not supported"),
         (["data.tasks.0.sources.0.colour=red"], "unknown config key data.tasks[0].sources[0].colour"),
         (["train.caption_task=nothing"], "train.caption_task 'nothing' is not in the model's task table"),
+        (["distributed.offload.skills=some"], "distributed.offload.skills must be 'none' or 'inactive'"),
+        (["distributed.offload.skills=inactive"], "needs zero_optimization.offload_optimizer.device 'cpu'"),
+        (["distributed.offload.skills=inactive", "distributed.ds_config=ds_configs/zero2.json"],
+         "needs ZeRO stage 3"),
+        (["distributed.offload.skills=inactive", "distributed.ds_config=ds_configs/zero3_offload_partial.json"],
+         "with the whole optimizer offloaded (ratio 1)"),
+        (["distributed.offload.skills=inactive", "distributed.ds_config=ds_configs/zero3_offload.json"],
+         "cannot combine with zero_optimization.offload_param"),
+        (["distributed.offload.skills=inactive", "distributed.ds_config=ds_configs/zero3_offload_skills.json",
+          "model.router=dense"], "needs a model with named skills"),
+        (["distributed.offload.skills=inactive", "distributed.skill_parallel_size=2"],
+         "cannot combine with skill_parallel_size > 1"),
     ],
 )
 def test_bad_config_fails_in_one_line_before_any_work(sample, tmp_path, capsys, extra, message):

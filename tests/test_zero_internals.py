@@ -379,3 +379,107 @@ def test_state_bytes_counts_weights_master_copies_moments_and_gradient_partition
         assert held[-1].keys() == {"cpu"}
         assert held[-1]["cpu"] / (2 * width * (width + 1)) == pytest.approx(per_parameter, rel=1e-3)
     assert held[1]["cpu"] / held[0]["cpu"] == pytest.approx(4, rel=0.02)
+
+
+def test_skill_offload_trains_as_the_resident_model_with_only_the_steps_skills_on_the_device(tmp_path):
+    """ZeRO-3 with the optimizer on the CPU, the tiny SkillNet: with skill offloading (each skill in optimizer
+    groups of its own, the inactive skills' partitions in host buffers) every step, a skill the step did not
+    announce (brought in by its module's hook, a miss), a checkpoint written with skills offloaded and resumed
+    into a new offloaded engine give the weights of the same steps without offloading, bit for bit; after each
+    `begin_step` exactly the shared parameters and the announced skills lie in device buffers."""
+    from skillnet import SkillNetModel, load_config
+    from training.config import OptimConfig
+    from training.optim import build_optimizer, parameter_groups
+    from training.zero.offload import SkillOffload, skill_groups, skill_of
+
+    config = load_config("tiny")
+    ds = _config(3, zero_optimization={"offload_optimizer": {"device": "cpu"}})
+    steps = ["text", "image", "image", "code", "text", "audio", "code"]
+    announced = [True, True, True, True, True, False, True]  # step 5 ("audio") is not announced
+
+    def engine(offloaded: bool):
+        torch.manual_seed(0)
+        model = SkillNetModel(config).eval()  # no dropout: the resumed engine's random state starts afresh
+        groups = skill_groups(model, parameter_groups(model, 0.01)) if offloaded else parameter_groups(model, 0.01)
+        optimizer, scheduler = build_optimizer(groups, OptimConfig(lr=1e-2, warmup_steps=0), 10, cpu_adam=True)
+        e = zero.initialize(model, optimizer, scheduler, ds)
+        return e, SkillOffload(e, torch.device("cpu")) if offloaded else None
+
+    def skills(i):
+        return set(config.registry.skill_names(steps[i])) if i < len(steps) and announced[i] else set()
+
+    def run(e, offload, first, last):
+        for i in range(first, last):
+            if offload is not None:
+                offload.begin_step(skills(i), skills(i + 1))
+                assert offload.resident == skills(i) | skills(i + 1)
+                on_host = {t.untyped_storage().data_ptr() for t in offload.host.values()}
+                for name, p in e.module.named_parameters():
+                    held_on_host = p.ds_tensor.untyped_storage().data_ptr() in on_host
+                    assert held_on_host == (skill_of(name) is not None and skill_of(name) not in offload.resident)
+            ids = torch.randint(5, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(i))
+            e.backward(e(input_ids=ids, task=steps[i]).last_hidden_state.pow(2).mean())
+            if offload is not None:
+                offload.before_optimizer_step()
+            e.step()
+            internals.clear_gradient_partitions(e)  # as the trainers' step does
+
+    straight, _ = engine(False)
+    run(straight, None, 0, len(steps))
+    first, offload = engine(True)
+    run(first, offload, 0, 4)
+    assert offload.take()["misses"] == 0
+    folder = checkpoint.save(first, tmp_path / "checkpoints", 4, {"step": 4}, {}, keep_last=1)
+    resumed, offload = engine(True)
+    checkpoint.load(resumed, folder)
+    run(resumed, offload, 4, len(steps))
+    held = offload.take()
+    assert held["misses"] == 1  # audio's sound skill (generic is in for the next step)
+    assert offload.shared_bytes < held["peak"] < held["model"]
+    for (name, a), b in zip(_full(straight).items(), _full(resumed).values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("regroup", [False, True])
+def test_partial_offload_keeps_the_moments_of_the_sub_groups_stepped_on_the_accelerator(tmp_path, regroup):
+    """ZeRO-3's partial optimizer offload (`offload_optimizer.ratio` 0.5) steps the first sub-groups on the
+    accelerator with torch's AdamW, whose state DeepSpeed leaves out of its checkpoints. On a CPU machine
+    every sub-group is the CPU's; here the first is marked as a GPU machine marks it. 6 steps straight equal
+    3, a checkpoint and 3 more in a new engine, bit for bit, resumed as saved or (other optimizer groups)
+    through the universal copy."""
+    from training.config import OptimConfig
+    from training.optim import build_optimizer
+
+    ds = _config(3, zero_optimization={"offload_optimizer": {"device": "cpu", "ratio": 0.5}, "sub_group_size": 100})
+    xs = [torch.randn(4, 16, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+
+    def engine(split_biases=False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+        params = dict(model.named_parameters())
+        groups = ([{"params": [p for n, p in params.items() if n.endswith(end)], "weight_decay": 0.0}
+                   for end in ("weight", "bias")] if split_biases else [{"params": list(params.values())}])
+        optimizer, scheduler = build_optimizer(groups, OptimConfig(lr=1e-2, warmup_steps=0), 10, cpu_adam=True)
+        e = zero.initialize(model, optimizer, scheduler, ds)
+        assert len(e.optimizer.fp16_groups) >= 2
+        e.optimizer.subgroup_to_device[0] = "cuda"  # what `ratio` 0.5 gives the first sub-groups on a GPU
+        return e
+
+    def steps(e, batch):
+        for x in batch:
+            e.backward(e(x).pow(2).mean())
+            e.step()
+            internals.clear_gradient_partitions(e)
+
+    straight = engine()
+    steps(straight, xs)
+    first = engine()
+    steps(first, xs[:3])
+    assert first.optimizer.backup_optimizer.state  # sub-group 0's moments live there
+    folder = checkpoint.save(first, tmp_path / "checkpoints", 3, {"step": 3}, {}, keep_last=1)
+    resumed = engine(split_biases=regroup)
+    checkpoint.load(resumed, folder)
+    assert (folder / "universal").is_dir() == regroup
+    steps(resumed, xs[3:])
+    for (name, a), b in zip(_full(straight).items(), _full(resumed).values()):
+        assert torch.equal(a, b), name

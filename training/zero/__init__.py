@@ -7,6 +7,9 @@ DeepSpeed internals, each tested in `tests/test_zero_internals.py`:
 - `internals.expert_groups`, `tag_expert`, `expert_parameter_groups`: the private `deepspeed.utils.groups`
   API and AutoEP's parameter tags (skill-parallel process groups, skills partitioned per position);
 - `internals.replay_cpu_adam`: the CPU-Adam kernel's running bias corrections after a resume;
+- `internals.partial_offload_moments_saved`, `partial_offload_moments_loaded`: ZeRO-3's partial optimizer
+  offload (`subgroup_to_device`, `backup_optimizer`), whose accelerator-side Adam state DeepSpeed does not
+  checkpoint;
 - `internals.whole_on_rank0`: a ZeRO-3 parameter's partition layout (`ds_tensor`);
 - `internals.hooks_on_parameter_holders`: ZeRO-3's hook registration (`_register_deepspeed_module`);
 - `internals.batched_grad_norm`: ZeRO's gradient-norm method (`get_grad_norm_direct`);
@@ -14,6 +17,8 @@ DeepSpeed internals, each tested in `tests/test_zero_internals.py`:
   forward, the parameter coordinator's release cache);
 - `internals.CommClock`: the comms logger's records;
 - `internals.state_bytes`: the attributes of ZeRO's optimizer wrappers (what a rank holds to train);
+- `offload.SkillOffload`: ZeRO-3's per-sub-group flat partitions (`fp16_partitioned_groups_flat`, re-pointed
+  by `_unflatten_partitioned_parameters`) and the buffer that held them all (`lp_param_buffer`);
 - `traces.TraceSwitch`: ZeRO-3's parameter coordinator (one prefetch trace per kind of model call);
 - `layout`: the file layout of ZeRO checkpoints (read by the exporter and the converter);
 - `universal`: DeepSpeed's universal checkpoint layout, written from that (`ds_to_universal` cannot read
