@@ -311,12 +311,25 @@ class SkillNetModel(SkillNetPreTrainedModel):
 
     def embed(self, modality=None, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None,
               input_features=None, feature_attention_mask=None, pixel_values_videos=None, position_offset=0):
-        """Front-end of the one modality given -> (normalised embeddings, attention mask, modality)."""
+        """Front-end of the one modality given -> (normalised embeddings, attention mask, modality). Given
+        one medium's inputs and `input_ids` (a task instruction, OFA's encoder input), the medium's tokens come
+        first and the text's after them, each with its own modality embedding; the modality is the medium's."""
         inputs = {"text": input_ids, "image": pixel_values, "audio": input_features, "video": pixel_values_videos}
         present = [m for m, v in inputs.items() if v is not None]
+        if len(present) == 2 and present[0] == "text":
+            medium = present[1]
+            if modality not in (None, medium):
+                raise ValueError(f"modality {modality!r} does not match the medium given with the text "
+                                 f"({INPUT_NAMES[medium]})")
+            media, mask, _ = self.embed(medium, pixel_values=pixel_values, input_features=input_features,
+                                        feature_attention_mask=feature_attention_mask,
+                                        pixel_values_videos=pixel_values_videos)
+            text, text_mask, _ = self.embed("text", input_ids, attention_mask, token_type_ids,
+                                            position_offset=position_offset)
+            return torch.cat([media, text], dim=1), torch.cat([mask, text_mask.to(mask.dtype)], dim=1), medium
         if len(present) != 1:
-            raise ValueError("pass the inputs of exactly one modality (input_ids, pixel_values, input_features or "
-                             f"pixel_values_videos); got {present or 'none'}")
+            raise ValueError("pass the inputs of one modality (input_ids, pixel_values, input_features or "
+                             f"pixel_values_videos), or one medium's and input_ids; got {present or 'none'}")
         front = present[0]
         modality = modality or front
         if front != ("text" if modality == "code" else modality):
@@ -380,9 +393,8 @@ class SkillNetModel(SkillNetPreTrainedModel):
             mask = torch.cat([mask[:, :1], mask.new_ones(mask.shape[0], n), mask[:, 1:]], dim=1)
         # inputs without padding by construction (images, video, text or audio given no mask) attend
         # without a mask, which keeps SDPA's efficient kernels eligible (checking a given mask would sync)
-        unpadded = (pixel_values is not None or pixel_values_videos is not None
-                    or (input_ids is not None and attention_mask is None)
-                    or (input_features is not None and feature_attention_mask is None))
+        unpadded = ((input_ids is None or attention_mask is None)
+                    and (input_features is None or feature_attention_mask is None))
         return x, mask, None if unpadded else padding_mask(mask), route, n, modality
 
     def _output(self, stack: BaseModelOutputWithCrossAttentions, mask, n, route, modality) -> SkillNetModelOutput:
@@ -415,6 +427,8 @@ class SkillNetModel(SkillNetPreTrainedModel):
         return tuple(outputs)
 
 
+_MEDIA_INPUTS = ("pixel_values", "input_features", "feature_attention_mask", "pixel_values_videos")
+"""A medium's encoder inputs, which an encoder-decoder call may give beside the text."""
 _PACKED_ARGUMENTS = frozenset(inspect.signature(SkillNetModel._prepare).parameters) - {"self", "route"}
 """What each of `SkillNetModel`'s packed inputs may hold."""
 
@@ -618,7 +632,9 @@ class SkillGenerationMixin(GenerationMixin):
                 output_hidden_states=None, past_key_values=None, **kwargs) -> SkillNetSeq2SeqOutput:
         """The encoder-decoder's forward: `labels` (target ids, -100 where no loss is taken) give the decoder's
         inputs shifted right and the loss; in generation `encoder_outputs` are the encoder's, computed once,
-        and `cache` the cache of earlier steps (see `old_cache_name`)."""
+        and `cache` the cache of earlier steps (see `old_cache_name`). A medium's inputs in `kwargs`
+        (`pixel_values`, `input_features` and `feature_attention_mask`, `pixel_values_videos`) go through the
+        encoder before the text of `input_ids` (`SkillNetModel.embed`)."""
         cache = cache if cache is not None else past_key_values
         config = self.config
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
@@ -629,10 +645,13 @@ class SkillGenerationMixin(GenerationMixin):
             decoder_input_ids = self.shift_right(labels)
         route = self.skillnet.route(decoder_input_ids.shape[0], task, skills, skill_mask, decoder_input_ids.device)
         if encoder_outputs is None:
+            media = {k: kwargs[k] for k in _MEDIA_INPUTS if kwargs.get(k) is not None}
             encoder_outputs = self.skillnet(input_ids=input_ids, attention_mask=attention_mask, route=route,
                                             return_dict=True, output_attentions=output_attentions,
-                                            output_hidden_states=output_hidden_states)
-        encoder_mask = attention_mask if attention_mask is not None else encoder_outputs.attention_mask
+                                            output_hidden_states=output_hidden_states, **media)
+        # the encoder's own mask covers a medium's positions too; encoder outputs given as a tuple have none
+        encoder_mask = getattr(encoder_outputs, "attention_mask", None)
+        encoder_mask = attention_mask if encoder_mask is None else encoder_mask
         if use_cache is None:
             use_cache = getattr(config, "use_cache", True) and labels is None
         if use_cache and cache is None:
@@ -800,7 +819,10 @@ class SkillNetForConditionalGeneration(SkillNetPreTrainedModel, SkillGenerationM
     @old_cache_name
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, labels=None, encoder_outputs=None,
                 cache=None, use_cache=None, task=None, skills=None, skill_mask=None, output_attentions=None,
-                output_hidden_states=None, past_key_values=None, **kwargs) -> SkillNetSeq2SeqOutput:
+                output_hidden_states=None, past_key_values=None, pixel_values=None, input_features=None,
+                feature_attention_mask=None, pixel_values_videos=None, **kwargs) -> SkillNetSeq2SeqOutput:
         """See `SkillGenerationMixin.seq2seq`."""
         return self.seq2seq(input_ids, attention_mask, decoder_input_ids, labels, encoder_outputs, cache, use_cache,
-                            task, skills, skill_mask, output_attentions, output_hidden_states, past_key_values)
+                            task, skills, skill_mask, output_attentions, output_hidden_states, past_key_values,
+                            pixel_values=pixel_values, input_features=input_features,
+                            feature_attention_mask=feature_attention_mask, pixel_values_videos=pixel_values_videos)

@@ -114,3 +114,57 @@ def test_round_trip_through_auto_seq2seq(tmp_path):
     assert isinstance(loaded, SkillNetForConditionalGeneration) and loaded.generation_config.num_beams == 2
     src = torch.randint(3, 20, (2, 6))
     assert torch.equal(loaded.generate(src, task="dialogue"), model.generate(src, task="dialogue"))
+
+
+def test_a_medium_and_an_instruction_go_through_the_encoder_together():
+    """OFA's encoder input: an image's patches, then the instruction's tokens, each with its modality
+    embedding. The encoder's mask covers both (padded instruction tokens change nothing), the decoder reads
+    the image through it, `generate` (greedy, cached) decodes what step-by-step argmax decodes, beam search
+    runs, and training reaches the image front-end. Two media, or a modality the medium is not: one line."""
+    from skillnet import load_config
+
+    torch.manual_seed(0)
+    config = load_config("tiny", num_decoder_layers=1, decoder_start_token_id=1, pad_token_id=0, eos_token_id=2,
+                         bos_token_id=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = SkillNetForConditionalGeneration(config).eval()
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    ids = torch.randint(5, 500, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    encoder = model.get_encoder()
+    x, joint_mask, modality = encoder.embed(None, ids, mask, None, pixels)
+    image, image_mask, _ = encoder.embed(None, pixel_values=pixels)
+    text, _, _ = encoder.embed(None, ids, mask)
+    assert modality == "image" and torch.equal(x, torch.cat([image, text], dim=1))
+    assert torch.equal(joint_mask, torch.cat([image_mask, mask], dim=1))
+
+    start = torch.full((2, 3), 1)
+    with_image = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, decoder_input_ids=start, task="image")
+    text_only = model(input_ids=ids, attention_mask=mask, decoder_input_ids=start, task="image")
+    other_padding = ids.clone()
+    other_padding[1, 4:] = 7
+    repadded = model(input_ids=other_padding, attention_mask=mask, pixel_values=pixels, decoder_input_ids=start,
+                     task="image")
+    assert not torch.allclose(with_image.logits, text_only.logits)
+    assert torch.equal(with_image.logits, repadded.logits)
+
+    generated = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, task="image",
+                               max_new_tokens=4, do_sample=False)
+    decoded = torch.full((2, 1), 1)
+    for _ in range(4):
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, decoder_input_ids=decoded,
+                       task="image", use_cache=False).logits
+        decoded = torch.cat([decoded, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, decoded)
+    beams = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, task="image", max_new_tokens=4,
+                           num_beams=2, do_sample=False)
+    assert beams.shape == (2, 5)
+
+    loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=torch.randint(5, 500, (2, 3)),
+                 task="image").loss
+    loss.backward()
+    assert model.skillnet.frontends["image"].patch.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="pass the inputs of one modality"):
+        encoder(input_ids=ids, pixel_values=pixels, pixel_values_videos=torch.zeros(2, 4, 3, 32, 32), task="image")
+    with pytest.raises(ValueError, match="modality 'video' does not match the medium given with the text"):
+        encoder(input_ids=ids, pixel_values=pixels, modality="video", task="image")
