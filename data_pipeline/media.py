@@ -11,6 +11,7 @@ decoder, skips the sample (`decode_sample`)."""
 from __future__ import annotations
 
 import io
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -348,9 +349,25 @@ def _sample_frames(frames, total: int, n: int, shrink) -> list[torch.Tensor]:
     return [kept[order[j]] for j in np.linspace(0, len(order) - 1, n).round().astype(int)]
 
 
-def decode_sample(sample: dict, modality: str, cfg: MediaConfig) -> dict:
-    """Raw members -> {"key", "text"/"code"/media tensor, "caption"} for one sample of `modality`."""
+def decode_fields(data: bytes | None) -> dict:
+    """A sample's `json` member: the object of named fields it describes the sample with."""
+    if data is None:
+        raise BadSample("missing_member", "no json member")
+    try:
+        fields = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BadSample("undecodable_json", str(e)) from None
+    if not isinstance(fields, dict):
+        raise BadSample("undecodable_json", f"the json member is a {type(fields).__name__}, not an object")
+    return fields
+
+
+def decode_sample(sample: dict, modality: str, cfg: MediaConfig, fields: bool = False) -> dict:
+    """Raw members -> {"key", "text"/"code"/media tensor, "caption"} for one sample of `modality`; with
+    `fields`, also "fields": its `json` member's object (`decode_fields`)."""
     out = {"key": sample["__key__"]}
+    if fields:
+        out["fields"] = decode_fields(sample.get("json"))
     if modality == "text":
         out["text"] = decode_text(sample.get("txt"), "text")
         return out

@@ -5,7 +5,10 @@
 Images (JPEG and PNG) of coloured shapes at named positions; audio (WAV and FLAC, mono and stereo, at
 16 and 22.05 kHz) of tones, chords and rhythms; H.264 MP4 videos of a shape moving in a direction; Python
 standard-library functions paired with their docstrings; text paragraphs from the standard library's
-documentation. Each modality goes through `write_shards` into `OUT/<modality>/`.
+documentation. Each modality goes through `write_shards` into `OUT/<modality>/`. Image, audio and video
+samples also hold a `json` member with what was drawn or played (an image's shape, colour, size, position
+and box in pixels; a sound's kind and pitch, chord quality or count of beeps; a video's shape, colour and
+motion), the fields of instruction templates (`skillnet.instructions`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import importlib
 import inspect
 import io
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -72,7 +76,11 @@ def images(n: int, rng: np.random.Generator, size: int = 64) -> Iterator[dict]:
         ext = "jpg" if i % 2 == 0 else "png"
         image.save(buf, format="JPEG" if ext == "jpg" else "PNG", quality=90)
         caption = f"a {'large' if big else 'small'} {colour} {shape} {place}"
-        yield {"__key__": f"image{i:06d}", ext: buf.getvalue(), "txt": caption}
+        r = size * (0.18 if big else 0.1)
+        box = [round(fx * size - r, 1), round(fy * size - r, 1), round(fx * size + r, 1), round(fy * size + r, 1)]
+        fields = {"shape": shape, "colour": colour, "size": "large" if big else "small", "position": place,
+                  "box": box, "width": size, "height": size}
+        yield {"__key__": f"image{i:06d}", ext: buf.getvalue(), "txt": caption, "json": json.dumps(fields)}
 
 
 NOTES = {"low": 220.0, "middle": 440.0, "high": 880.0}
@@ -90,23 +98,23 @@ def audio(n: int, rng: np.random.Generator) -> Iterator[dict]:
         if kind == "tone":
             pitch = list(NOTES)[rng.integers(3)]
             wave = np.sin(2 * np.pi * NOTES[pitch] * t)
-            caption = f"a steady {pitch} tone"
+            caption, fields = f"a steady {pitch} tone", {"kind": kind, "pitch": pitch}
         elif kind == "chord":
             quality = list(CHORDS)[rng.integers(2)]
             root = (220.0, 330.0)[rng.integers(2)]
             wave = sum(np.sin(2 * np.pi * root * r * t) for r in CHORDS[quality]) / 3
-            caption = f"a {quality} chord"
+            caption, fields = f"a {quality} chord", {"kind": kind, "quality": quality}
         else:
             count = int(rng.integers(2, 5))
             gate = (np.floor(t * count * 2) % 2 == 0).astype(float)
             wave = np.sin(2 * np.pi * 660.0 * t) * gate
-            caption = f"{COUNTS[count]} short beeps"
+            caption, fields = f"{COUNTS[count]} short beeps", {"kind": "beeps", "count": COUNTS[count]}
         wave = 0.5 * wave + 0.01 * rng.standard_normal(t.shape)
         channels = np.stack([wave, wave * 0.8], axis=1) if i % 3 == 0 else wave
         buf = io.BytesIO()
         ext = "wav" if i % 4 < 2 else "flac"
         soundfile.write(buf, channels.astype(np.float32), rate, format=ext.upper(), subtype="PCM_16")
-        yield {"__key__": f"audio{i:06d}", ext: buf.getvalue(), "txt": caption}
+        yield {"__key__": f"audio{i:06d}", ext: buf.getvalue(), "txt": caption, "json": json.dumps(fields)}
 
 
 def videos(n: int, rng: np.random.Generator, size: int = 64, frames: int = 8) -> Iterator[dict]:
@@ -134,7 +142,9 @@ def videos(n: int, rng: np.random.Generator, size: int = 64, frames: int = 8) ->
                 frame.pts = f
                 container.mux(stream.encode(frame))
             container.mux(stream.encode())
-        yield {"__key__": f"video{i:06d}", "mp4": buf.getvalue(), "txt": f"a {colour} {shape} moves {motion}"}
+        fields = {"shape": shape, "colour": colour, "motion": motion}
+        yield {"__key__": f"video{i:06d}", "mp4": buf.getvalue(), "txt": f"a {colour} {shape} moves {motion}",
+               "json": json.dumps(fields)}
 
 
 def _documented_functions() -> Iterator[tuple[str, str, str]]:

@@ -96,7 +96,7 @@ class TaskData:
         for url in source.urls:
             for raw in read_raw_samples(url, skipped):
                 try:
-                    sample = decode_sample(raw, modality, self.media)
+                    sample = decode_sample(raw, modality, self.media, fields=self.head.reads_fields)
                 except BadSample as e:
                     skipped.skip(e.reason, url, raw["__key__"], e.detail)
                     continue

@@ -71,6 +71,7 @@ class Slot:
 class Template:
     """A parsed template: the input side's pieces (literal text and slots, in order) and the target slot."""
     name: str
+    line: str  # as written
     pieces: tuple
     target: Slot
 
@@ -110,7 +111,7 @@ class Template:
         for a, b in zip(pieces, pieces[1:]):
             if isinstance(a, Slot) and isinstance(b, Slot) and a.kind in INSERTED and b.kind in INSERTED:
                 fail(f"slots {a} and {b} need text between them to be read back apart")
-        return cls(name, tuple(pieces), out)
+        return cls(name, text, tuple(pieces), out)
 
     @property
     def media(self) -> list[Slot]:

@@ -758,13 +758,17 @@ class SkillNetForMultiTask(SkillNetPreTrainedModel, SkillGenerationMixin):
             module.to(self.device)
 
     @can_return_tuple
-    def forward(self, input_ids=None, task: str | None = None,
+    def forward(self, input_ids=None, task: str | None = None, pixel_values=None, input_features=None,
+                feature_attention_mask=None, pixel_values_videos=None,
                 **inputs) -> SkillNetMultiTaskOutput | SkillNetSeq2SeqOutput:
         """Run `task`'s head (by default `config.default_task`'s) on a batch of its examples: the encoder's
         inputs and what the head's type reads besides (`labels`, `word_mask`, `start_positions`, `candidate`,
         ...; see `skillnet.heads`). The head calls this model's modules; its loss gets the routers' auxiliary
         loss added. A generation step (`decoder_input_ids` or `encoder_outputs` given, as `generate` calls
         it) is the encoder-decoder's forward."""
+        media = {"pixel_values": pixel_values, "input_features": input_features,
+                 "feature_attention_mask": feature_attention_mask, "pixel_values_videos": pixel_values_videos}
+        inputs.update({k: v for k, v in media.items() if v is not None})
         if "decoder_input_ids" in inputs or "encoder_outputs" in inputs:
             return self.seq2seq(input_ids, task=task, **inputs)
         task = task if task is not None else self.config.default_task

@@ -48,6 +48,10 @@ CASES = {
                    "answers": {"text": ["low tone"], "answer_start": [2]}}]),
     "generation": ({}, [{"text": "a red circle", "target": "red"}, {"text": "a blue square", "target": "blue"},
                         {"text": "a low tone", "target": "low"}]),
+    "instruction": ({"template": 'is the sentiment of text " [TEXT:text] " positive or negative? -> '
+                                 '[TEXT:label, closed: positive|negative]'},
+                    [{"text": "a red circle", "label": "positive"}, {"text": "a blue square", "label": "negative"},
+                     {"text": "a low tone", "label": "positive"}]),
     "ctc": ({"labels": list("abc")}, [{"key": f"k{i}", "caption": c, "input_features": AUDIO[:, : 32 + 8 * i]}
                                       for i, c in enumerate(["ab", "cab", "c"])]),
     "retrieval": ({"candidate_modality": "image"},
@@ -102,7 +106,7 @@ def test_every_shipped_head_runs_end_to_end(kind, tokenizer):
     assert out.loss.isfinite()
     out.loss.backward()
     own = [p for n, p in model.named_parameters() if n.startswith("heads.t.")]
-    assert own or kind in ("retrieval", "generation")  # these two use the model's projections and decoder
+    assert own or kind in ("retrieval", "generation", "instruction")  # the model's projections and decoder
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in own)
 
     data = types.SimpleNamespace(head=head, examples=examples, tokenizer=tokenizer, files=files, spec=spec)
@@ -116,6 +120,8 @@ def test_every_shipped_head_runs_end_to_end(kind, tokenizer):
     assert all(type(p) is type(q) for p, q in zip(predictions, perfect))
     if kind == "retrieval":
         assert all(sorted(p) == sorted(golds) for p in predictions)  # three candidates, all ranked
+    if kind == "instruction":  # a closed set: even a random model only says its answers
+        assert set(predictions) <= {"positive", "negative"}
 
 
 def test_skillnet_imports_no_application():

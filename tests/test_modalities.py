@@ -88,8 +88,8 @@ def test_contrastive_embeddings_for_every_modality(model):
         (dict(input_ids=torch.full((1, 3), 512)), ValueError, "outside the vocabulary"),
         (dict(input_features=torch.randn(2, 80, 50)), ValueError, "80 mel bins, the config says num_mel_bins=16"),
         (dict(pixel_values_videos=torch.randn(2, 5, 3, 32, 32)), ValueError, "pixel_values_videos must be"),
-        (dict(input_ids=torch.ones(1, 3, dtype=torch.long), pixel_values=torch.randn(1, 3, 32, 32)), ValueError,
-         "exactly one modality"),
+        (dict(pixel_values_videos=torch.randn(1, 4, 3, 32, 32), pixel_values=torch.randn(1, 3, 32, 32)), ValueError,
+         "pass the inputs of one modality"),
         (dict(input_ids=torch.ones(1, 3, dtype=torch.long), modality="image"), ValueError, "does not match the inputs"),
     ],
 )

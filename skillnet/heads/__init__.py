@@ -1,9 +1,9 @@
 """Downstream task heads over the SkillNet encoder: one `Head` class per head type, one module per kind.
 
 A head spec is a dict stored in `config.task_heads[task]`: `{"type": ..., ...}`, `type` naming a head type
-(`classification`, `pair_classification`, `tagging`, `span`, `retrieval`, `ctc`, `generation`; each
-module's docstring gives its spec's fields and its data's). Every module of this package is imported
-here, and a `Head` subclass enters the registry by being defined: a new head type is a new file. All
+(`classification`, `pair_classification`, `tagging`, `span`, `retrieval`, `ctc`, `generation`,
+`instruction`; each module's docstring gives its spec's fields and its data's). Every module of this
+package is imported here, and a `Head` subclass enters the registry by being defined: a new head type is a new file. All
 shared code lives in `base` (this file only discovers modules), so `skillnet.hub` can flatten the package
 for exports that carry their code: its flat `heads.py` re-exports `base` and imports every head module.
 

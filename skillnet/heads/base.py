@@ -35,6 +35,9 @@ class Head(ABC):
     """Whether `main_metric` falls as the task improves (an error rate)."""
     targets: ClassVar[tuple[str, ...]] = ("labels",)
     """The example fields that only training reads; prediction leaves them out."""
+    reads_fields: ClassVar[bool] = False
+    """Whether a shard sample reaches `example` with its `json` member's fields (`fields`), which a sample
+    without one is then skipped for."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
