@@ -123,9 +123,13 @@ def _placement(config: PretrainConfig, model_config, loader, topology: Topology)
 def task_skills(config: PretrainConfig, registry) -> dict[str, set[str]]:
     """The skills each task's steps run: its own, and for a contrastive task the caption task's too (its
     captions go through them)."""
-    caption = set(registry.skill_names(config.train.caption_task))
-    return {t.name: set(registry.skill_names(t.name)) | (caption if config.objective(t.name) == "contrastive"
-                                                         else set()) for t in config.data.tasks}
+    def skills(task: str) -> set[str]:
+        own = set(registry.skill_names(task))
+        if config.objective(task) == "contrastive":
+            own |= set(registry.skill_names(config.train.caption_task))
+        return own
+
+    return {t.name: skills(t.name) for t in config.data.tasks}
 
 
 def engine_config(config: PretrainConfig) -> dict:

@@ -54,8 +54,7 @@ SPLIT = "distributed.skill_parallel_size=2"
 DATA_LOCAL = ("train.steps=6", "checkpoint.every=3", "checkpoint.keep_last=5", "train.gradient_accumulation=2",
               "train.activation_checkpointing=true", SPLIT, "distributed.skill_placement=data_local")
 # no clipping: its norm is summed per optimizer group, and skill offloading's groups sum it in another order
-OFFLOAD_OPTIMIZER = ("train.steps=6", "checkpoint.every=3", PARTITION_ALL, "train.grad_clip=0",
-                     "distributed.ds_config=ds_configs/zero3_offload_skills.json")
+OFFLOAD = ("train.steps=4", "checkpoint.every=2", PARTITION_ALL, "train.grad_clip=0")
 FINETUNE = ("train.log_every=2", "train.batch_size=8", "optim.lr=3e-3", PARTITION_ALL)
 
 SCENARIOS = [
@@ -68,13 +67,12 @@ SCENARIOS = [
              ("train.steps=4", "checkpoint.every=2", "train.gradient_accumulation=2",
               "train.activation_checkpointing=true", ZERO2),
              ("micro_batches_per_step:2", "resumes_exactly", "resumes_from_the_previous_layout"), "python"),
-    Scenario("zero3-offload", "pretrain", 1, ("train.steps=4", "checkpoint.every=2", ZERO3_OFFLOAD),
-             ("resumes_exactly",), "python"),
-    # DeepSpeed's partial optimizer offload: half the sub-groups (small here, so that there are several) on the
-    # CPU (CPU Adam), the rest on the accelerator (torch's AdamW)
-    Scenario("zero3-partial-offload", "pretrain", 1,
-             ("train.steps=4", "checkpoint.every=2", "distributed.ds_config=ds_configs/zero3_offload_partial.json",
-              "distributed.ds_overrides.zero_optimization.sub_group_size=20000"), ("resumes_exactly",), "python"),
+    # every weight partition and the optimizer on the CPU (ZeRO-Infinity's placement), and only the inactive
+    # skills' weights there (the partial optimizer offload is tested in tests/test_zero_internals.py)
+    Scenario("zero3-offload", "pretrain", 2, (*OFFLOAD, ZERO3_OFFLOAD), ("resumes_exactly",)),
+    Scenario("skill-offload-2-ranks", "pretrain", 2,
+             (*OFFLOAD, "distributed.ds_config=ds_configs/zero3_offload_skills.json",
+              "distributed.offload.skills=inactive"), ("offloads_skills_as:zero3-offload", "resumes_exactly")),
     *(Scenario(f"bf16-{ds}", "pretrain", 2, ("train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=3",
                                              "train.bf16=true", f"distributed.ds_config=ds_configs/{ds}.json"),
                ("bf16_reduced_in_fp32", "resumes_exactly", "exports_the_checkpoint")) for ds in ("zero2", "zero3")),
@@ -94,10 +92,6 @@ SCENARIOS = [
              ("train.steps=6", "checkpoint.every=3", "checkpoint.keep_last=5", "model.num_hidden_layers=4",
               "model.layer_sharing=all", "pseudo_to_real.delink_at=3"),
              ("resumes_exactly", "resumes_delinked:1+2")),
-    # the same run with every skill resident, and with only the step's skills on the compute device
-    Scenario("optimizer-offload-2-ranks", "pretrain", 2, OFFLOAD_OPTIMIZER),
-    Scenario("skill-offload-2-ranks", "pretrain", 2, (*OFFLOAD_OPTIMIZER, "distributed.offload.skills=inactive"),
-             ("offloads_skills_as:optimizer-offload-2-ranks", "resumes_exactly")),
     Scenario("finetune-one-process", "finetune", 1, (*FINETUNE, "train.steps=24", "checkpoint.every=4", ZERO2),
              ("killed_and_resumed_exactly", "predictions_reproduce_evaluation", "resizes:2+2"), "python"),
     Scenario("finetune-accelerate-zero3", "finetune", 2, (*FINETUNE, "train.steps=12", "checkpoint.every=6"),
@@ -511,8 +505,8 @@ def trains_like(s, folder, driver, tmp_path, reference):
 
 
 def offloads_skills_as(s, folder, driver, tmp_path, reference):
-    """Skill offloading trains as the reference run with every skill resident, bit for bit (every task, loss
-    and final weight), while each step held less than the whole model on the compute device and no skill was
+    """Skill offloading trains as the reference run (every weight partition offloaded), bit for bit (every
+    task, loss and final weight), while each step held less than the whole model on the compute device and no skill was
     called without having been brought in ahead (a miss)."""
     assert_same_training(s, folder, driver.finished(reference))
     for r in records(folder):
