@@ -221,7 +221,7 @@ class Pretraining:
         record, tokens, samples = {"loss": 0.0, "tasks": [], "data_wait_s": 0.0}, 0, 0
         self.batches = self.batches or iter(self.loader)
 
-        def read_norms():  # after the last backward, before the optimizer step
+        def before_step():  # after the last backward, before the optimizer step
             if (step + 1) % self.config.train.log_every == 0:
                 self.counters["skill_norms"] = skill_grad_norms(self.engine.module)
             if self.offload is not None:
@@ -231,7 +231,7 @@ class Pretraining:
             first = self.loader.consumed
             self.offload.begin_step(self.skills_of_batches(first, n), self.skills_of_batches(first + n, n))
 
-        with optimizer_step(self.engine, n, self.placement is not None, read_norms) as backward:
+        with optimizer_step(self.engine, n, self.placement is not None, before_step) as backward:
             for micro in range(n):
                 t0 = time.perf_counter()
                 batch = next(self.batches)

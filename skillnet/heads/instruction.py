@@ -17,13 +17,13 @@ import functools
 
 import torch
 
+from ..frontends import INPUT_NAMES
 from ..instructions import MEDIA, Template, closed_set
 from ..metrics import bleu, rouge_l
 from .base import MEDIA_INPUTS, tensors
 from .generation import Generation
 
 MODALITY = {"IMAGE": "image", "AUDIO": "audio", "VIDEO": "video"}
-INPUT = {"IMAGE": "pixel_values", "AUDIO": "input_features", "VIDEO": "pixel_values_videos"}
 
 
 class Instruction(Generation):
@@ -71,13 +71,14 @@ class Instruction(Generation):
 
     def example(self, row, fields, tokenizer, labelled, where):
         template, medium = self.template, self.medium
+        name = INPUT_NAMES[self.modality] if medium is not None else None  # the medium's model input
         sample = row if medium is None else {**row.get("fields", {}), "caption": row.get("caption"),
-                                             medium.field: row.get(INPUT[medium.kind])}
+                                             medium.field: row.get(name)}
         if labelled:
             template.check(sample, where)
         source = tensors(tokenizer(template.instruction(sample), truncation=True, max_length=fields.max_length))
         if medium is not None:
-            source[INPUT[medium.kind]] = sample[medium.field]
+            source[name] = sample[medium.field]
         if not labelled:
             return source
         target = template.target_text(sample)

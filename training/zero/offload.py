@@ -114,9 +114,9 @@ class SkillOffload:
         self.pending: set[str] = set()  # copies in flight on the side stream
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.counts = {"misses": 0, "copied_in": 0, "peak": self.shared_bytes}
-        self.hooks = [module.register_forward_pre_hook(self._hook(match.group(1)), prepend=True)
-                      for name, module in engine.module.named_modules()
-                      if (match := SKILL_MODULE.search(name)) and match.group(1) in self.sub_groups]
+        for name, module in engine.module.named_modules():
+            if (match := SKILL_MODULE.search(name)) and match.group(1) in self.sub_groups:
+                module.register_forward_pre_hook(self._hook(match.group(1)), prepend=True)
 
     @property
     def model_bytes(self) -> int:
@@ -154,11 +154,6 @@ class SkillOffload:
         counts = {**self.counts, "model": self.model_bytes}
         self.counts = {"misses": 0, "copied_in": 0, "peak": self.resident_bytes}
         return counts
-
-    def close(self) -> None:
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks = []
 
     def _hook(self, skill: str):
         def bring_in(module, args):
