@@ -28,6 +28,26 @@ class TaskConfig:
     name: str
     modality: str
     sources: list[SourceConfig] = field(default_factory=list)
+    template: str = ""
+    """An instruction task's template (`skillnet.instructions`): a template line, or the name of a shipped
+    one (`skillnet/templates/ofa.yaml`). Its samples are read with their `json` member's fields (and the caption
+    as `caption`); each batch holds the medium, the instruction's tokens (`input_ids`) and the target's
+    (`decoder_labels`, -100 after the end). A sample lacking a field, or with a box outside its image, is
+    skipped and counted (`bad_fields`)."""
+
+    def instruction(self):
+        """The parsed template (`skillnet.instructions.Template`), or None."""
+        if not self.template:
+            return None
+        from skillnet.instructions import Template, load_templates
+
+        if "->" not in self.template:
+            shipped = load_templates()
+            if self.template not in shipped:
+                raise ValueError(f"data: task {self.name!r}: no shipped instruction template {self.template!r} "
+                                 f"(one of {sorted(shipped)}, or a template line)")
+            return shipped[self.template]
+        return Template.parse(self.name, self.template)
 
 
 @dataclass
@@ -68,10 +88,18 @@ class DataConfig:
             check_modality(t.modality)
             if not t.sources:
                 raise ValueError(f"data: task {t.name!r} has no sources")
+            template = t.instruction()
+            if template is not None:
+                media = [s.kind.lower() for s in template.media] or ["text", "code"]
+                if len(template.media) > 1 or t.modality not in media:
+                    raise ValueError(f"data: task {t.name!r} reads {t.modality} shards, but its template "
+                                     f"{template.line!r} reads {', '.join(map(str, template.media)) or 'no medium'}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"data.alpha must be in [0, 1], got {self.alpha}")
         if self.batch_mode not in ("task", "mixed"):
             raise ValueError(f"data.batch_mode must be 'task' or 'mixed', got {self.batch_mode!r}")
+        if self.batch_mode == "mixed" and any(t.template for t in self.tasks):
+            raise ValueError("data.batch_mode 'mixed' cannot mix instruction tasks (templates): use 'task'")
         if self.batch_mode == "mixed" and len({t.modality for t in self.tasks}) > 1:
             raise ValueError("data.batch_mode 'mixed' needs tasks of one modality (a batch feeds one front-end)")
         if self.batch_size < 1 or self.shuffle_buffer < 1 or self.shards_per_round < 1 or self.num_workers < 0:

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from training.sampling import TaskSampler, seeded
 
-from .collate import Collator, _pack, _unpack
+from .collate import Collator, _pack, _unpack, instruction_fields
 from .config import DataConfig
 from .media import BadSample, MediaConfig, decode_sample
 from .reshard import carried_slot_states, deal_leftovers, saved_reshards
@@ -116,6 +116,7 @@ class MultiTaskLoader:
         self.slot_states: dict[int, dict] = {}
         self.task_groups, self.group = None, 0
         self.collate = Collator(tokenizer, cfg.max_text_tokens)
+        self.templates = {t.name: t.instruction() for t in cfg.tasks if t.template}
 
     # -- what every rank agrees on ---------------------------------------------------------------------
 
@@ -179,7 +180,7 @@ class MultiTaskLoader:
             else:
                 tasks = self.sampler.tasks(cfg.batch_size, self.rank, index)
             samples = [self._next_sample(streams[t], t, modality[t], draws, skipped) for t in tasks]
-            batch = self.collate(samples, modality[tasks[0]])
+            batch = self.collate(samples, modality[tasks[0]], self.templates.get(tasks[0]))
             made += 1
             if self.task_groups is not None:
                 batch["group_tasks"] = [self.task_for_batch(index, g) for g in range(len(self.task_groups))]
@@ -203,8 +204,15 @@ class MultiTaskLoader:
                               draws[task]).choices(streams, weights)[0]
             draws[task] += 1
             raw = next(stream)
+            template = self.templates.get(task)
             try:
-                return {**decode_sample(raw, modality, self.media), "epoch": stream.reading}
+                sample = decode_sample(raw, modality, self.media, fields=template is not None)
+                if template is not None:
+                    try:
+                        template.check(instruction_fields(sample, template), raw["__key__"])
+                    except ValueError as e:
+                        raise BadSample("bad_fields", str(e)) from None
+                return {**sample, "epoch": stream.reading}
             except BadSample as e:
                 skipped.skip(e.reason, raw["__url__"], raw["__key__"], e.detail)
                 failed[e.reason] += 1

@@ -10,7 +10,9 @@ row start from its weights, the baselines' FFNs, experts and projections from it
 papers start every system from one pretrained BERT). Columns: each task's main metric and their average;
 `table.md` and `results.json` go to `--out`. New skills, `freeze_old` and prompts of the config apply to no row.
 
-`compare()` also takes other rows (`System`: router, model settings such as FFN width or experts, one model per
+`--rows` runs some of them, e.g. `--rows joint_finetuning_dense,skillnet_sparse_pretraining`: the same
+instruction tasks (OFA's format) under the dense and the skill router, side by side. `compare()` also takes
+other rows (`System`: router, model settings such as FFN width or experts, one model per
 task or not, pretrained or random start, a skill left out of every route) and a seed; `benchmarks/separation.py`
 runs it that way over seeds.
 """
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from skillnet.heads import head_type
+from skillnet.heads import head_for
 from training import distributed
 from training.metrics import quiet_third_party
 
@@ -128,7 +130,7 @@ def compare(config, pretrained: Path, out: Path, systems: list[System] = SYSTEMS
                     task.skills = [s for s in _skills(task, init) if s != system.drop_skill]
             results = train(prepare(run))["results"]
             for task in run.tasks:
-                table[system.row][task.name] = results[task.name][head_type(task.head["type"]).main_metric]
+                table[system.row][task.name] = results[task.name][head_for(task.name, task.head).main_metric]
     return table
 
 
@@ -139,7 +141,7 @@ def _skills(task, init: Path) -> list[str]:
 
 def markdown(table: dict, config) -> str:
     names = [t.name for t in config.tasks]
-    kinds = {t.name: head_type(t.head["type"]) for t in config.tasks}
+    kinds = {t.name: head_for(t.name, t.head) for t in config.tasks}
     header = [f"{n} ({kinds[n].main_metric}{', lower is better' if kinds[n].lower_is_better else ''})" for n in names]
     lines = ["| System | " + " | ".join(header) + " | Avg |", "|---" * (len(names) + 2) + "|"]
     for row, scores in table.items():
@@ -154,10 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="a finetuning config: its tasks, data, steps and optimizer")
     parser.add_argument("--pretrained", required=True, help="an exported, sparsely pretrained skill model")
     parser.add_argument("--out", default="runs/compare")
+    slugs = [s.slug for s in SYSTEMS]
+    parser.add_argument("--rows", help=f"the rows to run, comma-separated (default: all): {','.join(slugs)}")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     quiet_third_party()
+    rows = args.rows.split(",") if args.rows else slugs
+    systems = [s for s in SYSTEMS if s.slug in rows]
     try:
+        if unknown := [r for r in rows if r not in slugs]:
+            raise ValueError(f"--rows: unknown rows {unknown} (rows: {', '.join(slugs)})")
         config = load_finetune_config(args.config, args.overrides)
         pretrained = Path(args.pretrained)
         if json.loads((pretrained / "config.json").read_text()).get("router", "skill") != "skill":
@@ -167,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     try:
-        table = compare(config, pretrained, out)
+        table = compare(config, pretrained, out, systems)
     finally:
         distributed.shutdown()
     text = markdown(table, config)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from skillnet.heads import head_for
 from skillnet.hub import save_model_code, write_model_card
 from training import checkpoint, distributed, zero
 from training.distributed import Topology, detect
@@ -105,6 +106,14 @@ def prepare(config: FinetuneConfig) -> Inputs:
     torch.manual_seed(config.train.seed)  # new heads, prompts and skills start the same on every rank and run
     model, _ = build_model(config)
     tokenizer = load_tokenizer(config.tokenizer or config.init)
+    heads = [head_for(task.name, model.config.task_heads[task.name]) for task in config.tasks]
+    new_tokens = [t for head in heads for t in head.new_tokens() if t not in tokenizer.get_vocab()]
+    if new_tokens:  # e.g. the location tokens of box templates
+        if config.freeze_old:
+            raise ValueError(f"freeze_old keeps the token embeddings as they were: the {len(set(new_tokens))} tokens "
+                             f"this run's heads add ({new_tokens[0]}, ...) would never train")
+        tokenizer.add_tokens(list(dict.fromkeys(new_tokens)))
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     media = MediaConfig.from_model(model.config)
     train, evaluation = {}, {}
     for task in config.tasks:

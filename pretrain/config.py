@@ -25,9 +25,10 @@ from training.config import DistributedConfig as SharedDistributedConfig
 
 __all__ = ["PretrainConfig", "load_pretrain_config", "dump"]
 
-# What each task trains: masked-token prediction, sentence-pair prediction, or contrastive matching of
-# the task's input (image, audio, video or code) with its caption.
-OBJECTIVES = ("mlm", "nsp", "contrastive")
+# What each task trains: masked-token prediction, sentence-pair prediction, contrastive matching of the
+# task's input (image, audio, video or code) with its caption, or an instruction's target (a task with a
+# template: OFA's format, through the decoder).
+OBJECTIVES = ("mlm", "nsp", "contrastive", "instruction")
 MOMENTS = ("rescale", "reset", "copy")
 DEFAULT_OBJECTIVES = {"masked_lm": "mlm", "masked_code": "mlm", "next_sentence": "nsp", "image": "contrastive",
                       "audio": "contrastive", "video": "contrastive", "code": "contrastive"}
@@ -121,7 +122,8 @@ class PretrainConfig:
     """Folder holding tokenizer.json (relative to data_root)."""
     run_dir: str = "runs/tiny"
     objectives: dict[str, str] = field(default_factory=dict)
-    """Task -> objective (mlm, nsp, contrastive); tasks not listed take DEFAULT_OBJECTIVES."""
+    """Task -> objective (mlm, nsp, contrastive, instruction); tasks not listed take DEFAULT_OBJECTIVES, and a
+    task with a template (`data.tasks[].template`) "instruction"."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -140,13 +142,19 @@ class PretrainConfig:
         return load_config(named, **fields) if named else SkillNetConfig(**fields)
 
     def objective(self, task: str) -> str:
-        return self.objectives.get(task, DEFAULT_OBJECTIVES.get(task, ""))
+        if task in self.objectives:
+            return self.objectives[task]
+        templated = any(t.name == task and t.template for t in self.data.tasks)
+        return "instruction" if templated else DEFAULT_OBJECTIVES.get(task, "")
 
     def validate(self) -> None:
         self.data.validate()
         for t in self.data.tasks:
             if self.objective(t.name) not in OBJECTIVES:
                 raise ValueError(f"task {t.name!r} has no objective: set objectives.{t.name} to one of {OBJECTIVES}")
+            if (self.objective(t.name) == "instruction") != bool(t.template):
+                raise ValueError(f"task {t.name!r}: the instruction objective and a template "
+                                 f"(data.tasks[].template) go together; its objective is {self.objective(t.name)!r}")
         if self.train.steps < 1:
             raise ValueError("train.steps must be >= 1")
         self.pseudo_to_real.validate(self.train.steps)

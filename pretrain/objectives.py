@@ -1,6 +1,8 @@
 """Sparse pretraining objectives. Each runs the model with the skills of its task: masked-token
-prediction on text or code, sentence-pair prediction on text, and contrastive matching of an image,
-audio, video or code input with its caption (InfoNCE, negatives gathered from every rank)."""
+prediction on text or code, sentence-pair prediction on text, contrastive matching of an image,
+audio, video or code input with its caption (InfoNCE, negatives gathered from every rank), and an
+instruction's target through the decoder (OFA's format: the medium and the instruction in, text or a box out;
+the loader builds both from each sample's fields, `data_pipeline.collate`)."""
 
 from __future__ import annotations
 
@@ -78,6 +80,7 @@ class Objectives:
         self.vocab_size = model_config.vocab_size
         self.special_ids = torch.tensor(sorted(tokenizer.all_special_ids))
         self.modality = {t.name: t.modality for t in config.data.tasks}
+        self.templates = {t.name: t.instruction() for t in config.data.tasks if t.template}
         self.negatives_group = negatives_group
 
     def _generator(self, step: int, rank: int) -> torch.Generator:
@@ -125,6 +128,10 @@ class Objectives:
         media = {k: batch[k]
                  for k in ("pixel_values", "input_features", "feature_attention_mask", "pixel_values_videos")
                  if k in batch}
+        if kind == "instruction":
+            entry = {**media, "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                     "task": task, "decoder_labels": batch["decoder_labels"]}
+            return entry, lambda out: out.loss, {"tokens": int((batch["decoder_labels"] != -100).sum())}
         if batch["modality"] == "code":
             media = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "modality": "code"}
         caption = {"input_ids": batch["caption_input_ids"], "attention_mask": batch["caption_attention_mask"],
@@ -156,6 +163,11 @@ class Objectives:
                            "feature_attention_mask": torch.ones(1, 16, dtype=torch.long)},
                  "video": {"pixel_values_videos": torch.zeros(1, cfg.num_frames, channels, size, size,
                                                               dtype=torch.uint8)},
-                 "code": {**tokens, "modality": "code"}}[modality]
+                 "code": {**tokens, "modality": "code"}, "text": {}}[modality]
+        if kind == "instruction":
+            reads = self.templates[task].media  # the medium only where the template reads one
+            entry = {**(to_device(media, device) if reads else {}), **tokens, "task": task,
+                     "decoder_labels": torch.zeros(1, 2, dtype=torch.long, device=device)}
+            return entry, lambda out: 0.0 * out.decoder_logits.sum()
         entry = {**to_device(media, device), "task": task, "pair": {**tokens, "task": self.config.train.caption_task}}
         return entry, lambda out: 0.0 * (out.embeddings.sum() + out.pair_embeddings.sum() + out.logit_scale.sum())

@@ -53,6 +53,7 @@ def prepare(config: PretrainConfig, topology: Topology) -> Inputs:
     """Everything that can fail on bad input, before any process group or heavy work."""
     from data_pipeline.loader import MultiTaskLoader
     from data_pipeline.media import MediaConfig
+    from skillnet.instructions import add_location_tokens
     from skillnet.tokenizer import load_tokenizer
 
     check_accelerator(topology)
@@ -66,9 +67,22 @@ def prepare(config: PretrainConfig, topology: Topology) -> Inputs:
     if config.data.batch_mode != "task":
         raise ValueError("pretraining needs data.batch_mode 'task': one objective per step on every rank")
     tokenizer = load_tokenizer(config.tokenizer)
+    instructions = [t.name for t in config.data.tasks if t.template]
+    if instructions and not model_config.num_decoder_layers:
+        raise ValueError(f"instruction tasks {instructions} train the decoder: the model needs "
+                         f"model.num_decoder_layers >= 1")
+    located = [t.name for t in config.data.tasks if t.template and t.instruction().boxes]
+    if located:  # boxes are written as location tokens
+        add_location_tokens(tokenizer)
     if len(tokenizer) > model_config.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, "
-                         f"the model's vocab_size is {model_config.vocab_size}")
+        added = f" (with the location tokens of {located}'s boxes)" if located else ""
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens{added}, the model's vocab_size is "
+                         f"{model_config.vocab_size}: set model.vocab_size={len(tokenizer)}")
+    if instructions:  # the decoder's start, end and padding tokens, as generation reads them
+        for name, value in (("decoder_start_token_id", tokenizer.bos_token_id),
+                            ("eos_token_id", tokenizer.eos_token_id), ("pad_token_id", tokenizer.pad_token_id)):
+            if getattr(model_config, name) is None:
+                setattr(model_config, name, value)
     loader = MultiTaskLoader(config.data, tokenizer, MediaConfig.from_model(model_config),
                              {t: registry.skill_names(t) for t in model_config.tasks}, topology.rank,
                              topology.world_size)

@@ -78,7 +78,7 @@ def _bert_to_skillnet(bert_sd: dict[str, torch.Tensor], model: torch.nn.Module, 
                 "cls.predictions.transform.dense.bias": "mlm_transform.bias",
                 "cls.predictions.transform.LayerNorm.weight": "mlm_norm.weight",
                 "cls.predictions.transform.LayerNorm.bias": "mlm_norm.bias",
-                "cls.predictions.bias": "mlm_decoder.bias",
+                "cls.predictions.bias": "mlm_output.bias",
                 "cls.seq_relationship.weight": "pair_head.weight",
                 "cls.seq_relationship.bias": "pair_head.bias",
             }

@@ -283,13 +283,17 @@ class SkillNetConfig(PretrainedConfig):
 
 def load_config(path: str | Path, **overrides) -> SkillNetConfig:
     """A config from a YAML file (or one shipped by name, e.g. 'tiny'). In a file with a `model:` entry
-    (a pretraining config) that entry is used: the model's fields, or the name or path of a model config."""
+    (a pretraining config) that entry is used: the model's fields, the name or path of a model config, or
+    such a name as `config:` with fields over it."""
     path = resolve_config_path(path)
     data = yaml.safe_load(Path(path).read_text()) or {}
     if "model" in data:
         data = data["model"]
         if isinstance(data, str):
             return load_config(data, **overrides)
+        if "config" in data:
+            fields = dict(data)
+            return load_config(fields.pop("config"), **{**fields, **overrides})
     return SkillNetConfig(**{**data, **overrides})
 
 

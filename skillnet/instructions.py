@@ -11,7 +11,8 @@ KIND is TEXT, CODE or BOX (written into the instruction) or IMAGE, AUDIO, VIDEO 
 front-ends, in order, before the instruction's text). The target is TEXT, optionally a closed set of answers
 (`closed: a|b|c`: decoding may only emit one of them, scored by exact match), or BOX. Boxes are written as
 four location tokens (`<bin_0>` .. `<bin_999>`: x0, y0, x1, y1 quantised into 1000 bins of the image's
-width and height, OFA's scheme).
+width and height, OFA's scheme), which `add_location_tokens` adds to a tokenizer and its model; a box is in
+pixels of the image whose size the sample's `width` and `height` fields give.
 """
 
 from __future__ import annotations
@@ -44,6 +45,23 @@ def quantize_box(box, width: float, height: float, bins: int = BINS) -> tuple[in
 def dequantize_box(bins4, width: float, height: float, bins: int = BINS) -> tuple[float, float, float, float]:
     """Four bins -> the box in pixels (each coordinate at its bin's centre)."""
     return tuple((b + 0.5) / bins * size for b, size in zip(bins4, (width, height, width, height)))
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two boxes (x0, y0, x1, y1)."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else float(a == b)
+
+
+def add_location_tokens(tokenizer, model=None) -> int:
+    """Add the location tokens to `tokenizer` (where it lacks them) and grow `model`'s token embeddings (and
+    the output projection tied to them) to the tokenizer's size; returns how many tokens were added."""
+    added = tokenizer.add_tokens([t for t in location_tokens() if t not in tokenizer.get_vocab()])
+    if model is not None and len(tokenizer) > model.config.vocab_size:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return added
 
 
 def box_text(box, width: float, height: float) -> str:
@@ -119,6 +137,11 @@ class Template:
         return [p for p in self.pieces if isinstance(p, Slot) and p.kind in MEDIA]
 
     @property
+    def boxes(self) -> list[Slot]:
+        """The BOX slots, the target's among them."""
+        return [p for p in (*self.pieces, self.target) if isinstance(p, Slot) and p.kind == "BOX"]
+
+    @property
     def fields(self) -> list[str]:
         return [p.field for p in self.pieces if isinstance(p, Slot)] + [self.target.field]
 
@@ -132,23 +155,33 @@ class Template:
         if self.target.closed and answer not in self.target.closed:
             raise ValueError(f"sample {key}: {answer!r} is not one of the answers of template {self.name!r} "
                              f"{list(self.target.closed)}")
+        for slot in self.boxes:
+            if sample.get("width") is None or sample.get("height") is None:
+                raise ValueError(f"sample {key} lacks width, height (the image's size) for the box of instruction "
+                                 f"template {self.name!r}")
+            try:
+                quantize_box(sample[slot.field], sample["width"], sample["height"])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"sample {key}, field {slot.field}: {e} "
+                                 f"(instruction template {self.name!r})") from None
 
     def instruction(self, sample: dict, size: tuple[float, float] | None = None) -> str:
         """The instruction's text: literal words with TEXT and CODE slots filled and BOX slots written as
-        location tokens (`size`: the image's width and height); media slots leave no text."""
+        location tokens (`size`: the image's width and height, by default the sample's `width` and `height`);
+        media slots leave no text."""
         words = []
         for piece in self.pieces:
             if isinstance(piece, str):
                 words.append(piece)
             elif piece.kind == "BOX":
-                words.append(box_text(sample[piece.field], *_size(size, self.name)))
+                words.append(box_text(sample[piece.field], *_size(size, sample, self.name)))
             elif piece.kind in INSERTED:
                 words.append(str(sample[piece.field]))
         return "".join(words).strip()
 
     def target_text(self, sample: dict, size: tuple[float, float] | None = None) -> str:
         value = sample[self.target.field]
-        return box_text(value, *_size(size, self.name)) if self.target.kind == "BOX" else str(value)
+        return box_text(value, *_size(size, sample, self.name)) if self.target.kind == "BOX" else str(value)
 
     def read(self, instruction: str) -> dict[str, str]:
         """The inserted fields of an instruction's text (e.g. decoded back from token ids), as text."""
@@ -165,6 +198,18 @@ class Template:
         if match is None:
             raise ValueError(f"{instruction!r} does not follow instruction template {self.name!r}")
         return {name: match.group(f"f{i}") for i, name in enumerate(names)}
+
+
+def constraint(target: Slot, tokenizer, eos_token_id: int, prefix: int = 1):
+    """`prefix_allowed_tokens_fn` for a target slot: a closed set's answers (`closed_set`), four location
+    tokens for a box, or None for open text."""
+    if target.kind == "BOX":
+        bins = tokenizer.convert_tokens_to_ids(location_tokens())
+
+        def allow(batch_id: int, input_ids) -> list[int]:
+            return bins if len(input_ids) - prefix < 4 else [eos_token_id]
+        return allow
+    return closed_set(tokenizer, target.closed, eos_token_id, prefix) if target.closed else None
 
 
 def closed_set(tokenizer, answers, eos_token_id: int, prefix: int = 1):
@@ -205,10 +250,13 @@ def _slot(match, fail) -> Slot:
     return Slot(kind, field, closed)
 
 
-def _size(size, name):
-    if size is None:
-        raise ValueError(f"instruction template {name!r} writes a box: it needs the image's size")
-    return size
+def _size(size, sample, name):
+    if size is not None:
+        return size
+    if sample.get("width") is None or sample.get("height") is None:
+        raise ValueError(f"instruction template {name!r} writes a box: the sample needs the image's size "
+                         f"(fields width and height)")
+    return float(sample["width"]), float(sample["height"])
 
 
 def load_templates(path: str | Path | None = None) -> dict[str, Template]:

@@ -53,6 +53,8 @@ class SkillNetPreTrainingOutput(ModelOutput):
     pair_embeddings: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    decoder_logits: torch.Tensor | None = None
+    """With `decoder_labels`: the decoder's vocabulary logits (batch, target length, vocabulary)."""
 
 
 @dataclass
@@ -433,11 +435,43 @@ _PACKED_ARGUMENTS = frozenset(inspect.signature(SkillNetModel._prepare).paramete
 """What each of `SkillNetModel`'s packed inputs may hold."""
 
 
-class SkillNetForPreTraining(SkillNetPreTrainedModel):
-    """The encoder with the sparse pretraining heads: masked-token prediction (tied to the token
-    embedding), sentence-pair prediction from the pooled [CLS], and per-modality contrastive projections."""
+class SkillDecoderMixin:
+    """The skill-routed decoder's forward, for a model with `skillnet` (the encoder) and the modules
+    `_add_decoder` gives it."""
 
-    _output_embeddings = "mlm_decoder"
+    def decode(self, decoder_input_ids, encoder_states, encoder_mask, route, cache=None, output_attentions=False,
+               output_hidden_states=False) -> tuple[torch.Tensor, BaseModelOutputWithCrossAttentions]:
+        """Vocabulary logits of the decoder for `decoder_input_ids`, following the positions already in
+        `cache` (an `EncoderDecoderCache`, updated in place), and the decoder stack's outputs."""
+        if getattr(self, "decoder", None) is None:
+            raise ValueError("this model has no decoder (config.num_decoder_layers is 0)")
+        offset, n = cache.get_seq_length() if cache is not None else 0, decoder_input_ids.shape[1]
+        if offset + n > self.decoder_positions.num_embeddings:
+            raise ValueError(f"decoding past max_position_embeddings={self.decoder_positions.num_embeddings}")
+        positions = torch.arange(offset, offset + n, device=decoder_input_ids.device)
+        x = self.get_input_embeddings()(decoder_input_ids) + self.decoder_positions(positions)
+        x = self.skillnet.embed_dropout(self.decoder_embed_norm(x))
+        stack = self.decoder(x, None, route, encoder_states, padding_mask(encoder_mask), cache,
+                             output_hidden_states, output_attentions)
+        return self.lm_head(stack.last_hidden_state), stack
+
+    def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        start = self.config.decoder_start_token_id
+        if start is None:
+            raise ValueError("config.decoder_start_token_id is not set")
+        shifted = labels.new_full(labels.shape, self.config.pad_token_id)
+        shifted[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, self.config.pad_token_id)
+        shifted[:, 0] = start
+        return shifted
+
+
+class SkillNetForPreTraining(SkillNetPreTrainedModel, SkillDecoderMixin):
+    """The encoder with the sparse pretraining heads: masked-token prediction (tied to the token
+    embedding), sentence-pair prediction from the pooled [CLS], and per-modality contrastive projections;
+    with `num_decoder_layers`, also the skill-routed decoder of instruction tasks (OFA's format: the target's
+    tokens given the medium and the instruction), with the names `SkillNetForConditionalGeneration` loads."""
+
+    _output_embeddings = "mlm_output"
 
     def __init__(self, config: SkillNetConfig):
         super().__init__(config)
@@ -451,6 +485,8 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
             self.projections = nn.ModuleDict({m: nn.Linear(h, config.projection_dim, bias=False)
                                               for m in config.modalities})
             self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))  # 1-d: DeepSpeed broadcasts bytes
+        if config.num_decoder_layers:
+            _add_decoder(self, config)
         self.post_init()
 
     def project(self, pooled: torch.Tensor, modality: str) -> torch.Tensor:
@@ -461,7 +497,7 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
 
     @can_return_tuple
     def forward(self, input_ids=None, labels=None, next_sentence_label=None, pair: dict | None = None,
-                packed: list[dict] | None = None, masked_positions=None,
+                packed: list[dict] | None = None, masked_positions=None, decoder_labels=None,
                 **inputs) -> SkillNetPreTrainingOutput | tuple[SkillNetPreTrainingOutput, ...]:
         """The encoder's inputs (`SkillNetModel.forward`), and the pretraining targets:
         `labels`: token ids at masked positions, -100 elsewhere; the vocabulary logits are then computed
@@ -474,22 +510,27 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
         contrastive embedding of the mean of the output vectors (`mean_pool`).
         `pair`: the inputs (and task) of the other side of a contrastive pair, e.g. the captions of images,
         run in the same call; `pair_embeddings` holds its embeddings.
+        `decoder_labels`: an instruction task's target ids (-100 where no loss is taken); the decoder, run with
+        the same skills, reads them shifted right and the encoder's output (`decoder_logits`).
         `packed`: several inputs, each a dict of the arguments above, run in one call (`SkillNetModel`'s
         `packed`); returns one output per input, the whole call's `aux_loss` with the first (and, unlike
         a single input's, in no output's `loss`)."""
         single = packed is None
         if input_ids is not None:
             inputs["input_ids"] = input_ids
+        targets = ("labels", "masked_positions", "next_sentence_label", "pair", "decoder_labels")
         if single:
             packed = [dict(inputs, labels=labels, next_sentence_label=next_sentence_label, pair=pair,
-                           masked_positions=masked_positions)]
-        elif inputs or labels is not None or next_sentence_label is not None or pair is not None or \
-                masked_positions is not None:
+                           masked_positions=masked_positions, decoder_labels=decoder_labels)]
+        elif inputs or any(v is not None for v in (labels, next_sentence_label, pair, masked_positions,
+                                                   decoder_labels)):
             raise ValueError("pass the inputs either as packed= or as arguments, not both")
         streams, heads = [], []
         for entry in packed:
             entry = dict(entry)
-            heads.append([entry.pop(k, None) for k in ("labels", "masked_positions", "next_sentence_label", "pair")])
+            heads.append([entry.pop(k, None) for k in targets])
+            if heads[-1][4] is not None:  # the decoder runs the encoder's skills
+                heads[-1].append({k: entry[k] for k in ("task", "skills", "skill_mask") if entry.get(k) is not None})
             streams.append(entry)
             if heads[-1][3] is not None:
                 if self.projections is None:
@@ -498,11 +539,11 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
         encoded = iter(self.skillnet(packed=streams) if len(streams) > 1
                        else [self.skillnet(**streams[0], return_dict=True)])
         results = tuple(self._heads(next(encoded), mlm, positions, nsp, next(encoded) if other is not None else None,
-                                    single) for mlm, positions, nsp, other in heads)
+                                    single, target, *route) for mlm, positions, nsp, other, target, *route in heads)
         return results[0] if single else results
 
-    def _heads(self, out: SkillNetModelOutput, labels, positions, next_sentence_label, pair,
-               add_aux: bool) -> SkillNetPreTrainingOutput:
+    def _heads(self, out: SkillNetModelOutput, labels, positions, next_sentence_label, pair, add_aux: bool,
+               decoder_labels=None, route: dict | None = None) -> SkillNetPreTrainingOutput:
         hidden, pooled = out.last_hidden_state, out.pooler_output
         if labels is not None:
             if positions is None:
@@ -523,29 +564,38 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel):
             losses.append(F.cross_entropy(prediction_logits.float(), labels))
         if next_sentence_label is not None:
             losses.append(F.cross_entropy(pair_logits.float(), next_sentence_label))
+        decoder_logits = None
+        if decoder_labels is not None:
+            route = self.skillnet.route(decoder_labels.shape[0], **route, device=hidden.device)
+            decoder_logits, _ = self.decode(self.shift_right(decoder_labels), hidden, out.attention_mask, route)
+            losses.append(F.cross_entropy(decoder_logits.flatten(0, 1).float(), decoder_labels.flatten(),
+                                          ignore_index=-100))
+            losses += route.aux_losses  # the decoder's routers', which no encoder output carries
         if add_aux and out.aux_loss is not None and losses:
             losses.append(out.aux_loss)
         loss = torch.stack(losses).sum() if losses else None
         return SkillNetPreTrainingOutput(loss, prediction_logits, pair_logits, embeddings, scale, hidden, out.aux_loss,
-                                         pair_embeddings, out.hidden_states, out.attentions)
+                                         pair_embeddings, out.hidden_states, out.attentions, decoder_logits)
 
 
 def _add_mlm_head(model: nn.Module, config: SkillNetConfig) -> None:
-    """Masked-token prediction (BERT's): a transform, its norm, and the vocabulary projection `mlm_decoder`,
-    its weight tied to the token embedding (a module call, as Hugging Face ties). Needs a text front-end."""
+    """Masked-token prediction (BERT's): a transform, its norm, and the vocabulary projection `mlm_output`,
+    its weight tied to the token embedding (a module call, as Hugging Face ties). Needs a text front-end.
+    (Not named `..._decoder`: transformers' `infer_auto_device_map` matches module names as substrings, and
+    would count it part of the encoder-decoder's `decoder`.)"""
     h, text = config.hidden_size, "text" in model.skillnet.frontends
     model.mlm_transform = nn.Linear(h, h) if text else None
     model.mlm_norm = nn.LayerNorm(h, eps=config.layer_norm_eps) if text else None
-    model.mlm_decoder = nn.Linear(h, config.vocab_size) if text else None
+    model.mlm_output = nn.Linear(h, config.vocab_size) if text else None
     if text:
-        model._tied_weights_keys = {"mlm_decoder.weight": "skillnet.frontends.text.word_embeddings.weight"}
+        model._tied_weights_keys = {"mlm_output.weight": "skillnet.frontends.text.word_embeddings.weight"}
 
 
 def mlm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Vocabulary logits of `hidden` through a model's masked-token head (`_add_mlm_head`)."""
     if model.mlm_transform is None:
         raise ValueError("masked-token prediction needs a text or code modality")
-    return model.mlm_decoder(model.mlm_norm(ACT2FN[model.config.hidden_act](model.mlm_transform(hidden))))
+    return model.mlm_output(model.mlm_norm(ACT2FN[model.config.hidden_act](model.mlm_transform(hidden))))
 
 
 class SkillNetForMaskedLM(SkillNetPreTrainedModel):
@@ -553,7 +603,7 @@ class SkillNetForMaskedLM(SkillNetPreTrainedModel):
     pipeline reads). The head's weights have the pretraining model's names, so an export loads into it."""
 
     _keys_to_ignore_on_load_unexpected = [r"^pair_head\.", r"^projections\.", r"^logit_scale", r"^skillnet\.pooler\."]
-    _output_embeddings = "mlm_decoder"
+    _output_embeddings = "mlm_output"
 
     def __init__(self, config: SkillNetConfig):
         super().__init__(config)
@@ -584,7 +634,8 @@ def _add_decoder(model: nn.Module, config: SkillNetConfig) -> None:
     model.decoder_embed_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
     model.decoder = SkillNetEncoder(config, config.num_decoder_layers, decoder=True)
     model.lm_head = nn.Linear(h, config.vocab_size)
-    model._tied_weights_keys = {"lm_head.weight": "skillnet.frontends.text.word_embeddings.weight"}
+    model._tied_weights_keys = {**(getattr(model, "_tied_weights_keys", None) or {}),
+                                "lm_head.weight": "skillnet.frontends.text.word_embeddings.weight"}
 
 
 def old_cache_name(forward):
@@ -596,35 +647,10 @@ def old_cache_name(forward):
     return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
 
 
-class SkillGenerationMixin(GenerationMixin):
+class SkillGenerationMixin(SkillDecoderMixin, GenerationMixin):
     """Encoder-decoder generation through transformers' `GenerationMixin` (greedy, sampling, beam search,
     `GenerationConfig`), the task's skills active in the encoder and at every decoding step. For a model with
     `skillnet` (the encoder) and the modules `_add_decoder` gives it."""
-
-    def decode(self, decoder_input_ids, encoder_states, encoder_mask, route, cache=None, output_attentions=False,
-               output_hidden_states=False) -> tuple[torch.Tensor, BaseModelOutputWithCrossAttentions]:
-        """Vocabulary logits of the decoder for `decoder_input_ids`, following the positions already in
-        `cache` (an `EncoderDecoderCache`, updated in place), and the decoder stack's outputs."""
-        if getattr(self, "decoder", None) is None:
-            raise ValueError("this model has no decoder (config.num_decoder_layers is 0)")
-        offset, n = cache.get_seq_length() if cache is not None else 0, decoder_input_ids.shape[1]
-        if offset + n > self.decoder_positions.num_embeddings:
-            raise ValueError(f"decoding past max_position_embeddings={self.decoder_positions.num_embeddings}")
-        positions = torch.arange(offset, offset + n, device=decoder_input_ids.device)
-        x = self.get_input_embeddings()(decoder_input_ids) + self.decoder_positions(positions)
-        x = self.skillnet.embed_dropout(self.decoder_embed_norm(x))
-        stack = self.decoder(x, None, route, encoder_states, padding_mask(encoder_mask), cache,
-                             output_hidden_states, output_attentions)
-        return self.lm_head(stack.last_hidden_state), stack
-
-    def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
-        start = self.config.decoder_start_token_id
-        if start is None:
-            raise ValueError("config.decoder_start_token_id is not set")
-        shifted = labels.new_full(labels.shape, self.config.pad_token_id)
-        shifted[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, self.config.pad_token_id)
-        shifted[:, 0] = start
-        return shifted
 
     @old_cache_name
     def seq2seq(self, input_ids=None, attention_mask=None, decoder_input_ids=None, labels=None, encoder_outputs=None,

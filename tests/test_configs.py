@@ -87,7 +87,7 @@ def test_shipped_pretrain_config_loads(path):
     from pretrain.config import load_pretrain_config
 
     config = load_pretrain_config(path)
-    model = load_config(config.model)
+    model = config.model_config()
     assert {t.name for t in config.data.tasks} <= set(model.tasks)
     assert Path(config.distributed.ds_config).name in {p.name for p in DS_CONFIGS}
 
@@ -129,7 +129,7 @@ def test_describe_reads_a_pretraining_config(path, capsys):
     total, per_skill, _ = _counts(capsys.readouterr().out)
     from pretrain.config import load_pretrain_config
 
-    model = build_meta_model(load_config(load_pretrain_config(path).model))
+    model = build_meta_model(load_pretrain_config(path).model_config())
     assert total == sum(p.numel() for p in model.parameters()) and "generic" in per_skill
 
 

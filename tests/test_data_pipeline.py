@@ -431,3 +431,48 @@ def test_a_task_trained_by_some_ranks_is_dealt_over_those_ranks_alone(corpus, to
         it = iter(loader)
         keys += [k for _ in range(10) for k in next(it)["keys"]]
     assert len(keys) == len(set(keys)) == 40
+
+
+def test_instruction_batches_hold_the_instruction_and_its_target_and_skip_samples_that_do_not_fit(tokenizer,
+                                                                                                  tmp_path):
+    """An instruction task's batches: the image, the instruction's tokens with the sample's field written in,
+    and the target's (a box as four location tokens, then the end token, -100 after). Samples lacking the
+    field or with a box outside their image are skipped and counted."""
+    import copy
+
+    from data_pipeline.sample_corpus import images
+    from data_pipeline.writer import write_shards
+    from skillnet.instructions import add_location_tokens, quantize_box
+
+    samples, fields = list(images(16, np.random.default_rng(1), 32)), {}
+    for i, sample in enumerate(samples):
+        values = json.loads(sample["json"])
+        if i % 4 == 1:
+            del values["colour"]
+        if i % 4 == 3:
+            values["box"] = [0, 0, 99, 5]  # outside the 32 x 32 image
+        sample["json"] = json.dumps(values)
+        fields[sample["__key__"]] = values
+    write_shards(iter(samples), tmp_path, "image", "image", max_samples=4, progress=False)
+    tokenizer = copy.deepcopy(tokenizer)
+    add_location_tokens(tokenizer)
+    template = "[IMAGE:image] where is the [TEXT:colour] shape? -> [BOX:box]"
+    task = {"name": "image", "modality": "image", "sources": [{"shards": str(tmp_path / "image.index.json")}],
+            "template": template}
+    loader = _loader(tokenizer, [task], resample=True)
+    batches = [b for b, _ in zip(loader, range(6))]
+    bins = set(tokenizer.convert_tokens_to_ids([f"<bin_{i}>" for i in range(1000)]))
+    for batch in batches:
+        assert batch["pixel_values"].shape == (4, 3, 32, 32) and "caption_input_ids" not in batch
+        for key, ids, labels in zip(batch["keys"], batch["input_ids"], batch["decoder_labels"]):
+            values = fields[key]
+            assert tokenizer.decode(ids, skip_special_tokens=True) == f"where is the {values['colour']} shape?"
+            target = labels[labels != -100].tolist()
+            assert set(target[:4]) <= bins and target[4:] == [tokenizer.eos_token_id]
+            assert tokenizer.convert_ids_to_tokens(target[:4]) == [f"<bin_{b}>" for b in
+                                                                  quantize_box(values["box"], 32, 32)]
+    assert loader.skipped["bad_fields"] >= 6  # 8 of the 16 samples are bad, and each is drawn more than once
+    bad = DataConfig(tasks=[{**task, "template": "[AUDIO:audio] what is it? -> [TEXT:colour]"}])
+    with pytest.raises(ValueError, match="task 'image' reads image shards, but its template .* reads "
+                                         r"\[AUDIO:audio\]"):
+        bad.validate()

@@ -67,7 +67,7 @@ def test_extracted_model_gives_the_full_models_outputs_and_holds_only_its_skills
     assert names <= {n for n, _ in full.named_parameters()}
     assert torch.equal(_main(extracted, "sentiment_analysis", inputs), _main(full, "sentiment_analysis", inputs))
     if cls in (SkillNetForMaskedLM, SkillNetForPreTraining):  # the vocabulary projection stays tied
-        assert extracted.mlm_decoder.weight is extracted.get_input_embeddings().weight
+        assert extracted.mlm_output.weight is extracted.get_input_embeddings().weight
     with pytest.raises(ValueError, match=r"the model holds tasks \['sentiment_analysis'\]|tasks with heads: "
                                          r"\['sentiment_analysis'\]"):
         extracted(**inputs, task="named_entity_recognition")

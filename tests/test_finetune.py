@@ -5,6 +5,7 @@ errors for bad input."""
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -350,71 +351,82 @@ def test_generation_task_with_the_encoder_decoder(workspace, tmp_path):
 
 
 @pytest.mark.slow
-def test_instruction_tasks_on_images_learn_their_closed_sets_and_predict_only_their_answers(workspace, tmp_path,
-                                                                                           capsys):
-    """Two instruction tasks in one encoder-decoder, reading the sample corpus's images with their questions
-    (OFA's format: the image's patches, then the instruction's tokens): the shape's colour (5 answers) and
-    its size (2), fields of each sample's `json` member. Exact match well above chance for both; every
-    prediction one of its set's answers; predict writes what the evaluation did. A shipped template by name
-    is stored as its line; an unknown name, a box slot and a sample without the field are refused in one
-    line."""
-    import numpy as np
-
-    from data_pipeline.sample_corpus import COLOURS, images
-    from data_pipeline.writer import write_shards
+def test_a_mix_of_instruction_tasks_on_images_learns_and_predicts_only_what_each_target_allows(sample, tmp_path,
+                                                                                             capsys):
+    """Captioning, a question with a closed set of answers (is the shape large or small), grounding (the shape's
+    box) and classification (its colour) in one random tiny encoder-decoder, OFA's format over the sample
+    corpus's images and their `json` fields: every task's loss falls, the colour is told far above chance,
+    every closed-set prediction is one of its answers and every box four location tokens (which finetuning
+    added to the tokenizer and the model); predict writes what the evaluation did. Shipped templates by name
+    are stored as their line; an unknown name, a box without an image, a sample without the field and
+    `freeze_old` with new tokens are refused in one line."""
+    from data_pipeline.sample_corpus import COLOURS
     from skillnet import SkillNetForConditionalGeneration
     from skillnet.tokenizer import load_tokenizer
 
-    _, _, init = workspace
-    tokenizer = load_tokenizer(init)
+    tokenizer = load_tokenizer(sample / "tokenizer")
+    tasks = {"caption": ["image", "text"], "size": ["image", "text"], "grounding": ["image"], "colour": ["image"]}
     config = load_config("tiny", vocab_size=len(tokenizer), max_position_embeddings=64, num_decoder_layers=1,
                          decoder_start_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.eos_token_id,
-                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, tasks=tasks)
     torch.manual_seed(0)
     encoder_decoder = tmp_path / "init"
     SkillNetForConditionalGeneration(config).save_pretrained(encoder_decoder)
     tokenizer.save_pretrained(encoder_decoder)
-    write_shards(images(240, np.random.default_rng(0), 32), tmp_path / "images", "image", "image", max_samples=40,
-                 progress=False)
-    shards = tmp_path / "images"
-    colours = "|".join(COLOURS)
-    data = {"train": f"{shards}/image-{{000000..000004}}.tar", "validation": f"{shards}/image-000005.tar",
+    shards = sample / "image"
+    data = {"train": f"{shards}/image-{{000000..000001}}.tar", "validation": f"{shards}/image-000005.tar",
             "max_length": 32}
-    tree = {"tasks": [
-        {"name": "colour", "skills": ["image"], "data": data,
-         "head": {"type": "instruction",
-                  "template": f"[IMAGE:image] what colour is the shape? -> [TEXT:colour, closed: {colours}]"}},
-        {"name": "size", "skills": ["image"], "data": data,
-         "head": {"type": "instruction",
-                  "template": "[IMAGE:image] is the shape large or small? -> [TEXT:size, closed: large|small]"}},
-    ], "train": {"steps": 1200, "batch_size": 16, "eval_batch_size": 20}, "optim": {"lr": 1e-3, "warmup_steps": 10}}
+    templates = {
+        "caption": "caption",
+        "size": "[IMAGE:image] is the shape large or small? -> [TEXT:size, closed: large|small]",
+        "grounding": '[IMAGE:image] which region does the text " [TEXT:shape] " describe? -> [BOX:box]',
+        "colour": f"[IMAGE:image] what does the image describe? -> [TEXT:colour, closed: {'|'.join(COLOURS)}]"}
+    tree = {"tasks": [{"name": task, "data": data, "head": {"type": "instruction", "template": templates[task]}}
+                      for task in tasks],
+            "train": {"steps": 1500, "batch_size": 16, "eval_batch_size": 20},
+            "optim": {"lr": 1e-3, "warmup_steps": 10}}
+    # the colour's question reads all five training shards, the others two: the alpha rule draws it most
+    tree["tasks"][3]["data"] = {**data, "train": f"{shards}/image-{{000000..000004}}.tar"}
     path = tmp_path / "instruction.yaml"
     path.write_text(yaml.safe_dump(tree))
     out = tmp_path / "model"
     assert main(["--config", str(path), "--init", str(encoder_decoder), f"output_dir={out}"]) == 0
     results = json.loads((out / "results.json").read_text())["results"]
-    # chance: 0.2 and 0.5; three seeds reached 1.0 on both at 1200 steps (600 were not enough)
-    assert results["colour"]["exact_match"] >= 0.8 and results["size"]["exact_match"] >= 0.8, results
-    for task, answers in (("colour", set(COLOURS)), ("size", {"large", "small"})):
-        said = [json.loads(line) for line in (out / "predictions" / f"{task}.jsonl").read_text().splitlines()]
-        assert len(said) == 40 and {p["prediction"] for p in said} <= answers
+    # the colour: chance 0.2, the most frequent colour 0.3; three seeds gave 0.725 to 1.0. The size (0.575 to
+    # 0.975) and the box are learnt later by a model of width 32
+    assert results["colour"]["exact_match"] >= 0.5, results
+    assert 0.0 <= results["grounding"]["box_accuracy"] <= 1.0 and 0.0 < results["grounding"]["mean_iou"] < 1.0
+    losses = {task: [] for task in tasks}
+    for line in (out / "steps.jsonl").read_text().splitlines():
+        step = json.loads(line)
+        losses[step["task"]].append(step["loss"])
+    for task, seen in losses.items():
+        assert sum(seen[-10:]) < 0.5 * sum(seen[:10]), (task, seen[:10], seen[-10:])
+    said = {task: [json.loads(line)["prediction"] for line in (out / "predictions" / f"{task}.jsonl").read_text()
+                   .splitlines()] for task in tasks}
+    assert set(said["colour"]) <= set(COLOURS) and set(said["size"]) <= {"large", "small"}
+    assert all(re.fullmatch(r"(\s*<bin_\d+>){4}", box) for box in said["grounding"]), said["grounding"][:3]
+    assert len(load_tokenizer(out)) == len(tokenizer) + 1000
     written = tmp_path / "said.jsonl"
-    assert predict_main(["--model", str(out), "--task", "colour", "--input", data["validation"],
+    assert predict_main(["--model", str(out), "--task", "grounding", "--input", data["validation"],
                          "--output", str(written)]) == 0
-    assert written.read_text() == (out / "predictions" / "colour.jsonl").read_text()
+    assert written.read_text() == (out / "predictions" / "grounding.jsonl").read_text()
 
     tree["tasks"][1]["head"]["template"] = "sentiment"
     path.write_text(yaml.safe_dump(tree))
     assert load_finetune_config(path).tasks[1].head["template"] == (
         'is the sentiment of text " [TEXT:text] " positive or negative? -> [TEXT:label, closed: positive|negative]')
     capsys.readouterr()
-    for template, message in (
-            ("smell", "no shipped instruction template 'smell'"),
-            ("visual_grounding", "boxes are not read or written by instruction tasks yet"),
-            ("[IMAGE:image] what is it? -> [TEXT:smell]", "lacks smell for instruction template 'size'")):
+    for template, extra, message in (
+            ("smell", [], "no shipped instruction template 'smell'"),
+            ("where is the [TEXT:shape]? -> [BOX:box]", [], "template slot [BOX:box] is a box in an image's pixels"),
+            ("[IMAGE:image] what is it? -> [TEXT:smell]", [], "lacks smell for instruction template 'size'"),
+            (templates["colour"], ["freeze_old=true", "new_skills=[{name: boxes}]"],
+             "freeze_old keeps the token embeddings as they were: the 1000 tokens")):
         tree["tasks"][1]["head"]["template"] = template
         path.write_text(yaml.safe_dump(tree))
-        assert main(["--config", str(path), "--init", str(encoder_decoder), f"output_dir={tmp_path / 'no'}"]) == 2
+        assert main(["--config", str(path), "--init", str(encoder_decoder), f"output_dir={tmp_path / 'no'}",
+                     *extra]) == 2
         assert message in capsys.readouterr().err
 
 

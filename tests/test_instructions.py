@@ -7,10 +7,14 @@ import pytest
 import torch
 
 from skillnet import SkillNetForConditionalGeneration, load_config
+from skillnet.heads.instruction import Instruction
 from skillnet.instructions import (
     BINS,
     Template,
+    add_location_tokens,
+    box_iou,
     closed_set,
+    constraint,
     dequantize_box,
     load_templates,
     location_tokens,
@@ -50,7 +54,7 @@ def test_every_shipped_template_round_trips_through_the_tokenizer(name, tokenize
     tokenizer.add_tokens(location_tokens())
     for _ in range(5):
         slots = [p for p in template.pieces if not isinstance(p, str)] + [template.target]
-        sample = {s.field: _value(s, rng) for s in slots}
+        sample = {s.field: _value(s, rng) for s in slots} | {"width": size[0], "height": size[1]}
         template.check(sample)
         text = template.instruction(sample, size)
         decoded = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -118,8 +122,16 @@ def test_a_bad_sample_is_refused_naming_the_template_and_the_sample():
         template.check({"premise": "a", "label": "yes"}, "s7")
     with pytest.raises(ValueError, match=r"sample s8: 'perhaps' is not one of the answers of template 'entailment'"):
         template.check({"premise": "a", "hypothesis": "b", "label": "perhaps"}, "s8")
-    with pytest.raises(ValueError, match="it needs the image's size"):
+    with pytest.raises(ValueError, match="the sample needs the image's size"):
         load_templates()["grounded_caption"].instruction({"region": (0, 0, 1, 1)})
+    grounding = load_templates()["visual_grounding"]
+    sample = {"image": object(), "text": "a red square", "width": 64, "height": 48}
+    with pytest.raises(ValueError, match=r"sample s9, field region: box \[0, 0, 70, 10\] is not inside the 64 x 48 "
+                                         r"image .* \(instruction template 'visual_grounding'\)"):
+        grounding.check({**sample, "region": [0, 0, 70, 10]}, "s9")
+    with pytest.raises(ValueError, match=r"sample s10 lacks width, height \(the image's size\)"):
+        grounding.check({"image": object(), "text": "a", "region": [0, 0, 1, 1]}, "s10")
+    grounding.check({**sample, "region": [0, 0, 64, 48]}, "s11")
 
 
 def test_templates_load_from_a_user_file(tmp_path):
@@ -153,3 +165,39 @@ def test_closed_set_decoding_only_emits_the_sets_answers(tokenizer):
                          **kwargs)
     said = tokenizer.batch_decode(out, skip_special_tokens=True)
     assert len(said) == 24 and set(said) <= set(answers) and len(set(said)) > 1
+
+
+def test_box_targets_decode_as_four_location_tokens_and_score_by_iou(tokenizer):
+    """The location tokens join the tokenizer and the model's embeddings (the output projection stays tied); a
+    box target decodes, under its constraint, as exactly four of them, which read back as a box inside the
+    image; grounding accuracy counts IoU >= 0.5."""
+    tokenizer = load_tokenizer(tokenizer)
+    config = load_config("tiny", num_hidden_layers=1, num_decoder_layers=1, vocab_size=len(tokenizer),
+                         decoder_start_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = SkillNetForConditionalGeneration(config).eval()
+    before = model.get_input_embeddings().weight.detach().clone()
+    assert add_location_tokens(tokenizer, model) == BINS and add_location_tokens(tokenizer, model) == 0
+    assert model.config.vocab_size == len(tokenizer) == len(before) + BINS
+    assert torch.equal(model.get_input_embeddings().weight[:len(before)], before)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    ids = tokenizer(["which region does the text \" a red square \" describe?"] * 3, return_tensors="pt",
+                    return_token_type_ids=False)
+    target = load_templates()["visual_grounding"].target
+    out = model.generate(**ids, task="masked_lm", max_new_tokens=8, do_sample=True, top_k=0,
+                         prefix_allowed_tokens_fn=constraint(target, tokenizer, tokenizer.eos_token_id))
+    bins = set(tokenizer.convert_tokens_to_ids(location_tokens()))
+    for row in out.tolist():
+        assert all(t in bins for t in row[1:5]) and row[5] == tokenizer.eos_token_id, row
+        x0, y0, x1, y1 = read_box(tokenizer.decode(row[1:5]), 320, 240)
+        assert 0 <= x0 < 320 and 0 <= y1 < 240
+
+    assert box_iou((0, 0, 2, 2), (1, 1, 3, 3)) == pytest.approx(1 / 7) and box_iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0
+    gold = ["<bin_0><bin_0><bin_100><bin_100>"] * 2 + ["<bin_500><bin_500><bin_600><bin_600>"]
+    said = ["<bin_0> <bin_0> <bin_100> <bin_100>", "<bin_10><bin_10><bin_100><bin_100>", "<bin_0><bin_0><bin_1><bin_1>"]
+    scores = Instruction.score(said, gold)
+    assert scores["exact_match"] == pytest.approx(1 / 3) and scores["box_accuracy"] == pytest.approx(2 / 3)
+    assert scores["mean_iou"] == pytest.approx((1 + 0.81) / 3)
+    head = Instruction("grounding", {"type": "instruction", "template": load_templates()["visual_grounding"].line})
+    assert head.main_metric == "box_accuracy" and head.new_tokens() == location_tokens()

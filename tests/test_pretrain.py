@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import free_port, rank_env
 
+from pretrain.config import load_pretrain_config
 from pretrain.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # every parameter partitioned: the tiny model's tensors are all below DeepSpeed's default persistence threshold
 PARTITION_ALL = "distributed.ds_overrides.zero_optimization.stage3_param_persistence_threshold=0"
+
+
+IMAGES = "{name: image, modality: image, sources: [{shards: image/image.index.json}]"
+"""A data task reading the sample corpus's images, its closing brace left off."""
 
 
 def _overrides(sample: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -57,6 +62,16 @@ def _overrides(sample: Path, run_dir: Path, *extra: str) -> list[str]:
           "model.router=dense"], "needs a model with named skills"),
         (["distributed.offload.skills=inactive", "distributed.skill_parallel_size=2"],
          "cannot combine with skill_parallel_size > 1"),
+        ([f"data.tasks=[{IMAGES}, template: smell}}]"], "task 'image': no shipped instruction template 'smell'"),
+        ([f"data.tasks=[{IMAGES}, template: '[AUDIO:audio] what is it? -> [TEXT:kind]'}}]"],
+         "task 'image' reads image shards, but its template"),
+        ([f"data.tasks=[{IMAGES}, template: caption}}]"],
+         "instruction tasks ['image'] train the decoder: the model needs model.num_decoder_layers >= 1"),
+        ([f"data.tasks=[{IMAGES}}}]", "objectives.image=instruction"],
+         "task 'image': the instruction objective and a template (data.tasks[].template) go together"),
+        ([f"data.tasks=[{IMAGES}, template: visual_grounding}}]", "model.num_decoder_layers=1"],
+         "the tokenizer has 1512 tokens (with the location tokens of ['image']'s boxes), the model's vocab_size is "
+         "512: set model.vocab_size=1512"),
     ],
 )
 def test_bad_config_fails_in_one_line_before_any_work(sample, tmp_path, capsys, extra, message):
@@ -87,7 +102,6 @@ def test_checkpoint_of_another_model_is_refused(sample, tmp_path, capsys):
     (lambda folder: None, "train_state_rank0.pt: "),  # the state files are empty here
 ])
 def test_a_checkpoint_that_does_not_map_is_refused_in_one_line(sample, tmp_path, capsys, change, message):
-    from pretrain.config import load_pretrain_config
     from training.checkpoint import check_compatible, fingerprint
 
     folder = tmp_path / "run" / "checkpoints" / "step00000004"
@@ -180,9 +194,81 @@ def test_a_task_whose_data_never_decodes_stops_the_run_in_one_line(sample, tmp_p
     assert "Traceback" not in done.stderr
 
 
-def test_shipped_configs_resolve_from_any_working_directory(tmp_path, monkeypatch):
-    from pretrain.config import load_pretrain_config
+@pytest.mark.slow
+def test_instruction_tasks_pretrain_beside_the_other_objectives_and_finetune_under_either_router(sample, tmp_path,
+                                                                                                 capsys):
+    """The shipped instruction config (`tiny-instructions`: captioning, a question, grounding and
+    classification over the sample corpus's images and their fields, mixed with masked-token prediction
+    and image-caption contrast) on ZeRO-3 with every parameter partitioned: every task trains, each
+    instruction task's loss falls, and the export is an encoder-decoder that writes a box as four location
+    tokens. `finetune.compare` then finetunes two of the instruction tasks from it under the dense and the skill
+    router side by side, each scored by its own main metric."""
+    from collections import defaultdict
 
+    import yaml
+
+    from finetune.compare import main as compare_main
+    from pretrain.export import main as export_main
+    from skillnet import SkillNetForConditionalGeneration
+    from skillnet.instructions import constraint, load_templates, location_tokens
+    from skillnet.tokenizer import load_tokenizer
+
+    run, out = tmp_path / "run", tmp_path / "export"
+    done = subprocess.run([sys.executable, "-m", "pretrain", "--config", "tiny-instructions",
+                           *_overrides(sample, run, "train.steps=48", "checkpoint.every=48")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())})
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = defaultdict(list)
+    for line in (run / "steps.jsonl").read_text().splitlines():
+        step = json.loads(line)
+        losses[step["tasks"][0]].append(step["loss"])
+    instructions = {"caption", "colour_question", "grounding", "shape_classification"}
+    assert set(losses) == instructions | {"masked_lm", "image"}
+    for task in instructions:
+        first, last = losses[task][:2], losses[task][-2:]
+        assert sum(last) < sum(first), (task, losses[task])
+    assert export_main([str(run), str(out)]) == 0
+    tokenizer = load_tokenizer(out)
+    assert len(tokenizer) == 512 + 1000 and set(location_tokens()) <= set(tokenizer.get_vocab())
+    model = SkillNetForConditionalGeneration.from_pretrained(out).eval()
+    assert model.config.decoder_start_token_id == tokenizer.bos_token_id
+    text = tokenizer(['which region does the text " circle " describe?'], return_tensors="pt",
+                     return_token_type_ids=False)
+    target = load_templates()["visual_grounding"].target
+    allow = constraint(target, tokenizer, tokenizer.eos_token_id)
+    ids = model.generate(**text, pixel_values=torch.zeros(1, 3, 32, 32, dtype=torch.uint8), task="grounding",
+                         max_new_tokens=8, prefix_allowed_tokens_fn=allow)
+    assert all(t.startswith("<bin_") for t in tokenizer.convert_ids_to_tokens(ids[0, 1:5].tolist()))
+    assert ids[0, 5] == tokenizer.eos_token_id
+
+    config = load_pretrain_config("tiny-instructions")
+    templates = {t.name: t.template for t in config.data.tasks}
+    data = {"train": str(sample / "image" / "image-{000000..000004}.tar"),
+            "validation": str(sample / "image" / "image-000005.tar"), "max_length": 32}
+    tree = {"tasks": [{"name": task, "data": data, "head": {"type": "instruction", "template": templates[task]}}
+                      for task in ("colour_question", "grounding")],
+            "train": {"steps": 40, "batch_size": 16, "eval_batch_size": 40}, "optim": {"lr": 1e-3}}
+    (tmp_path / "compare.yaml").write_text(yaml.safe_dump(tree))
+    rows = "joint_finetuning_dense,skillnet_sparse_pretraining"
+    capsys.readouterr()
+    assert compare_main(["--config", str(tmp_path / "compare.yaml"), "--pretrained", str(out), "--out",
+                         str(tmp_path / "compare"), "--rows", rows]) == 0
+    table = json.loads((tmp_path / "compare" / "results.json").read_text())
+    assert list(table) == ["Joint finetuning (dense)", "SkillNet, sparse pretraining"]
+    for row, system in zip(table, ("joint_finetuning_dense", "skillnet_sparse_pretraining")):
+        results = json.loads((tmp_path / "compare" / system / "joint" / "results.json").read_text())["results"]
+        assert table[row] == {"colour_question": results["colour_question"]["exact_match"],
+                              "grounding": results["grounding"]["box_accuracy"]}
+    dense = json.loads((tmp_path / "compare" / "joint_finetuning_dense" / "joint" / "config.json").read_text())
+    assert dense["router"] == "dense" and dense["num_decoder_layers"] == 1
+    assert "| grounding (box_accuracy) |" in (tmp_path / "compare" / "table.md").read_text()
+    assert compare_main(["--config", str(tmp_path / "compare.yaml"), "--pretrained", str(out), "--rows",
+                         "dense"]) == 2
+    assert "--rows: unknown rows ['dense']" in capsys.readouterr().err
+
+
+def test_shipped_configs_resolve_from_any_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = load_pretrain_config("tiny", ["distributed.ds_config=ds_configs/zero2.json"])
     assert Path(config.distributed.ds_config) == ROOT / "training" / "ds_configs" / "zero2.json"

@@ -56,6 +56,11 @@ class Head(ABC):
         """Raise a ValueError naming what in the spec does not fit the model `config`. (The task table entry
         and `prompts` are checked for every type by `skillnet.heads.check_head`.)"""
 
+    def new_tokens(self) -> list[str]:
+        """Tokens the head writes that a tokenizer may lack (finetuning adds them, growing the model's token
+        embeddings to fit)."""
+        return []
+
     def build(self, config) -> nn.Module | None:
         """The task's own module, kept as `model.heads[task]`; None when the head uses only modules the
         model has anyway (its projections, its decoder)."""

@@ -8,7 +8,11 @@ template's name, `skillnet/templates/ofa.yaml`, and stores its line). A template
 of a JSON, CSV or Parquet file holding its fields; one with an IMAGE, AUDIO or VIDEO slot reads WebDataset
 shards of that modality, its fields from each sample's `json` member (and `caption`, its text). A closed
 target (`[TEXT:label, closed: yes|no]`) is decoded under a constraint that only emits the set's answers;
-every target is scored by exact match, ROUGE-L and BLEU. Boxes (BOX slots) are not read or written yet.
+every target is scored by exact match, ROUGE-L and BLEU. A box (a BOX slot, in an image's pixels: the template
+needs an IMAGE slot, the sample `width` and `height` fields) is written as four location tokens, which
+finetuning adds to the tokenizer and the model's embeddings; a box target decodes as four location tokens and
+is scored by its intersection over union with the gold box (`box_accuracy`: the share at IoU >= 0.5, OFA's
+grounding accuracy; `mean_iou`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import functools
 import torch
 
 from ..frontends import INPUT_NAMES
-from ..instructions import MEDIA, Template, closed_set
+from ..instructions import MEDIA, Template, box_iou, constraint, location_tokens, read_box
 from ..metrics import bleu, rouge_l
 from .base import MEDIA_INPUTS, tensors
 from .generation import Generation
@@ -44,10 +48,9 @@ class Instruction(Generation):
     def check(self, config) -> None:
         super().check(config)
         template = self.template  # a bad line is refused here, naming the task
-        slots = [p for p in template.pieces if not isinstance(p, str)] + [template.target]
-        if boxes := [str(s) for s in slots if s.kind == "BOX"]:
-            raise ValueError(f"task {self.task!r}: template slot {boxes[0]}: boxes are not read or written by "
-                             f"instruction tasks yet")
+        if template.boxes and (self.medium is None or self.medium.kind != "IMAGE"):
+            raise ValueError(f"task {self.task!r}: template slot {template.boxes[0]} is a box in an image's "
+                             f"pixels: the template needs an [IMAGE:...] slot")
         if template.target.kind in MEDIA:
             raise ValueError(f"task {self.task!r}: the target {template.target} must be text")
         if len(template.media) > 1:
@@ -56,6 +59,14 @@ class Instruction(Generation):
         if self.medium is not None and MODALITY[self.medium.kind] not in config.modalities:
             raise ValueError(f"task {self.task!r}: template slot {self.medium} needs the {MODALITY[self.medium.kind]} "
                              f"front-end; the model's modalities are {config.modalities}")
+
+    def __init__(self, task: str, spec: dict):
+        super().__init__(task, spec)
+        if self.template.target.kind == "BOX":
+            self.main_metric = "box_accuracy"
+
+    def new_tokens(self) -> list[str]:
+        return location_tokens() if self.template.boxes else []
 
     @property
     def shard_modality(self) -> str | None:
@@ -87,9 +98,9 @@ class Instruction(Generation):
         return {**source, "labels": torch.tensor(ids + [tokenizer.eos_token_id]), "meta": {"target": target}}
 
     def predict(self, model, batches, fields, tokenizer) -> list[str]:
-        """Greedy generation; a closed target only ever decodes to one of its answers."""
-        answers = self.template.target.closed
-        allow = closed_set(tokenizer, answers, tokenizer.eos_token_id) if answers else None
+        """Greedy generation; a closed target only ever decodes to one of its answers, a box to four location
+        tokens."""
+        allow = constraint(self.template.target, tokenizer, tokenizer.eos_token_id)
         out = []
         for inputs, _ in batches:
             encoder = {k: v for k, v in inputs.items()
@@ -101,6 +112,19 @@ class Instruction(Generation):
 
     @classmethod
     def score(cls, predictions, golds):
-        exact = sum(p.strip() == g.strip() for p, g in zip(predictions, golds)) / max(1, len(golds))
-        return {"exact_match": exact, "rouge_l": rouge_l(predictions, golds),
-                "bleu": bleu(predictions, [[g] for g in golds])}
+        n = max(1, len(golds))
+        scores = {"exact_match": sum(p.strip() == g.strip() for p, g in zip(predictions, golds)) / n,
+                  "rouge_l": rouge_l(predictions, golds), "bleu": bleu(predictions, [[g] for g in golds])}
+        boxes = [_box(g) for g in golds]
+        if golds and None not in boxes:  # boxes: IoU in the bins' coordinates (scaling keeps IoU)
+            ious = [box_iou(b, _box(p)) if _box(p) is not None else 0.0 for p, b in zip(predictions, boxes)]
+            scores.update(exact_match=sum(_box(p) == b for p, b in zip(predictions, boxes)) / n,
+                          box_accuracy=sum(i >= 0.5 for i in ious) / n, mean_iou=sum(ious) / n)
+        return scores
+
+
+def _box(text: str):
+    try:
+        return read_box(text, 1.0, 1.0)
+    except ValueError:
+        return None
