@@ -165,6 +165,9 @@ class PretrainConfig:
         if self.distributed.offload.skills not in ("none", "inactive"):
             raise ValueError(f"distributed.offload.skills must be 'none' or 'inactive', "
                              f"got {self.distributed.offload.skills!r}")
+        if any(t.template for t in self.data.tasks) and self.distributed.skill_parallel_size > 1:
+            raise ValueError("instruction tasks (data.tasks[].template) do not run under skill parallelism "
+                             "(distributed.skill_parallel_size > 1) yet")
         if self.distributed.offload.skills != "none" and self.distributed.skill_parallel_size > 1:
             raise ValueError("distributed.offload.skills cannot combine with skill_parallel_size > 1: each rank "
                              "holds only its own skills already")
