@@ -2,9 +2,10 @@
 checked against the task's head before any training, turned into examples by the head's type, and collated.
 
 Which fields a row needs is the head type's business (`skillnet.heads`: each module's docstring); their
-names are configurable in the task's `data` entry. Media tasks (`retrieval`, `ctc`) read WebDataset
-shards (a shard pattern or a `*.index.json`, as `data_pipeline` writes them) through the pretraining
-decoders.
+names are configurable in the task's `data` entry. Media tasks (`retrieval`, `ctc`, `instruction` with a
+medium) read WebDataset shards (a shard pattern or a `*.index.json`, as `data_pipeline` writes them) through
+the pretraining decoders; a sample that does not decode, or whose `json` fields do not fit its instruction
+template, is skipped and counted (`dropped` in results.json), as in pretraining.
 """
 
 from __future__ import annotations
@@ -92,18 +93,24 @@ class TaskData:
         source = open_source(pattern)
         if source.index.modality != modality:
             raise ValueError(f"task {self.task!r} reads {modality} but {pattern} holds {source.index.modality}")
-        skipped, examples = SkipCounter(), []
+        skipped, examples, first = SkipCounter(), [], {}
         for url in source.urls:
             for raw in read_raw_samples(url, skipped):
                 try:
                     sample = decode_sample(raw, modality, self.media, fields=self.head.reads_fields)
+                    try:
+                        examples.append(self._example(sample, f"task {self.task!r}, {url} {raw['__key__']}"))
+                    except ValueError as e:
+                        if not self.head.reads_fields:
+                            raise
+                        raise BadSample("bad_fields", str(e)) from None  # fields that do not fit the head
                 except BadSample as e:
                     skipped.skip(e.reason, url, raw["__key__"], e.detail)
-                    continue
-                examples.append(self._example(sample, f"task {self.task!r}, {url} {raw['__key__']}"))
+                    first.setdefault(e.reason, e.detail)
         self.dropped = sum(skipped.values())
         if not examples:
-            raise ValueError(f"task {self.task!r}: {pattern} holds no usable samples")
+            reasons = "; ".join(f"{n} {r}, e.g. {first.get(r) or 'see above'}" for r, n in skipped.most_common())
+            raise ValueError(f"task {self.task!r}: {pattern} holds no usable samples ({reasons})")
         return examples
 
 

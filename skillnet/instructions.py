@@ -145,24 +145,25 @@ class Template:
     def fields(self) -> list[str]:
         return [p.field for p in self.pieces if isinstance(p, Slot)] + [self.target.field]
 
-    def check(self, sample: dict, key: str = "?") -> None:
+    def check(self, sample: dict, key: str | None = None) -> None:
         """One line naming the template and the sample when a field is missing or a closed target is not an
         answer of the set."""
+        name = f"sample {key}" if key is not None else "the sample"
         missing = [f for f in self.fields if sample.get(f) is None]
         if missing:
-            raise ValueError(f"sample {key} lacks {', '.join(missing)} for instruction template {self.name!r}")
+            raise ValueError(f"{name} lacks {', '.join(missing)} for instruction template {self.name!r}")
         answer = sample[self.target.field]
         if self.target.closed and answer not in self.target.closed:
-            raise ValueError(f"sample {key}: {answer!r} is not one of the answers of template {self.name!r} "
+            raise ValueError(f"{name}: {answer!r} is not one of the answers of template {self.name!r} "
                              f"{list(self.target.closed)}")
         for slot in self.boxes:
             if sample.get("width") is None or sample.get("height") is None:
-                raise ValueError(f"sample {key} lacks width, height (the image's size) for the box of instruction "
+                raise ValueError(f"{name} lacks width, height (the image's size) for the box of instruction "
                                  f"template {self.name!r}")
             try:
                 quantize_box(sample[slot.field], sample["width"], sample["height"])
             except (TypeError, ValueError) as e:
-                raise ValueError(f"sample {key}, field {slot.field}: {e} "
+                raise ValueError(f"{name}, field {slot.field}: {e} "
                                  f"(instruction template {self.name!r})") from None
 
     def instruction(self, sample: dict, size: tuple[float, float] | None = None) -> str:

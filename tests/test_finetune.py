@@ -350,6 +350,36 @@ def test_generation_task_with_the_encoder_decoder(workspace, tmp_path):
     assert main(["--config", str(path), "--init", str(init), f"output_dir={tmp_path / 'no'}"]) == 2
 
 
+def test_an_instruction_sample_whose_fields_do_not_fit_is_skipped_and_counted(sample, tmp_path):
+    """In a shard, a sample lacking a template's field or with a box outside its image is skipped and counted,
+    the others read; when none fits, one line names the task, the shards and the first reason."""
+    import numpy as np
+
+    from data_pipeline.media import MediaConfig
+    from data_pipeline.sample_corpus import images
+    from data_pipeline.writer import write_shards
+    from finetune.data import DataFiles, TaskData
+    from skillnet.tokenizer import load_tokenizer
+
+    samples = list(images(6, np.random.default_rng(0), 64))
+    for i, s in enumerate(samples[:2]):
+        values = json.loads(s["json"])
+        values.pop("shape") if i == 0 else values.update(box=[0, 0, 65, 10])
+        s["json"] = json.dumps(values)
+    write_shards(iter(samples), tmp_path, "image", "image", max_samples=3, progress=False)
+    tokenizer = load_tokenizer(sample / "tokenizer")
+    tokenizer.add_tokens([f"<bin_{i}>" for i in range(1000)])
+    spec = {"type": "instruction", "template": '[IMAGE:image] where is the " [TEXT:shape] "? -> [BOX:box]'}
+    media = MediaConfig.from_model(load_config("tiny"))
+    data = TaskData("grounding", spec, DataFiles(train=str(tmp_path / "image.index.json")), tokenizer, media=media)
+    assert len(data.examples) == 4 and data.dropped == 2
+    spec = {"type": "instruction", "template": "[IMAGE:image] what is it? -> [TEXT:smell]"}
+    with pytest.raises(ValueError, match=r"task 'odd': .* holds no usable samples \(6 bad_fields, e.g. task 'odd', "
+                                         r".*image-000000.tar image000000: the sample lacks smell for instruction "
+                                         r"template 'odd'\)"):
+        TaskData("odd", spec, DataFiles(train=str(tmp_path / "image.index.json")), tokenizer, media=media)
+
+
 @pytest.mark.slow
 def test_a_mix_of_instruction_tasks_on_images_learns_and_predicts_only_what_each_target_allows(sample, tmp_path,
                                                                                              capsys):

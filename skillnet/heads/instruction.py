@@ -86,7 +86,10 @@ class Instruction(Generation):
         sample = row if medium is None else {**row.get("fields", {}), "caption": row.get("caption"),
                                              medium.field: row.get(name)}
         if labelled:
-            template.check(sample, where)
+            try:
+                template.check(sample)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
         source = tensors(tokenizer(template.instruction(sample), truncation=True, max_length=fields.max_length))
         if medium is not None:
             source[name] = sample[medium.field]
