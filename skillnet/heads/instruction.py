@@ -35,6 +35,11 @@ class Instruction(Generation):
     main_metric = "exact_match"
     reads_fields = True
 
+    def __init__(self, task: str, spec: dict):
+        super().__init__(task, spec)
+        if self.template.target.kind == "BOX":
+            self.main_metric = "box_accuracy"
+
     @functools.cached_property
     def template(self) -> Template:
         return Template.parse(self.task, str(self.spec.get("template", "")))
@@ -59,11 +64,6 @@ class Instruction(Generation):
         if self.medium is not None and MODALITY[self.medium.kind] not in config.modalities:
             raise ValueError(f"task {self.task!r}: template slot {self.medium} needs the {MODALITY[self.medium.kind]} "
                              f"front-end; the model's modalities are {config.modalities}")
-
-    def __init__(self, task: str, spec: dict):
-        super().__init__(task, spec)
-        if self.template.target.kind == "BOX":
-            self.main_metric = "box_accuracy"
 
     def new_tokens(self) -> list[str]:
         return location_tokens() if self.template.boxes else []
