@@ -165,9 +165,10 @@ class PretrainConfig:
         if self.distributed.offload.skills not in ("none", "inactive"):
             raise ValueError(f"distributed.offload.skills must be 'none' or 'inactive', "
                              f"got {self.distributed.offload.skills!r}")
-        if any(t.template for t in self.data.tasks) and self.distributed.skill_parallel_size > 1:
-            raise ValueError("instruction tasks (data.tasks[].template) do not run under skill parallelism "
-                             "(distributed.skill_parallel_size > 1) yet")
+        if any(t.template for t in self.data.tasks) and self.distributed.skill_parallel_size > 1 and \
+                self.distributed.skill_placement == "data_local":
+            raise ValueError("instruction tasks (data.tasks[].template) do not run under skill parallelism's "
+                             "data_local placement yet (balanced placement runs them)")
         if self.distributed.offload.skills != "none" and self.distributed.skill_parallel_size > 1:
             raise ValueError("distributed.offload.skills cannot combine with skill_parallel_size > 1: each rank "
                              "holds only its own skills already")

@@ -69,8 +69,9 @@ def _overrides(sample: Path, run_dir: Path, *extra: str) -> list[str]:
          "instruction tasks ['image'] train the decoder: the model needs model.num_decoder_layers >= 1"),
         ([f"data.tasks=[{IMAGES}}}]", "objectives.image=instruction"],
          "task 'image': the instruction objective and a template (data.tasks[].template) go together"),
-        ([f"data.tasks=[{IMAGES}, template: caption}}]", "distributed.skill_parallel_size=2"],
-         "instruction tasks (data.tasks[].template) do not run under skill parallelism"),
+        ([f"data.tasks=[{IMAGES}, template: caption}}]", "distributed.skill_parallel_size=2",
+          "distributed.skill_placement=data_local"],
+         "instruction tasks (data.tasks[].template) do not run under skill parallelism's data_local placement"),
         ([f"data.tasks=[{IMAGES}, template: visual_grounding}}]", "model.num_decoder_layers=1"],
          "the tokenizer has 1512 tokens (with the location tokens of ['image']'s boxes), the model's vocab_size is "
          "512: set model.vocab_size=1512"),
