@@ -42,8 +42,9 @@ class Collator:
         values = [instruction_fields(s, template) for s in samples]
         batch.update(self._tokens([template.instruction(v) for v in values]))
         eos = self.tokenizer.eos_token_id
-        targets = [self.tokenizer(template.target_text(v), add_special_tokens=False, truncation=True,
-                                  max_length=self.max_tokens - 1)["input_ids"] + [eos] for v in values]
+        targets = [ids + [eos] for ids in self.tokenizer([template.target_text(v) for v in values],
+                                                           add_special_tokens=False, truncation=True,
+                                                           max_length=self.max_tokens - 1)["input_ids"]]
         labels = torch.full((len(targets), max(map(len, targets))), -100, dtype=torch.long)
         for i, ids in enumerate(targets):
             labels[i, :len(ids)] = torch.tensor(ids)

@@ -39,15 +39,9 @@ class TaskConfig:
         """The parsed template (`skillnet.instructions.Template`), or None."""
         if not self.template:
             return None
-        from skillnet.instructions import Template, load_templates
+        from skillnet.instructions import resolve_template
 
-        if "->" not in self.template:
-            shipped = load_templates()
-            if self.template not in shipped:
-                raise ValueError(f"data: task {self.name!r}: no shipped instruction template {self.template!r} "
-                                 f"(one of {sorted(shipped)}, or a template line)")
-            return shipped[self.template]
-        return Template.parse(self.name, self.template)
+        return resolve_template(self.name, self.template)
 
 
 @dataclass

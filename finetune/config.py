@@ -114,15 +114,11 @@ def load_finetune_config(path: str | Path, overrides: list[str] = ()) -> Finetun
     for task in config.tasks:
         task.data.train, task.data.validation = (under_root(root, task.data.train),
                                                  under_root(root, task.data.validation))
-        template = task.head.get("template") if isinstance(task.head, dict) else None
-        if isinstance(template, str) and "->" not in template:  # a shipped template's name: the model keeps its line
-            from skillnet.instructions import load_templates
+        line = task.head.get("template") if isinstance(task.head, dict) else None
+        if isinstance(line, str) and "->" not in line:  # a shipped template's name: the model keeps its line
+            from skillnet.instructions import resolve_template
 
-            shipped = load_templates()
-            if template not in shipped:
-                raise ValueError(f"task {task.name!r}: no shipped instruction template {template!r} "
-                                 f"(one of {sorted(shipped)}, or a template line)")
-            task.head["template"] = str(shipped[template].line)
+            task.head["template"] = resolve_template(task.name, line).line
     config.distributed.ds_config = resolve_ds_config(config.distributed.ds_config)
     config.validate()
     return config

@@ -260,6 +260,17 @@ def _size(size, sample, name):
     return float(sample["width"]), float(sample["height"])
 
 
+def resolve_template(task: str, text: str) -> Template:
+    """`task`'s template: a template line, or the name of a shipped one (`load_templates()`)."""
+    if "->" in text:
+        return Template.parse(task, text)
+    shipped = load_templates()
+    if text not in shipped:
+        raise ValueError(f"task {task!r}: no shipped instruction template {text!r} (one of {sorted(shipped)}, or a "
+                         f"template line)")
+    return shipped[text]
+
+
 def load_templates(path: str | Path | None = None) -> dict[str, Template]:
     """Templates by name from a YAML file ({name: template}); the shipped ones (OFA's wording) by default."""
     import yaml

@@ -529,8 +529,8 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel, SkillDecoderMixin):
         for entry in packed:
             entry = dict(entry)
             heads.append([entry.pop(k, None) for k in targets])
-            if heads[-1][4] is not None:  # the decoder runs the encoder's skills
-                heads[-1].append({k: entry[k] for k in ("task", "skills", "skill_mask") if entry.get(k) is not None})
+            # the decoder, where there are decoder labels, runs the encoder's skills
+            heads[-1].append({k: entry[k] for k in ("task", "skills", "skill_mask") if entry.get(k) is not None})
             streams.append(entry)
             if heads[-1][3] is not None:
                 if self.projections is None:
@@ -539,11 +539,12 @@ class SkillNetForPreTraining(SkillNetPreTrainedModel, SkillDecoderMixin):
         encoded = iter(self.skillnet(packed=streams) if len(streams) > 1
                        else [self.skillnet(**streams[0], return_dict=True)])
         results = tuple(self._heads(next(encoded), mlm, positions, nsp, next(encoded) if other is not None else None,
-                                    single, target, *route) for mlm, positions, nsp, other, target, *route in heads)
+                                    single, target, route) for mlm, positions, nsp, other, target, route in heads)
         return results[0] if single else results
 
     def _heads(self, out: SkillNetModelOutput, labels, positions, next_sentence_label, pair, add_aux: bool,
                decoder_labels=None, route: dict | None = None) -> SkillNetPreTrainingOutput:
+        """The losses and outputs of one input's heads; `route`: the task, skills or skill mask it ran with."""
         hidden, pooled = out.last_hidden_state, out.pooler_output
         if labels is not None:
             if positions is None:
